@@ -1,0 +1,177 @@
+"""The LASAD attention block (Flax NNX): projections, 2D RoPE, the LASAD op, output norm and gate.
+
+Sequence convention (DESIGN.md §2). The block sees x of length P + N - 1: P prefix (condition)
+positions, then the tokens of cells 0 .. N-2 of an h x w grid (N = h*w). Position j attends to every
+position <= j. The query at position P-1+a predicts cell a, so it is rotated by, and its decay
+measured from, cell a; the key at position P+m belongs to cell m. Prefix keys are never decayed and
+prefix positions are not rotated. Decoding: `prefill` takes the P prefix positions (its last output
+predicts cell 0), then `decode_step` for cells 1 .. N-1 takes the token of cell a-1 and answers for
+cell a, carrying the LASAD state of `lasadgen_jax.ops.lasad` instead of a KV cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lasadgen_jax.models import rope
+from lasadgen_jax.ops import lasad
+
+
+def initial_decays(num_heads: int, decay_range: tuple[float, float]) -> np.ndarray:
+    """Per-head decays spread from decay_range[0] to decay_range[1], evenly in log(1 - g)."""
+    low, high = decay_range
+    if not 0.0 < low <= high < 1.0:
+        raise ValueError(f"decay_range must satisfy 0 < low <= high < 1, got {decay_range}")
+    return 1.0 - np.exp(np.linspace(np.log1p(-low), np.log1p(-high), num_heads))
+
+
+class LASADAttention(nnx.Module):
+    """q/k/v projections, optional 2D RoPE on q and k, LASAD, per-head RMSNorm, SiLU gate, output projection.
+
+    Decays are learnable per head and parameterised in log space: log g = -exp(theta), so a decay
+    stays in (0, 1) whatever the optimizer does.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        variant: str = "2d",
+        use_rope: bool = True,
+        rope_base: float = 10000.0,
+        decay_range: tuple[float, float] = (0.5, 0.985),
+        impl: str = "auto",
+        norm_eps: float = 1e-6,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        lasad.common.check_variant(variant)
+        lasad.resolve_impl(impl)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        if use_rope and self.head_dim % 4:
+            raise ValueError(f"use_rope needs a head dim divisible by 4, got {self.head_dim}")
+        self.variant, self.use_rope, self.rope_base = variant, use_rope, rope_base
+        self.impl, self.norm_eps, self.dtype = impl, norm_eps, dtype
+
+        linear = lambda: nnx.Linear(dim, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.out_proj = (linear() for _ in range(5))
+        self.out_norm_scale = nnx.Param(jnp.ones((num_heads, self.head_dim), param_dtype))
+
+        theta = np.log(-np.log(initial_decays(num_heads, decay_range))).astype(np.float32)
+        uses_row, uses_col = lasad.common.USES_DECAY[variant]
+        self.decay_row_theta = nnx.Param(jnp.asarray(theta)) if uses_row else None
+        self.decay_col_theta = nnx.Param(jnp.asarray(theta)) if uses_col else None
+
+    # ------------------------------------------------------------------ pieces
+
+    def log_decays(self):
+        """(log_decay_row, log_decay_col) as float32 [heads], None where the variant has none."""
+        as_log = lambda theta: None if theta is None else -jnp.exp(theta[...].astype(jnp.float32))
+        return as_log(self.decay_row_theta), as_log(self.decay_col_theta)
+
+    def _heads(self, x):
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+    def _project(self, x):
+        """q (scaled by head_dim^-1/2), k, v as [batch, seq, heads, head_dim], and the gate."""
+        q = self._heads(self.q_proj(x)) * jnp.asarray(self.head_dim**-0.5, self.dtype)
+        return q, self._heads(self.k_proj(x)), self._heads(self.v_proj(x)), self.gate_proj(x)
+
+    def _rotate(self, x, rows, cols):
+        if not self.use_rope:
+            return x
+        return rope.apply_rope(x, rope.rope_2d_angles(rows, cols, self.head_dim, self.rope_base))
+
+    def _output(self, attended, gate):
+        """Per-head RMSNorm (float32), SiLU gate, output projection. attended: [..., heads, head_dim]."""
+        attended = attended.astype(jnp.float32)
+        normed = attended * jax.lax.rsqrt(jnp.mean(attended**2, axis=-1, keepdims=True) + self.norm_eps)
+        normed = normed * self.out_norm_scale[...].astype(jnp.float32)
+        gated = normed.reshape(*normed.shape[:-2], self.dim) * jax.nn.silu(gate.astype(jnp.float32))
+        return self.out_proj(gated.astype(self.dtype))
+
+    @staticmethod
+    def _prefix_causal(q, k, v):
+        """Position p of the prefix sees prefix positions <= p, undecayed. [batch, P, heads, dv] float32."""
+        scores = jnp.einsum("bihd,bjhd->bhij", q, k, preferred_element_type=jnp.float32)
+        length = q.shape[1]
+        scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, 0.0)
+        return jnp.einsum("bhij,bjhe->bihe", scores.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------------ training / parallel forward
+
+    def __call__(self, x, *, grid, num_prefix: int):
+        """x: [batch, num_prefix + h*w - 1, dim] -> [batch, same, dim]."""
+        h, w = lasad.common.check_grid(grid)
+        n = h * w
+        if num_prefix < 1:
+            raise ValueError(f"num_prefix must be >= 1 (the query for cell 0 sits on the last prefix position), got {num_prefix}")
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [batch, seq, dim={self.dim}], got shape {x.shape}")
+        if x.shape[1] != num_prefix + n - 1:
+            raise ValueError(
+                f"x has {x.shape[1]} positions; grid {h}x{w} with num_prefix {num_prefix} needs "
+                f"num_prefix + h*w - 1 = {num_prefix + n - 1}"
+            )
+        q, k, v, gate = self._project(x)
+        cells = jnp.arange(n)
+        zeros = jnp.zeros((num_prefix,), jnp.int32)
+        # Queries: P-1 prefix positions (identity), then cells 0..N-1. Keys: P prefix, then cells 0..N-2.
+        q = self._rotate(q, jnp.concatenate([zeros[1:], cells // w]), jnp.concatenate([zeros[1:], cells % w]))
+        k = self._rotate(k, jnp.concatenate([zeros, cells[:-1] // w]), jnp.concatenate([zeros, cells[:-1] % w]))
+
+        prefix_k, prefix_v = k[:, :num_prefix], v[:, :num_prefix]
+        pad_last_cell = lambda t: jnp.pad(t[:, num_prefix:], ((0, 0), (0, 1), (0, 0), (0, 0)))  # cell N-1's key is never read
+        log_decay_row, log_decay_col = self.log_decays()
+        cell_out = lasad.lasad_attention(
+            q[:, num_prefix - 1:], pad_last_cell(k), pad_last_cell(v),
+            grid=(h, w), variant=self.variant, log_decay_row=log_decay_row, log_decay_col=log_decay_col,
+            prefix_k=prefix_k, prefix_v=prefix_v, impl=self.impl,
+        )
+        prefix_out = self._prefix_causal(q[:, : num_prefix - 1], prefix_k[:, : num_prefix - 1], prefix_v[:, : num_prefix - 1])
+        attended = jnp.concatenate([prefix_out, cell_out.astype(jnp.float32)], axis=1)
+        return self._output(attended, gate)
+
+    # ------------------------------------------------------------------ decoding
+
+    def init_decode_state(self, batch: int, *, grid) -> dict:
+        """An empty LASAD decode state for this block (float32; size independent of h)."""
+        return lasad.init_state(batch, self.num_heads, self.head_dim, self.head_dim, grid=grid, variant=self.variant)
+
+    def prefill(self, x_prefix, state: dict, *, grid):
+        """x_prefix: [batch, P, dim], the P prefix positions. Returns (outputs [batch, P, dim], state).
+
+        The last output is the position that predicts cell 0.
+        """
+        lasad.common.check_grid(grid)
+        if x_prefix.ndim != 3 or x_prefix.shape[-1] != self.dim:
+            raise ValueError(f"x_prefix must be [batch, P, dim={self.dim}], got shape {x_prefix.shape}")
+        q, k, v, gate = self._project(x_prefix)  # prefix positions and cell (0, 0) rotate by angle 0
+        state = lasad.fold_prefix(state, k, v)
+        return self._output(self._prefix_causal(q, k, v), gate), state
+
+    def decode_step(self, x, state: dict, cell, *, grid):
+        """x: [batch, dim], the token of cell-1 (position P-1+cell); cell >= 1, may be traced.
+
+        Returns (output [batch, dim] for the position that predicts `cell`, new state).
+        """
+        _, w = lasad.common.check_grid(grid)
+        if x.ndim != 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [batch, dim={self.dim}], got shape {x.shape}")
+        q, k, v, gate = self._project(x[:, None])
+        cell = jnp.asarray(cell)
+        q = self._rotate(q, (cell // w)[None], (cell % w)[None])
+        k = self._rotate(k, ((cell - 1) // w)[None], ((cell - 1) % w)[None])
+        log_decay_row, log_decay_col = self.log_decays()
+        out, state = lasad.decode_step(
+            state, q[:, 0], k[:, 0], v[:, 0], cell, grid=grid, variant=self.variant,
+            log_decay_row=log_decay_row, log_decay_col=log_decay_col,
+        )
+        return self._output(out, gate[:, 0]), state

@@ -1,0 +1,99 @@
+"""LASAD: linear attention whose decay comes from true 2D grid positions (docs/lasad.md).
+
+`lasad_attention` is the one public entry point; `impl` picks the algorithm, resolved in
+`resolve_impl` and nowhere else. The decode API (`init_state`, `fold_prefix`, `decode_step`) is the
+recurrent algorithm's state and step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from lasadgen_jax.ops.lasad import autodiff, chunked, common, recurrent, reference, scan
+from lasadgen_jax.ops.lasad.common import VARIANTS
+from lasadgen_jax.ops.lasad.recurrent import decode_step, fold_prefix, init_state
+
+__all__ = [
+    "IMPLS",
+    "VARIANTS",
+    "decode_step",
+    "fold_prefix",
+    "init_state",
+    "lasad_attention",
+    "resolve_impl",
+]
+
+IMPLS = ("auto", "reference", "recurrent", "scan", "chunked")
+
+# Algorithms differentiated by recomputation (autodiff.py); `reference` uses plain autodiff.
+_CELL_ALGORITHMS = {
+    "recurrent": autodiff.with_recompute_vjp(recurrent.recurrent_cells),
+    "scan": autodiff.with_recompute_vjp(scan.scan_cells),
+    "chunked": autodiff.with_recompute_vjp(chunked.chunked_cells),
+}
+
+
+def resolve_impl(impl: str) -> str:
+    """The one place that maps `impl` to an algorithm. `auto` is `chunked` until the Pallas kernels land."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "chunked"
+    return impl
+
+
+def lasad_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    grid: tuple[int, int],
+    variant: str,
+    log_decay_row: jax.Array | None = None,
+    log_decay_col: jax.Array | None = None,
+    prefix_k: jax.Array | None = None,
+    prefix_v: jax.Array | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """LASAD attention over an h x w token grid in raster order.
+
+        o_a = sum_{m<a} D(a, m) (q_a . k_m) v_m + sum_p (q_a . prefix_k_p) prefix_v_p
+
+    Args:
+      q, k: [batch, h*w, heads, d]; q[a] is the query that predicts cell a, k[m] the key of cell m.
+      v: [batch, h*w, heads, dv].
+      grid: (h, w).
+      variant: '2d' (g_row^dr * g_col^|dc|), '2d_row' (g_col^dc in the row, else g_row^dr),
+        '1d' (g^(a-m), g from log_decay_col) or 'none' (no decay).
+      log_decay_row, log_decay_col: [heads] log decays (<= 0), as far as the variant uses them.
+      prefix_k, prefix_v: optional [batch, P, heads, d|dv] condition keys/values, never decayed.
+      impl: 'auto', 'reference', 'recurrent', 'scan' or 'chunked'.
+
+    Returns:
+      [batch, h*w, heads, dv] in q's dtype; computed with float32 states and accumulation.
+    """
+    grid = common.check_grid(grid)
+    common.check_variant(variant)
+    impl = resolve_impl(impl)
+    batch, _, heads, d, dv = common.check_qkv(q, k, v, grid)
+    common.check_prefix(prefix_k, prefix_v, batch, heads, d, dv, q.dtype)
+    log_decay_row, log_decay_col = common.check_log_decays(variant, log_decay_row, log_decay_col, heads)
+
+    if impl == "reference":
+        out = reference.lasad_reference(
+            q, k, v, grid=grid, variant=variant, log_decay_row=log_decay_row,
+            log_decay_col=log_decay_col, prefix_k=prefix_k, prefix_v=prefix_v,
+        )
+    else:
+        out = _CELL_ALGORITHMS[impl](q, k, v, log_decay_row, log_decay_col, grid, variant)
+        if prefix_k is not None:
+            out = out + common.mm("bnhd,bhde->bnhe", q, common.prefix_state(prefix_k, prefix_v), q.dtype)
+    return out.astype(q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def chunked_with_block_size(block_tokens: int):
+    """The chunked algorithm with a chosen block size (tests and benchmarks sweep it)."""
+    return autodiff.with_recompute_vjp(functools.partial(chunked.chunked_cells, block_tokens=block_tokens))
