@@ -123,8 +123,14 @@ def accumulation_dtype(dtype):
 
 
 def mm(subscripts: str, a, b, dtype):
-    """einsum with inputs cast to `dtype` (the matmul input dtype) and float32 accumulation."""
+    """einsum with inputs rounded to `dtype` (the matmul input dtype) and float32 accumulation.
+
+    XLA:CPU has no bf16 x bf16 -> f32 dot for every shape, so on CPU the rounded inputs are
+    upcast again: bf16 products are exact in float32, so the result is the same.
+    """
     acc = accumulation_dtype(dtype)
+    if jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu":
+        a, b, dtype = a.astype(dtype), b.astype(dtype), acc
     precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
     return jnp.einsum(
         subscripts, a.astype(dtype), b.astype(dtype), preferred_element_type=acc, precision=precision

@@ -1,0 +1,57 @@
+"""Shared test helpers: random LASAD inputs and a norm-wise relative error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One input shape: batch, grid (h, w), heads, key dim d, value dim dv, prefix length P."""
+
+    name: str
+    batch: int
+    grid: tuple[int, int]
+    heads: int
+    d: int
+    dv: int
+    prefix: int
+
+    def __str__(self):
+        return self.name
+
+
+def make_inputs(case: Case, seed: int, dtype=jnp.float32, log_decay_range=(-1.0, -0.05)):
+    """Fresh random q, k, v, log decays and prefix for `case` as a dict of lasad_attention kwargs."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 7)
+    n = case.grid[0] * case.grid[1]
+    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    low, high = log_decay_range
+    inputs = dict(
+        q=normal(keys[0], (case.batch, n, case.heads, case.d)),
+        k=normal(keys[1], (case.batch, n, case.heads, case.d)),
+        v=normal(keys[2], (case.batch, n, case.heads, case.dv)),
+        log_decay_row=jax.random.uniform(keys[3], (case.heads,), minval=low, maxval=high),
+        log_decay_col=jax.random.uniform(keys[4], (case.heads,), minval=low, maxval=high),
+        prefix_k=None,
+        prefix_v=None,
+    )
+    if case.prefix:
+        inputs["prefix_k"] = normal(keys[5], (case.batch, case.prefix, case.heads, case.d))
+        inputs["prefix_v"] = normal(keys[6], (case.batch, case.prefix, case.heads, case.dv))
+    return inputs
+
+
+def rel_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""
+    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert np.all(np.isfinite(actual)), "non-finite values in the result under test"
+    scale = np.linalg.norm(expected)
+    diff = np.linalg.norm(actual - expected)
+    return float(diff / scale) if scale > 0 else float(diff)
