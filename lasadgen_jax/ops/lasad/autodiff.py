@@ -49,20 +49,22 @@ def with_recompute_vjp(cells_fn):
         dk = flip(run(flip(v), flip(d_out_in), flip(q)))
         dv = flip(run(flip(k), flip(q), flip(d_out_in)))
 
-        def decay_grad(which: int):
-            if not common.USES_DECAY[variant][which]:
-                return jnp.zeros_like(residuals[3 + which])
+        d_log_decay = [jnp.zeros_like(log_decay_row), jnp.zeros_like(log_decay_col)]
+        used = [which for which in (0, 1) if common.USES_DECAY[variant][which]]
+        if used:
+            # One jvp per used decay, batched with vmap so that the primal pass is shared.
             out_of = lambda lr, lc: cells_fn(q, k, v, lr, lc, grid=grid, variant=variant)
-            tangents = [jnp.zeros_like(log_decay_row), jnp.zeros_like(log_decay_col)]
-            tangents[which] = jnp.ones_like(tangents[which])
-            _, d_out_d_decay = jax.jvp(out_of, (log_decay_row, log_decay_col), tuple(tangents))
-            return jnp.einsum("bnhe,bnhe->h", d_out.astype(d_out_d_decay.dtype), d_out_d_decay).astype(
-                residuals[3 + which].dtype
-            )
+            tangent_of = lambda onehot: jax.jvp(
+                out_of, (log_decay_row, log_decay_col),
+                (onehot[0] * jnp.ones_like(log_decay_row), onehot[1] * jnp.ones_like(log_decay_col)),
+            )[1]
+            onehots = jnp.eye(2, dtype=log_decay_row.dtype)[jnp.array(used)]
+            d_out_d_decay = jax.vmap(tangent_of)(onehots)  # [len(used), B, N, H, dv]
+            per_head = jnp.einsum("bnhe,ubnhe->uh", d_out.astype(d_out_d_decay.dtype), d_out_d_decay)
+            for i, which in enumerate(used):
+                d_log_decay[which] = per_head[i].astype(residuals[3 + which].dtype)
 
-        return (
-            dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), decay_grad(0), decay_grad(1)
-        )
+        return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *d_log_decay)
 
     cells.defvjp(forward, backward)
     return cells

@@ -79,7 +79,7 @@ def chunked_cells(q, k, v, log_decay_row, log_decay_col, *, grid, variant, block
             by_column = lambda x: x.reshape(batch, heads, rows, w, x.shape[-1])
             out += common.mm("bhrcd,bhcde->bhrce", by_column(weighted_q), state, dtype).reshape(out.shape)
             block_kv = common.mm("bhrcd,bhrce->bhcde", by_column(weighted_k), by_column(v_block), dtype)
-            smoothed = common.two_sided_smooth(block_kv, log_decay_col[:, None, None, None], axis=2)
+            smoothed = common.two_sided_smooth(block_kv, log_decay_col, axis=2, head_axis=1)
             state = state_decay[..., None] * state + smoothed
         else:
             out += common.mm("bhtd,bhde->bhte", weighted_q, state, dtype)

@@ -97,7 +97,7 @@ def _2d_same_row(state, kv, g_col, col):
 def _2d_new_row(state, kv, g_row, log_decay_col):
     w = state["row_kv"].shape[2]
     finished_row = state["row_kv"].at[:, :, w - 1].set(kv)
-    smoothed = common.two_sided_smooth(finished_row, log_decay_col[:, None, None, None], axis=2)
+    smoothed = common.two_sided_smooth(finished_row, log_decay_col, axis=2, head_axis=1)
     columns = g_row[:, :, None] * (state["columns"] + smoothed)
     return {**state, "columns": columns, "row_kv": jnp.zeros_like(finished_row), "row": jnp.zeros_like(state["row"])}
 

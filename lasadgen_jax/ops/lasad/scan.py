@@ -31,7 +31,7 @@ def scan_cells(q, k, v, log_decay_row, log_decay_col, *, grid, variant):
         if variant == "2d_row":  # rows above: each row's sum, decayed by row distance
             vertical = common.exclusive_decayed_cumsum(kv.sum(axis=2), log_g_row, axis=1)[:, :, None]
         else:  # 2d: rows above, smoothed two-sidedly along their row, then decayed by row distance
-            smoothed = common.two_sided_smooth(kv, log_g_col, axis=2)
+            smoothed = common.two_sided_smooth(kv, log_decay_col, axis=2, head_axis=3)
             vertical = common.exclusive_decayed_cumsum(smoothed, log_g_row, axis=1)
         states = (row + vertical).reshape(batch, n, *kv.shape[3:])
     return common.mm("bnhd,bnhde->bnhe", q, states, q.dtype)

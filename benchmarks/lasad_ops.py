@@ -1,0 +1,157 @@
+"""LASAD self-check and benchmark of every algorithm: time and peak memory at N = 256, 1024, 4096.
+
+    python benchmarks/lasad_ops.py                      # self-check, then the 2d benchmark
+    python benchmarks/lasad_ops.py --variants 2d,1d --sizes 16,32 --impls chunked,reference
+
+First every algorithm's forward and gradients are checked against the quadratic reference on a
+small non-square grid with a prefix (the run stops with exit status 1 if one is off). Then each
+algorithm is timed on square grids: forward and forward+backward, median of --repeats runs after a
+warm-up, under jax.jit. Peak memory is XLA's own account of the compiled program (arguments +
+outputs + temporaries), read from `compiled.memory_analysis()`. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lasadgen_jax.ops import lasad
+
+IMPLS = ("reference", "recurrent", "scan", "chunked")
+
+
+def random_inputs(batch, grid, heads, d, prefix, dtype, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 7)
+    n = grid[0] * grid[1]
+    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    inputs = dict(
+        q=normal(keys[0], (batch, n, heads, d)) * d**-0.5,
+        k=normal(keys[1], (batch, n, heads, d)),
+        v=normal(keys[2], (batch, n, heads, d)),
+        log_decay_row=jax.random.uniform(keys[3], (heads,), minval=-0.7, maxval=-0.02),
+        log_decay_col=jax.random.uniform(keys[4], (heads,), minval=-0.7, maxval=-0.02),
+        prefix_k=normal(keys[5], (batch, prefix, heads, d)) if prefix else None,
+        prefix_v=normal(keys[6], (batch, prefix, heads, d)) if prefix else None,
+    )
+    return inputs
+
+
+def rel_error(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def loss_fn(grid, variant, impl):
+    def loss(diff):
+        return jnp.sum(lasad.lasad_attention(**diff, grid=grid, variant=variant, impl=impl).astype(jnp.float32) ** 2)
+
+    return loss
+
+
+def self_check(variants) -> bool:
+    """Every algorithm against the reference (forward and all gradients) on a 5x7 grid with a prefix."""
+    grid, ok = (5, 7), True
+    print(f"Self-check on grid {grid[0]}x{grid[1]}, batch 2, 2 heads, d=8, prefix 2 (relative error vs reference):")
+    print("| variant | impl | dtype | forward | gradients (worst input) | ok |")
+    print("|---|---|---|---|---|---|")
+    for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        for variant in variants:
+            inputs = random_inputs(2, grid, 2, 8, 2, dtype, seed=1)
+            forward = lambda impl: jax.jit(functools.partial(lasad.lasad_attention, grid=grid, variant=variant, impl=impl))(**inputs)
+            grads = lambda impl: jax.jit(jax.grad(loss_fn(grid, variant, impl)))(inputs)
+            expected_out, expected_grads = forward("reference"), grads("reference")
+            for impl in IMPLS[1:]:
+                out_error = rel_error(forward(impl).astype(jnp.float32), expected_out.astype(jnp.float32))
+                actual_grads = grads(impl)
+                grad_error = max(
+                    rel_error(actual_grads[name].astype(jnp.float32), expected_grads[name].astype(jnp.float32))
+                    for name in actual_grads
+                    if actual_grads[name] is not None and np.any(np.asarray(expected_grads[name]) != 0)
+                )
+                good = out_error < tolerance and grad_error < tolerance
+                ok &= good
+                print(f"| {variant} | {impl} | {jnp.dtype(dtype).name} | {out_error:.1e} | {grad_error:.1e} | {'yes' if good else 'NO'} |")
+    return ok
+
+
+def time_call(fn, args, repeats):
+    jax.block_until_ready(fn(*args))  # warm-up (compiled already)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def peak_bytes(compiled):
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return float("nan")
+    return stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+
+
+def benchmark(variants, impls, sides, batch, heads, d, dtype, repeats):
+    print()
+    print(f"Benchmark: square grids, batch {batch}, {heads} heads, d = dv = {d}, dtype {jnp.dtype(dtype).name}, "
+          f"median of {repeats} after warm-up; memory = XLA's compiled arguments + outputs + temporaries.")
+    print("| variant | impl | grid | N | fwd ms | fwd+bwd ms | fwd MiB | fwd+bwd MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant in variants:
+        for impl in impls:
+            for side in sides:
+                grid = (side, side)
+                inputs = random_inputs(batch, grid, heads, d, 1, dtype)
+                forward = jax.jit(lambda x, impl=impl, grid=grid, variant=variant: lasad.lasad_attention(
+                    **x, grid=grid, variant=variant, impl=impl))
+                backward = jax.jit(jax.value_and_grad(loss_fn(grid, variant, impl)))
+                row = [variant, impl, f"{side}x{side}", str(side * side)]
+                timings, memories = [], []
+                for fn in (forward, backward):
+                    compiled = fn.lower(inputs).compile()
+                    timings.append(time_call(compiled, (inputs,), repeats) * 1e3)
+                    memories.append(peak_bytes(compiled) / 2**20)
+                row += [f"{t:.1f}" for t in timings] + [f"{m:.0f}" for m in memories]
+                print("| " + " | ".join(row) + " |", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="2d", help="comma-separated LASAD variants to benchmark")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated algorithms to benchmark")
+    parser.add_argument("--sizes", default="16,32,64", help="grid sides: 16,32,64 gives N = 256, 1024, 4096")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64, help="head dim d = dv")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-check", action="store_true", help="skip the self-check")
+    args = parser.parse_args(argv)
+    variants = args.variants.split(",")
+    impls = args.impls.split(",")
+    for variant in variants:
+        lasad.common.check_variant(variant)
+    for impl in impls:
+        lasad.resolve_impl(impl)
+    sides = [int(s) for s in args.sizes.split(",")]
+
+    device = jax.devices()[0]
+    print(f"LASAD ops on {device.platform} ({device.device_kind}), jax {jax.__version__}, "
+          f"python {platform.python_version()}, {datetime.date.today().isoformat()}")
+    if not args.skip_check and not self_check(lasad.VARIANTS):
+        print("Self-check FAILED: an algorithm disagrees with the reference.", file=sys.stderr)
+        return 1
+    benchmark(variants, impls, sides, args.batch, args.heads, args.dim, jnp.dtype(args.dtype), args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
