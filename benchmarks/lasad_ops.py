@@ -50,8 +50,8 @@ def rel_error(actual, expected):
 
 
 def loss_fn(grid, variant, impl):
-    def loss(diff):
-        return jnp.sum(lasad.lasad_attention(**diff, grid=grid, variant=variant, impl=impl).astype(jnp.float32) ** 2)
+    def loss(inputs):
+        return jnp.sum(lasad.lasad_attention(**inputs, grid=grid, variant=variant, impl=impl).astype(jnp.float32) ** 2)
 
     return loss
 
@@ -99,28 +99,56 @@ def peak_bytes(compiled):
     return stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
 
 
-def benchmark(variants, impls, sides, batch, heads, d, dtype, repeats):
+def softmax_baseline():
+    """Causal softmax attention through jax.nn.dot_product_attention: cuDNN flash on GPU, XLA elsewhere."""
+    implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+    def attend(x):
+        return jax.nn.dot_product_attention(x["q"], x["k"], x["v"], is_causal=True, implementation=implementation)
+
+    return f"softmax ({implementation})", attend
+
+
+def measure(forward, inputs, repeats):
+    """(fwd ms, fwd+bwd ms, fwd MiB, fwd+bwd MiB) of forward(inputs) -> array, under jit."""
+    loss = lambda x: jnp.sum(forward(x).astype(jnp.float32) ** 2)
+    diff_inputs = {name: value for name, value in inputs.items() if value is not None}
+    timings, memories = [], []
+    for fn in (jax.jit(forward), jax.jit(jax.value_and_grad(loss))):
+        compiled = fn.lower(diff_inputs).compile()
+        timings.append(time_call(compiled, (diff_inputs,), repeats) * 1e3)
+        memories.append(peak_bytes(compiled) / 2**20)
+    return (*timings, *memories)
+
+
+def benchmark(variants, impls, sides, batch, tokens, heads, d, dtype, repeats):
     print()
-    print(f"Benchmark: square grids, batch {batch}, {heads} heads, d = dv = {d}, dtype {jnp.dtype(dtype).name}, "
-          f"median of {repeats} after warm-up; memory = XLA's compiled arguments + outputs + temporaries.")
-    print("| variant | impl | grid | N | fwd ms | fwd+bwd ms | fwd MiB | fwd+bwd MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    baseline_name, baseline = softmax_baseline()
+    batch_of = lambda side: max(1, tokens // (side * side)) if tokens else batch
+    batches = ", ".join(f"N={side * side}: {batch_of(side)}" for side in sides)
+    print(f"Benchmark: square grids, batch ({batches}), {heads} heads, d = dv = {d}, dtype {jnp.dtype(dtype).name}, "
+          f"median of {repeats} after warm-up; memory = XLA's compiled arguments + outputs + temporaries; "
+          f"'x softmax' = time / time of causal {baseline_name} on the same shapes in this run.")
+    print("| variant | impl | grid | N | fwd ms | fwd+bwd ms | fwd x softmax | fwd+bwd x softmax | fwd MiB | fwd+bwd MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    baseline_times = {}
+    for side in sides:
+        inputs = random_inputs(batch_of(side), (side, side), heads, d, 0, dtype)
+        fwd, both, fwd_mem, both_mem = measure(baseline, {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"]}, repeats)
+        baseline_times[side] = (fwd, both)
+        print(f"| - | {baseline_name} | {side}x{side} | {side * side} | {fwd:.2f} | {both:.2f} | 1 | 1 | "
+              f"{fwd_mem:.0f} | {both_mem:.0f} |", flush=True)
     for variant in variants:
         for impl in impls:
             for side in sides:
                 grid = (side, side)
-                inputs = random_inputs(batch, grid, heads, d, 1, dtype)
-                forward = jax.jit(lambda x, impl=impl, grid=grid, variant=variant: lasad.lasad_attention(
-                    **x, grid=grid, variant=variant, impl=impl))
-                backward = jax.jit(jax.value_and_grad(loss_fn(grid, variant, impl)))
-                row = [variant, impl, f"{side}x{side}", str(side * side)]
-                timings, memories = [], []
-                for fn in (forward, backward):
-                    compiled = fn.lower(inputs).compile()
-                    timings.append(time_call(compiled, (inputs,), repeats) * 1e3)
-                    memories.append(peak_bytes(compiled) / 2**20)
-                row += [f"{t:.1f}" for t in timings] + [f"{m:.0f}" for m in memories]
-                print("| " + " | ".join(row) + " |", flush=True)
+                inputs = random_inputs(batch_of(side), grid, heads, d, 1, dtype)
+                forward = lambda x, impl=impl, grid=grid, variant=variant: lasad.lasad_attention(
+                    **x, grid=grid, variant=variant, impl=impl)
+                fwd, both, fwd_mem, both_mem = measure(forward, inputs, repeats)
+                base_fwd, base_both = baseline_times[side]
+                print(f"| {variant} | {impl} | {side}x{side} | {side * side} | {fwd:.2f} | {both:.2f} | "
+                      f"{fwd / base_fwd:.1f} | {both / base_both:.1f} | {fwd_mem:.0f} | {both_mem:.0f} |", flush=True)
 
 
 def main(argv=None):
@@ -129,6 +157,7 @@ def main(argv=None):
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated algorithms to benchmark")
     parser.add_argument("--sizes", default="16,32,64", help="grid sides: 16,32,64 gives N = 256, 1024, 4096")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=0, help="if set, batch = tokens // N for each size (e.g. 32768)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64, help="head dim d = dv")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -149,7 +178,7 @@ def main(argv=None):
     if not args.skip_check and not self_check(lasad.VARIANTS):
         print("Self-check FAILED: an algorithm disagrees with the reference.", file=sys.stderr)
         return 1
-    benchmark(variants, impls, sides, args.batch, args.heads, args.dim, jnp.dtype(args.dtype), args.repeats)
+    benchmark(variants, impls, sides, args.batch, args.tokens, args.heads, args.dim, jnp.dtype(args.dtype), args.repeats)
     return 0
 
 
