@@ -1,12 +1,11 @@
 """The LASAD attention block (Flax NNX): projections, 2D RoPE, the LASAD op, output norm and gate.
 
-Sequence convention (DESIGN.md §2). The block sees x of length P + N - 1: P prefix (condition)
-positions, then the tokens of cells 0 .. N-2 of an h x w grid (N = h*w). Position j attends to every
-position <= j. The query at position P-1+a predicts cell a, so it is rotated by, and its decay
-measured from, cell a; the key at position P+m belongs to cell m. Prefix keys are never decayed and
-prefix positions are not rotated. Decoding: `prefill` takes the P prefix positions (its last output
-predicts cell 0), then `decode_step` for cells 1 .. N-1 takes the token of cell a-1 and answers for
-cell a, carrying the LASAD state of `lasadgen_jax.ops.lasad` instead of a KV cache.
+Sequence convention: alignment.py. The query at position P-1+a predicts cell a, so it is rotated
+by, and its decay measured from, cell a; the key at position P+m belongs to cell m. Prefix keys are
+never decayed and prefix positions are not rotated. Decoding: `prefill` takes the P prefix
+positions (its last output predicts cell 0), then `decode_step` for cells 1 .. N-1 takes the token
+of cell a-1 and answers for cell a, carrying the LASAD state of `lasadgen_jax.ops.lasad` instead of
+a KV cache.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lasadgen_jax.models import rope
+from lasadgen_jax.models import alignment, rope
 from lasadgen_jax.ops import lasad
 
 
@@ -109,23 +108,10 @@ class LASADAttention(nnx.Module):
 
     def __call__(self, x, *, grid, num_prefix: int):
         """x: [batch, num_prefix + h*w - 1, dim] -> [batch, same, dim]."""
-        h, w = lasad.common.check_grid(grid)
-        n = h * w
-        if num_prefix < 1:
-            raise ValueError(f"num_prefix must be >= 1 (the query for cell 0 sits on the last prefix position), got {num_prefix}")
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [batch, seq, dim={self.dim}], got shape {x.shape}")
-        if x.shape[1] != num_prefix + n - 1:
-            raise ValueError(
-                f"x has {x.shape[1]} positions; grid {h}x{w} with num_prefix {num_prefix} needs "
-                f"num_prefix + h*w - 1 = {num_prefix + n - 1}"
-            )
+        h, w = alignment.check_sequence(x, self.dim, grid, num_prefix)
         q, k, v, gate = self._project(x)
-        cells = jnp.arange(n)
-        zeros = jnp.zeros((num_prefix,), jnp.int32)
-        # Queries: P-1 prefix positions (identity), then cells 0..N-1. Keys: P prefix, then cells 0..N-2.
-        q = self._rotate(q, jnp.concatenate([zeros[1:], cells // w]), jnp.concatenate([zeros[1:], cells % w]))
-        k = self._rotate(k, jnp.concatenate([zeros, cells[:-1] // w]), jnp.concatenate([zeros, cells[:-1] % w]))
+        query_rows, query_cols, key_rows, key_cols = alignment.sequence_cells((h, w), num_prefix)
+        q, k = self._rotate(q, query_rows, query_cols), self._rotate(k, key_rows, key_cols)
 
         prefix_k, prefix_v = k[:, :num_prefix], v[:, :num_prefix]
         pad_last_cell = lambda t: jnp.pad(t[:, num_prefix:], ((0, 0), (0, 1), (0, 0), (0, 0)))  # cell N-1's key is never read
@@ -141,8 +127,12 @@ class LASADAttention(nnx.Module):
 
     # ------------------------------------------------------------------ decoding
 
-    def init_decode_state(self, batch: int, *, grid) -> dict:
-        """An empty LASAD decode state for this block (float32; size independent of h)."""
+    def init_decode_state(self, batch: int, *, grid, num_prefix: int = 1) -> dict:
+        """An empty LASAD decode state for this block (float32; size independent of h).
+
+        num_prefix is accepted for the interface SoftmaxAttention shares; the state does not depend on it.
+        """
+        del num_prefix
         return lasad.init_state(batch, self.num_heads, self.head_dim, self.head_dim, grid=grid, variant=self.variant)
 
     def prefill(self, x_prefix, state: dict, *, grid):
@@ -166,9 +156,8 @@ class LASADAttention(nnx.Module):
         if x.ndim != 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [batch, dim={self.dim}], got shape {x.shape}")
         q, k, v, gate = self._project(x[:, None])
-        cell = jnp.asarray(cell)
-        q = self._rotate(q, (cell // w)[None], (cell % w)[None])
-        k = self._rotate(k, ((cell - 1) // w)[None], ((cell - 1) % w)[None])
+        query_row, query_col, key_row, key_col = alignment.decode_cells(cell, w)
+        q, k = self._rotate(q, query_row, query_col), self._rotate(k, key_row, key_col)
         log_decay_row, log_decay_col = self.log_decays()
         out, state = lasad.decode_step(
             state, q[:, 0], k[:, 0], v[:, 0], cell, grid=grid, variant=self.variant,

@@ -1,0 +1,265 @@
+"""The LASADGen decoder (Flax NNX): class prefix, pre-norm blocks of LASAD (or softmax) attention and
+SwiGLU, and a zero-initialised head over the VQ codebook. LlamaGen is the reference framework.
+
+Training: `model(tokens, labels)` gives the logits of every cell, [batch, N, vocab] float32; the
+input is the class prefix followed by the tokens of cells 0..N-2 (alignment.py). Decoding:
+`init_decode_state`, `prefill(labels)` (logits of cell 0), then `decode_step(token of cell-1, cell)`
+for cells 1..N-1; with LASAD the carried state has a fixed size, with softmax it is a KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lasadgen_jax.models.lasad_attention import LASADAttention
+from lasadgen_jax.models.softmax_attention import SoftmaxAttention
+from lasadgen_jax.ops.lasad import common
+
+ATTENTION_TYPES = ("2d", "2d_row", "1d", "none", "softmax")
+# LlamaGen's GPT sizes: (depth, heads, dim), and its parameter counts with softmax attention.
+SIZES = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536), "3B": (24, 32, 3200)}
+LLAMAGEN_PARAMS = {"B": 111e6, "L": 343e6, "XL": 775e6, "XXL": 1.4e9, "3B": 3.1e9}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the model's shape and behaviour. Dtypes are names ("bfloat16")."""
+
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    grid: tuple[int, int] = (16, 16)
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    attention: str = "2d"
+    num_prefix: int = 1
+    ffn_multiple_of: int = 256
+    class_dropout: float = 0.1
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    use_rope: bool = True
+    lasad_impl: str = "auto"
+    decay_range: tuple[float, float] = (0.5, 0.985)
+    norm_eps: float = 1e-5
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_TYPES:
+            raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
+        object.__setattr__(self, "grid", common.check_grid(self.grid))
+        object.__setattr__(self, "decay_range", tuple(self.decay_range))
+        for name in ("vocab_size", "num_classes", "dim", "depth", "num_heads", "num_prefix", "ffn_multiple_of"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        for name in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ValueError(f"{name} must name a dtype, got {getattr(self, name)!r}") from None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def ffn_hidden(self) -> int:
+        """LlamaGen's SwiGLU width: 2/3 of 4*dim, rounded up to a multiple of ffn_multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        return -(-hidden // self.ffn_multiple_of) * self.ffn_multiple_of
+
+
+def model_config(size: str, **overrides) -> ModelConfig:
+    """ModelConfig for a LlamaGen size ('B', 'L', 'XL', 'XXL', '3B') with field overrides."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
+    depth, heads, dim = SIZES[size]
+    return ModelConfig(**{"depth": depth, "num_heads": heads, "dim": dim, **overrides})
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.w1, self.w3 = linear(config.dim, config.ffn_hidden), linear(config.dim, config.ffn_hidden)
+        self.w2 = linear(config.ffn_hidden, config.dim)
+        self.dropout = nnx.Dropout(config.ffn_dropout, rngs=rngs)
+
+    def __call__(self, x, deterministic: bool | None = None):
+        return self.w2(self.dropout(jax.nn.silu(self.w1(x)) * self.w3(x), deterministic=deterministic))
+
+
+def make_attention(config: ModelConfig, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    if config.attention == "softmax":
+        return SoftmaxAttention(
+            config.dim, config.num_heads, use_rope=config.use_rope, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+    return LASADAttention(
+        config.dim, config.num_heads, variant=config.attention, use_rope=config.use_rope,
+        decay_range=config.decay_range, impl=config.lasad_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+    )
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        norm = lambda: nnx.RMSNorm(config.dim, epsilon=config.norm_eps, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+        self.attention_norm, self.ffn_norm = norm(), norm()
+        self.attention = make_attention(config, rngs)
+        self.ffn = SwiGLU(config, rngs=rngs)
+        self.resid_dropout = nnx.Dropout(config.resid_dropout, rngs=rngs)
+
+    def _ffn_residual(self, h, deterministic=None):
+        return h + self.resid_dropout(self.ffn(self.ffn_norm(h), deterministic), deterministic=deterministic)
+
+    def __call__(self, x, *, grid, num_prefix):
+        h = x + self.resid_dropout(self.attention(self.attention_norm(x), grid=grid, num_prefix=num_prefix))
+        return self._ffn_residual(h)
+
+    def prefill(self, x, state, *, grid):
+        attended, state = self.attention.prefill(self.attention_norm(x), state, grid=grid)
+        return self._ffn_residual(x + attended, deterministic=True), state
+
+    def decode_step(self, x, state, cell, *, grid):
+        attended, state = self.attention.decode_step(self.attention_norm(x), state, cell, grid=grid)
+        return self._ffn_residual(x + attended, deterministic=True), state
+
+
+class ClassEmbedder(nnx.Module):
+    """num_classes + 1 rows (the last is the null class for CFG), each num_prefix tokens wide.
+
+    In training (deterministic False) each label is replaced by the null class with probability
+    `dropout`, so the model also learns the unconditional distribution.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.num_classes, self.num_prefix, self.dim = config.num_classes, config.num_prefix, config.dim
+        self.embedding = nnx.Embed(
+            config.num_classes + 1, config.num_prefix * config.dim,
+            dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), rngs=rngs,
+        )
+        self.dropout, self.deterministic = config.class_dropout, False
+        self.rngs = rngs["dropout"].fork()
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def __call__(self, labels, deterministic: bool | None = None):
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if not deterministic and self.dropout > 0:
+            drop = jax.random.bernoulli(self.rngs(), self.dropout, labels.shape)
+            labels = jnp.where(drop, self.null_class, labels)
+        return self.embedding(labels).reshape(labels.shape[0], self.num_prefix, self.dim)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class LASADGen(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        self.class_embedder = ClassEmbedder(config, rngs=rngs)
+        self.token_embedding = nnx.Embed(config.vocab_size, config.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.token_dropout = nnx.Dropout(config.token_dropout, rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
+        self.norm = nnx.RMSNorm(config.dim, epsilon=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.head = nnx.Linear(
+            config.dim, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=nnx.initializers.zeros, rngs=rngs,
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    def check_labels(self, labels, allow_null: bool = True):
+        """labels: int [batch] in [0, num_classes] (num_classes = null). Values checked when concrete."""
+        if getattr(labels, "ndim", None) != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"labels must be an int array [batch], got {getattr(labels, 'shape', None)} "
+                             f"{getattr(labels, 'dtype', None)}")
+        if not isinstance(labels, jax.core.Tracer):
+            top = self.config.num_classes if allow_null else self.config.num_classes - 1
+            values = np.asarray(labels)
+            if values.size and (values.min() < 0 or values.max() > top):
+                raise ValueError(f"class ids must be in [0, {top}] (num_classes={self.config.num_classes}"
+                                 f"{', the last is the null class' if allow_null else ''}), got {values}")
+
+    def check_tokens(self, tokens):
+        """tokens: int [batch, h*w] codebook ids. Values checked when concrete."""
+        n = self.config.num_tokens
+        if getattr(tokens, "ndim", None) != 2 or tokens.shape[1] != n or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be int [batch, {n}] for grid {self.config.grid}, got "
+                             f"{getattr(tokens, 'shape', None)} {getattr(tokens, 'dtype', None)}")
+        if not isinstance(tokens, jax.core.Tracer):
+            values = np.asarray(tokens)
+            if values.min() < 0 or values.max() >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size - 1}], got range "
+                                 f"[{values.min()}, {values.max()}]")
+
+    # ------------------------------------------------------------------ training / parallel forward
+
+    def _logits(self, h):
+        return self.head(self.norm(h)).astype(jnp.float32)
+
+    def __call__(self, tokens, labels):
+        """tokens [batch, N], labels [batch] -> logits [batch, N, vocab] (float32) for cells 0..N-1."""
+        self.check_tokens(tokens)
+        self.check_labels(labels)
+        if tokens.shape[0] != labels.shape[0]:
+            raise ValueError(f"tokens batch {tokens.shape[0]} != labels batch {labels.shape[0]}")
+        prefix = self.class_embedder(labels)
+        token_embeddings = self.token_dropout(self.token_embedding(tokens[:, :-1]))
+        h = jnp.concatenate([prefix, token_embeddings.astype(prefix.dtype)], axis=1)
+        for block in self.blocks:
+            h = block(h, grid=self.config.grid, num_prefix=self.config.num_prefix)
+        return self._logits(h[:, self.config.num_prefix - 1 :])
+
+    # ------------------------------------------------------------------ decoding
+
+    def init_decode_state(self, batch: int) -> list:
+        """One attention state per block: the LASAD state, or the KV cache for softmax."""
+        return [
+            block.attention.init_decode_state(batch, grid=self.config.grid, num_prefix=self.config.num_prefix)
+            for block in self.blocks
+        ]
+
+    def prefill(self, labels, state: list):
+        """Class prefix in; returns (logits of cell 0 [batch, vocab] float32, state). Labels are not dropped."""
+        self.check_labels(labels)
+        h = self.class_embedder(labels, deterministic=True)
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            h, block_state = block.prefill(h, block_state, grid=self.config.grid)
+            new_state.append(block_state)
+        return self._logits(h[:, -1]), new_state
+
+    def decode_step(self, previous_tokens, state: list, cell):
+        """previous_tokens [batch]: the tokens of cell-1; returns (logits of `cell` [batch, vocab], state)."""
+        h = self.token_embedding(previous_tokens)
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            h, block_state = block.decode_step(h, block_state, cell, grid=self.config.grid)
+            new_state.append(block_state)
+        return self._logits(h), new_state
+
+
+def count_params(config: ModelConfig) -> int:
+    """Parameter count from shapes alone (nnx.eval_shape: nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: LASADGen(config, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

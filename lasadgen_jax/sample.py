@@ -1,0 +1,283 @@
+"""Class-conditional sampling with classifier-free guidance, the token loop inside one jitted lax.scan.
+
+    python -m lasadgen_jax.sample --config=configs/imagenet256.py:size=L,attention=2d \
+        --ckpt=DIR/params --classes=207,360,387 --num=8 --cfg_scale=4 --out=DIR/samples
+
+The decode state is the LASAD state of every block (fixed size; `2d` keeps w column states) or the
+KV cache for `softmax`. With guidance the conditional and the null-class batches run stacked as one
+batch of 2B and `logits = u + s * (c - u)`. Writes the token grids (tokens.npz) and a PNG of them,
+one row per class. Decoding tokens into pixels needs the VQ tokenizer (a later issue).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lasadgen_jax.models.lasadgen import LASADGen
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """cfg_scale 1 = no guidance; temperature 0 = greedy; top_k 0 and top_p 1 = no filtering.
+
+    cfg_schedule 'linear' raises the scale from 1 at the first cell to cfg_scale at the last.
+    """
+
+    cfg_scale: float = 1.0
+    cfg_schedule: str = "constant"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
+        if not self.cfg_scale >= 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+# ----------------------------------------------------------------------------- logits -> tokens
+
+
+def guided_logits(cond, uncond, scale):
+    """Classifier-free guidance: u + s (c - u). Scale 1 gives the conditional logits."""
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_scale_at(cell, num_tokens: int, config: SamplingConfig):
+    if config.cfg_schedule == "constant" or num_tokens == 1:
+        return jnp.float32(config.cfg_scale)
+    return 1.0 + (config.cfg_scale - 1.0) * cell / (num_tokens - 1)
+
+
+def filter_logits(logits, top_k: int, top_p: float):
+    """Keeps the top_k largest logits (0: all) and the smallest set whose probability reaches top_p."""
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # kept while the mass before it is < top_p
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def pick_tokens(key, logits, config: SamplingConfig):
+    """[batch, vocab] float32 logits -> int32 [batch] tokens."""
+    if config.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits / config.temperature, config.top_k, config.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- the token loop
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _generate(graphdef, params, labels, key, config: SamplingConfig):
+    model = nnx.merge(graphdef, params)
+    num_tokens = model.config.num_tokens
+    batch = labels.shape[0]
+    if config.guided:  # conditional and null-class halves as one batch
+        labels = jnp.concatenate([labels, jnp.full_like(labels, model.class_embedder.null_class)])
+
+    def choose(logits, cell, key):
+        if config.guided:
+            logits = guided_logits(logits[:batch], logits[batch:], cfg_scale_at(cell, num_tokens, config))
+        return pick_tokens(key, logits, config)
+
+    keys = jax.random.split(key, num_tokens)
+    state = model.init_decode_state(labels.shape[0])
+    logits, state = model.prefill(labels, state)
+    first = choose(logits, 0, keys[0])
+
+    def step(carry, inputs):
+        state, previous = carry
+        cell, cell_key = inputs
+        fed = jnp.concatenate([previous, previous]) if config.guided else previous
+        logits, state = model.decode_step(fed, state, cell)
+        token = choose(logits, cell, cell_key)
+        return (state, token), token
+
+    _, rest = jax.lax.scan(step, (state, first), (jnp.arange(1, num_tokens), keys[1:]))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def generate(model: LASADGen, labels, key, config: SamplingConfig = SamplingConfig()):
+    """Samples token grids for int labels [batch]: returns int32 [batch, h, w]."""
+    labels = jnp.asarray(labels)
+    model.check_labels(labels, allow_null=True)
+    graphdef, params = nnx.split(model)
+    tokens = _generate(graphdef, params, labels.astype(jnp.int32), key, config)
+    return tokens.reshape(labels.shape[0], *model.config.grid)
+
+
+# ----------------------------------------------------------------------------- params on disk
+
+
+def save_params(model: LASADGen, path: str):
+    """Writes the model's parameters as an Orbax checkpoint at `path` (a new directory)."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(path), nnx.state(model, nnx.Param))
+    checkpointer.wait_until_finished()
+
+
+def load_params(model: LASADGen, path: str) -> LASADGen:
+    """Restores parameters written by save_params into `model` (shapes must match its config)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"--ckpt {path} is not a checkpoint directory")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model, nnx.Param))
+    try:
+        restored = ocp.StandardCheckpointer().restore(path, abstract)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path} does not fit this model config: {error}") from None
+    nnx.update(model, restored)
+    return model
+
+
+# ----------------------------------------------------------------------------- pictures of tokens
+
+
+def token_grid_picture(tokens, vocab_size: int, columns: int, cell_pixels: int = 4) -> np.ndarray:
+    """Token grids [n, h, w] as one uint8 RGB picture: each id a fixed colour, `columns` grids a row."""
+    palette = np.random.default_rng(0).integers(0, 256, size=(vocab_size, 3), dtype=np.uint8)
+    pictures = palette[np.asarray(tokens)].repeat(cell_pixels, axis=1).repeat(cell_pixels, axis=2)
+    n, height, width, _ = pictures.shape
+    rows = -(-n // columns)
+    canvas = np.full((rows * (height + 2), columns * (width + 2), 3), 255, np.uint8)
+    for i, picture in enumerate(pictures):
+        r, c = divmod(i, columns)
+        canvas[r * (height + 2) + 1 : r * (height + 2) + 1 + height, c * (width + 2) + 1 : c * (width + 2) + 1 + width] = picture
+    return canvas
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """'all' or comma-separated class ids."""
+    if text == "all":
+        return list(range(num_classes))
+    try:
+        classes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--classes must be 'all' or comma-separated ints, got {text!r}") from None
+    if not classes:
+        raise ValueError("--classes is empty")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"--classes {bad} out of range [0, {num_classes - 1}]")
+    return classes
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    from PIL import Image
+    from tqdm import tqdm
+
+    from lasadgen_jax.models.lasadgen import ModelConfig
+
+    FLAGS = flags.FLAGS
+    out_dir = FLAGS.out
+    config = FLAGS.config
+    model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()})
+    sampling = SamplingConfig(
+        cfg_scale=FLAGS.cfg_scale, cfg_schedule=FLAGS.cfg_schedule, temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+    )
+    classes = parse_classes(FLAGS.classes, model_config.num_classes)
+    if FLAGS.num < 1 or FLAGS.batch_size < 1:
+        raise ValueError(f"--num and --batch_size must be >= 1, got {FLAGS.num} and {FLAGS.batch_size}")
+    if (FLAGS.ckpt is None) == (not FLAGS.random_init):
+        raise ValueError("give exactly one of --ckpt=DIR and --random_init")
+    if os.path.exists(os.path.join(out_dir, "tokens.npz")) and not FLAGS.overwrite:
+        raise ValueError(f"{out_dir}/tokens.npz exists; pass --overwrite or another --out")
+
+    model = LASADGen(model_config, rngs=nnx.Rngs(FLAGS.seed))
+    if FLAGS.ckpt is not None:
+        load_params(model, FLAGS.ckpt)
+    model.eval()
+    labels = np.repeat(np.asarray(classes, np.int32), FLAGS.num)
+    key = jax.random.PRNGKey(FLAGS.seed)
+    batches = []
+    with tqdm(total=len(labels), unit="img", desc=f"sampling {model_config.grid[0]}x{model_config.grid[1]} tokens") as bar:
+        for start in range(0, len(labels), FLAGS.batch_size):
+            batch_labels = labels[start : start + FLAGS.batch_size]
+            padded = np.pad(batch_labels, (0, FLAGS.batch_size - len(batch_labels)), mode="edge")  # one compiled shape
+            key, batch_key = jax.random.split(key)
+            tokens = np.asarray(generate(model, padded, batch_key, sampling))[: len(batch_labels)]
+            batches.append(tokens)
+            bar.update(len(batch_labels))
+    tokens = np.concatenate(batches)
+
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, "tokens.npz"), tokens=tokens, labels=labels)
+    picture = token_grid_picture(tokens, model_config.vocab_size, columns=FLAGS.num)
+    Image.fromarray(picture).save(os.path.join(out_dir, "tokens.png"))
+    with open(os.path.join(out_dir, "sampling.json"), "w") as f:
+        json.dump({"classes": classes, "num_per_class": FLAGS.num, "seed": FLAGS.seed, "ckpt": FLAGS.ckpt,
+                   "sampling": dataclasses.asdict(sampling), "model": dataclasses.asdict(model_config)}, f, indent=1)
+    print(f"Wrote {len(tokens)} token grids ({model_config.grid[0]}x{model_config.grid[1]}) to "
+          f"{out_dir}/tokens.npz (tokens [n, h, w] int32, labels [n]), a picture of them to {out_dir}/tokens.png "
+          f"(one row per class) and the settings to {out_dir}/sampling.json.")
+
+
+def define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Model config file, e.g. configs/imagenet256.py:size=L", lock_config=True)
+    flags.DEFINE_string("ckpt", None, "Parameter checkpoint directory (written by save_params / the trainer).")
+    flags.DEFINE_bool("random_init", False, "Sample from randomly initialised weights (smoke runs, benchmarks).")
+    flags.DEFINE_string("classes", "0", "'all' or comma-separated class ids.")
+    flags.DEFINE_integer("num", 4, "Samples per class.")
+    flags.DEFINE_integer("batch_size", 32, "Images per jitted call.")
+    flags.DEFINE_integer("seed", 0, "Random seed (initialisation with --random_init, and sampling).")
+    flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1 = none).")
+    flags.DEFINE_enum("cfg_schedule", "constant", list(CFG_SCHEDULES), "Guidance schedule over the cells.")
+    flags.DEFINE_float("temperature", 1.0, "Softmax temperature (0 = greedy).")
+    flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
+    flags.DEFINE_string("out", "samples", "Output directory.")
+    flags.DEFINE_bool("overwrite", False, "Replace existing outputs in --out.")
+    flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    try:
+        app.run(main)
+    except ValueError as error:  # bad flags or config: one clear line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

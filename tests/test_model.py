@@ -1,0 +1,141 @@
+"""The LASADGen decoder: decoding against the parallel forward, sizes, class dropout, bad input."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import rel_error
+from lasadgen_jax.models.lasadgen import (
+    ATTENTION_TYPES, LLAMAGEN_PARAMS, SIZES, LASADGen, ModelConfig, count_params, model_config,
+)
+
+
+def tiny_model(attention, grid=(4, 4), num_prefix=1, seed=0, **overrides):
+    """A 2-block model whose zero-initialised head is replaced by random weights (non-trivial logits)."""
+    config = ModelConfig(
+        vocab_size=40, num_classes=5, grid=grid, dim=32, depth=2, num_heads=2, attention=attention,
+        num_prefix=num_prefix, **overrides,
+    )
+    model = LASADGen(config, rngs=nnx.Rngs(seed))
+    model.head.kernel[...] = jax.random.normal(jax.random.PRNGKey(seed + 1), model.head.kernel.shape)
+    model.eval()
+    return model
+
+
+def teacher_forced_decode(model, tokens, labels):
+    state = model.init_decode_state(tokens.shape[0])
+    step = nnx.jit(lambda m, previous, s, cell: m.decode_step(previous, s, cell))
+    logits, state = nnx.jit(lambda m, labels, s: m.prefill(labels, s))(model, labels, state)
+    all_logits = [logits]
+    for cell in range(1, tokens.shape[1]):
+        logits, state = step(model, tokens[:, cell - 1], state, cell)
+        all_logits.append(logits)
+    return jnp.stack(all_logits, axis=1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)], ids=["4x4", "3x5"])
+@pytest.mark.parametrize("attention", ATTENTION_TYPES)
+def test_decoding_logits_equal_parallel_logits(attention, grid, batch):
+    model = tiny_model(attention, grid=grid)
+    n = grid[0] * grid[1]
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (batch, n), 0, model.config.vocab_size)
+    labels = jnp.arange(batch, dtype=jnp.int32) % (model.config.num_classes + 1)  # includes the null class
+    parallel = nnx.jit(lambda m, t, l: m(t, l))(model, tokens, labels)
+    chex.assert_shape(parallel, (batch, n, model.config.vocab_size))
+    chex.assert_type(parallel, jnp.float32)
+    assert rel_error(teacher_forced_decode(model, tokens, labels), parallel) < 1e-4
+
+
+@pytest.mark.parametrize("attention", ["2d", "softmax"])
+def test_decoding_with_a_longer_class_prefix(attention):
+    model = tiny_model(attention, grid=(3, 4), num_prefix=3)
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, model.config.vocab_size)
+    labels = jnp.array([1, 4], jnp.int32)
+    assert rel_error(teacher_forced_decode(model, tokens, labels), model(tokens, labels)) < 1e-4
+
+
+def test_head_starts_at_zero():
+    config = ModelConfig(vocab_size=40, num_classes=5, grid=(2, 3), dim=32, depth=1, num_heads=2)
+    model = LASADGen(config, rngs=nnx.Rngs(0))
+    model.eval()
+    logits = model(jnp.zeros((2, 6), jnp.int32), jnp.array([0, 5], jnp.int32))
+    np.testing.assert_array_equal(logits, 0.0)
+
+
+def test_class_dropout_uses_the_null_class_in_training_only():
+    model = tiny_model("2d", class_dropout=0.5)
+    labels = jnp.zeros((256,), jnp.int32)
+    null_row = model.class_embedder.embedding(jnp.array([model.class_embedder.null_class]))
+    model.train()
+    dropped = np.all(np.asarray(model.class_embedder(labels))[:, 0] == np.asarray(null_row), axis=-1)
+    assert 0.3 < dropped.mean() < 0.7, dropped.mean()
+    model.eval()
+    kept = np.all(np.asarray(model.class_embedder(labels))[:, 0] == np.asarray(null_row), axis=-1)
+    assert not kept.any()
+
+
+def test_training_mode_changes_outputs_and_eval_is_deterministic():
+    model = tiny_model("2d")
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 16), 0, 40)
+    labels = jnp.array([0, 1], jnp.int32)
+    model.train()
+    first, second = model(tokens, labels), model(tokens, labels)
+    assert not np.allclose(first, second), "dropout should differ between training calls"
+    model.eval()
+    np.testing.assert_array_equal(model(tokens, labels), model(tokens, labels))
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_every_size_by_shapes_alone(size):
+    """Softmax parameter counts within 3% of LlamaGen's; a bf16 2d model's logits by eval_shape only."""
+    count = count_params(model_config(size, attention="softmax"))
+    print(f"{size}: {count / 1e6:.1f}M parameters with softmax attention (LlamaGen {LLAMAGEN_PARAMS[size] / 1e6:.0f}M)")
+    assert abs(count / LLAMAGEN_PARAMS[size] - 1) < 0.03
+
+    config = model_config(size, attention="2d", dtype="bfloat16")
+    model = nnx.eval_shape(lambda: LASADGen(config, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    graphdef, state = nnx.split(model)
+    logits = jax.eval_shape(
+        lambda state, tokens, labels: nnx.merge(graphdef, state)(tokens, labels),
+        state, jax.ShapeDtypeStruct((2, 256), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32),
+    )
+    assert logits.shape == (2, 256, 16384) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(attention="flash"), "attention must be one of"),
+        (dict(grid=(0, 4)), "grid must be a pair"),
+        (dict(dim=30, num_heads=4), "not divisible by num_heads"),
+        (dict(class_dropout=1.0), "class_dropout must be in"),
+        (dict(dtype="bfloat17"), "dtype must name a dtype"),
+    ],
+)
+def test_bad_config_raises(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**{"dim": 32, "num_heads": 2, **overrides})
+
+
+@pytest.mark.parametrize(
+    "tokens, labels, match",
+    [
+        (jnp.zeros((2, 16), jnp.int32), jnp.array([0, 6], jnp.int32), r"class ids must be in \[0, 5\]"),
+        (jnp.zeros((2, 16), jnp.int32), jnp.array([-1, 0], jnp.int32), r"class ids must be in \[0, 5\]"),
+        (jnp.zeros((2, 15), jnp.int32), jnp.array([0, 1], jnp.int32), r"tokens must be int \[batch, 16\]"),
+        (jnp.full((2, 16), 40, jnp.int32), jnp.array([0, 1], jnp.int32), r"token ids must be in \[0, 39\]"),
+        (jnp.zeros((2, 16), jnp.float32), jnp.array([0, 1], jnp.int32), "tokens must be int"),
+        (jnp.zeros((3, 16), jnp.int32), jnp.array([0, 1], jnp.int32), "batch"),
+    ],
+)
+def test_bad_model_input_raises(tokens, labels, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model("2d")(tokens, labels)

@@ -1,0 +1,146 @@
+"""Sampling: guidance, filtering, greedy self-consistency, the null class, params on disk, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lasadgen_jax import sample
+from lasadgen_jax.models.lasadgen import LASADGen
+from test_model import tiny_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GREEDY = sample.SamplingConfig(temperature=0.0)
+
+
+def test_guidance_scale_one_gives_the_conditional_logits():
+    cond, uncond = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 50))
+    np.testing.assert_allclose(sample.guided_logits(cond, uncond, 1.0), cond, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sample.guided_logits(cond, uncond, 3.0), uncond + 3.0 * (cond - uncond), rtol=1e-6)
+    linear = sample.SamplingConfig(cfg_scale=4.0, cfg_schedule="linear")
+    assert float(sample.cfg_scale_at(0, 16, linear)) == 1.0
+    assert float(sample.cfg_scale_at(15, 16, linear)) == pytest.approx(4.0)
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
+    kept = lambda k, p: np.isfinite(np.asarray(sample.filter_logits(logits, k, p)))[0].tolist()
+    assert kept(2, 1.0) == [True, False, True, False]
+    assert kept(0, 0.5) == [True, False, False, False]  # 0.5 alone reaches 0.5
+    assert kept(0, 0.6) == [True, False, True, False]  # 0.5 + 0.3
+    assert kept(0, 0.9) == [True, False, True, True]
+    assert kept(0, 1.0) == [True, True, True, True]
+
+
+@pytest.mark.parametrize("attention", ["2d", "2d_row", "softmax"])
+def test_greedy_tokens_are_the_argmax_of_the_parallel_forward(attention):
+    model = tiny_model(attention, grid=(3, 5))
+    labels = jnp.array([0, 2, 4], jnp.int32)
+    tokens = sample.generate(model, labels, jax.random.PRNGKey(0), GREEDY)
+    assert tokens.shape == (3, 3, 5) and tokens.dtype == jnp.int32
+    flat = tokens.reshape(3, 15)
+    np.testing.assert_array_equal(np.argmax(model(flat, labels), axis=-1), flat)
+
+
+def test_top_k_one_equals_greedy():
+    model = tiny_model("2d")
+    labels = jnp.array([1, 3], jnp.int32)
+    greedy = sample.generate(model, labels, jax.random.PRNGKey(0), GREEDY)
+    top1 = sample.generate(model, labels, jax.random.PRNGKey(7), sample.SamplingConfig(temperature=1.0, top_k=1))
+    np.testing.assert_array_equal(top1, greedy)
+
+
+def test_unconditional_half_uses_the_null_class():
+    """Guidance scale 0 keeps only the unconditional logits: greedy then equals null-class greedy."""
+    model = tiny_model("2d")
+    labels = jnp.array([0, 1, 2], jnp.int32)
+    only_uncond = sample.generate(model, labels, jax.random.PRNGKey(0), sample.SamplingConfig(cfg_scale=0.0, temperature=0.0))
+    null = jnp.full_like(labels, model.class_embedder.null_class)
+    np.testing.assert_array_equal(only_uncond, sample.generate(model, null, jax.random.PRNGKey(0), GREEDY))
+    conditional = sample.generate(model, labels, jax.random.PRNGKey(0), GREEDY)
+    assert not np.array_equal(only_uncond, conditional)
+
+
+def test_seeds_reproduce_and_differ():
+    model = tiny_model("2d_row")
+    labels = jnp.array([1, 1, 2, 3, 4], jnp.int32)
+    config = sample.SamplingConfig(cfg_scale=2.0, temperature=1.0, top_p=0.9)
+    first = sample.generate(model, labels, jax.random.PRNGKey(5), config)
+    np.testing.assert_array_equal(first, sample.generate(model, labels, jax.random.PRNGKey(5), config))
+    assert not np.array_equal(first, sample.generate(model, labels, jax.random.PRNGKey(6), config))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(top_k=-2), "top_k must be"),
+        (dict(cfg_schedule="cosine"), "cfg_schedule must be one of"),
+    ],
+)
+def test_bad_sampling_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample.SamplingConfig(**kwargs)
+
+
+def test_class_id_out_of_range_raises():
+    model = tiny_model("2d")
+    with pytest.raises(ValueError, match=r"class ids must be in \[0, 5\]"):
+        sample.generate(model, jnp.array([0, 9], jnp.int32), jax.random.PRNGKey(0), GREEDY)
+    with pytest.raises(ValueError, match="out of range"):
+        sample.parse_classes("1,7", num_classes=5)
+
+
+def test_params_round_trip_through_a_checkpoint(tmp_path):
+    model = tiny_model("2d")
+    sample.save_params(model, str(tmp_path / "params"))
+    fresh = LASADGen(model.config, rngs=nnx.Rngs(123))
+    sample.load_params(fresh, str(tmp_path / "params"))
+    fresh.eval()
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    labels = jnp.array([2], jnp.int32)
+    np.testing.assert_array_equal(fresh(tokens, labels), model(tokens, labels))
+    other = LASADGen(dataclasses.replace(model.config, dim=64), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="does not fit this model config"):
+        sample.load_params(other, str(tmp_path / "params"))
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "lasadgen_jax.sample", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+
+
+def test_command_line_writes_token_grids(tmp_path):
+    out = tmp_path / "samples"
+    result = run_cli(
+        "--config=configs/imagenet256.py:size=B,attention=2d", "--config.model.depth=1",
+        "--config.model.grid=(3,4)", "--random_init", "--classes=3,5", "--num=2", "--batch_size=3",
+        "--cfg_scale=2", f"--out={out}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = np.load(out / "tokens.npz")
+    assert data["tokens"].shape == (4, 3, 4) and data["labels"].tolist() == [3, 3, 5, 5]
+    assert (out / "tokens.png").stat().st_size > 0
+    assert "Wrote 4 token grids" in result.stdout
+
+
+def test_command_line_refuses_bad_classes(tmp_path):
+    result = run_cli(
+        "--config=configs/imagenet256.py:size=B", "--config.model.depth=1", "--config.model.grid=(2,2)",
+        "--random_init", "--classes=1000", f"--out={tmp_path}",
+    )
+    assert result.returncode == 2
+    assert "--classes [1000] out of range [0, 999]" in result.stderr
