@@ -59,21 +59,27 @@ def decode_step(state: dict, q, k_prev, v_prev, cell, *, grid, variant, log_deca
     col = cell % w
     if variant == "none":
         state = {**state, "state": state["state"] + kv}
-        read = state["state"]
+        read = [state["state"]]
     elif variant == "1d":
         state = {**state, "state": g_col * (state["state"] + kv)}
-        read = state["state"]
+        read = [state["state"]]
     elif variant == "2d_row":
         state = jax.lax.cond(col == 0, _2d_row_new_row, _2d_row_same_row, state, kv, g_row, g_col)
-        read = state["vertical"] + state["row"]
+        read = [state["vertical"], state["row"]]
     elif variant == "2d":
         fold = lambda s: _2d_new_row(s, kv, g_row, log_decay_col)
         same = lambda s: _2d_same_row(s, kv, g_col, col)
         state = jax.lax.cond(col == 0, fold, same, state)
-        read = jax.lax.dynamic_index_in_dim(state["columns"], col, axis=2, keepdims=False) + state["row"]
+        read = [jax.lax.dynamic_index_in_dim(state["columns"], col, axis=2, keepdims=False), state["row"]]
     else:
         raise ValueError(f"unknown variant {variant!r}")
-    out = common.mm("bhd,bhde->bhe", q, read + state["prefix"], dtype)
+    # Each float32 state is read once, in place: no summed or bf16 copy of it (decoding is bound by
+    # the bytes of the state, and a one-row matmul gains nothing from bf16 inputs).
+    acc = common.accumulation_dtype(dtype)
+    out = sum(
+        jnp.einsum("bhd,bhde->bhe", q.astype(acc), part, precision=jax.lax.Precision.HIGHEST)
+        for part in read + [state["prefix"]]
+    )
     return out, state
 
 
