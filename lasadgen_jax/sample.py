@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lasadgen_jax.models.lasadgen import LASADGen
+from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -203,8 +203,6 @@ def main(argv):
     from absl import flags
     from PIL import Image
     from tqdm import tqdm
-
-    from lasadgen_jax.models.lasadgen import ModelConfig
 
     FLAGS = flags.FLAGS
     out_dir = FLAGS.out

@@ -1,4 +1,4 @@
-"""Shared test helpers: random LASAD inputs and a norm-wise relative error."""
+"""Shared test helpers: random LASAD inputs, a norm-wise relative error, a tiny LASADGen."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,3 +58,15 @@ def rel_error(actual, expected) -> float:
     scale = np.linalg.norm(expected)
     diff = np.linalg.norm(actual - expected)
     return float(diff / scale) if scale > 0 else float(diff)
+
+
+def tiny_model(attention, grid=(4, 4), num_prefix=1, seed=0, **overrides):
+    """A 2-block model whose zero-initialised head is replaced by random weights (non-trivial logits)."""
+    config = ModelConfig(
+        vocab_size=40, num_classes=5, grid=grid, dim=32, depth=2, num_heads=2, attention=attention,
+        num_prefix=num_prefix, **overrides,
+    )
+    model = LASADGen(config, rngs=nnx.Rngs(seed))
+    model.head.kernel[...] = jax.random.normal(jax.random.PRNGKey(seed + 1), model.head.kernel.shape)
+    model.eval()
+    return model

@@ -9,22 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import rel_error
+from helpers import rel_error, tiny_model
 from lasadgen_jax.models.lasadgen import (
     ATTENTION_TYPES, LLAMAGEN_PARAMS, SIZES, LASADGen, ModelConfig, count_params, model_config,
 )
-
-
-def tiny_model(attention, grid=(4, 4), num_prefix=1, seed=0, **overrides):
-    """A 2-block model whose zero-initialised head is replaced by random weights (non-trivial logits)."""
-    config = ModelConfig(
-        vocab_size=40, num_classes=5, grid=grid, dim=32, depth=2, num_heads=2, attention=attention,
-        num_prefix=num_prefix, **overrides,
-    )
-    model = LASADGen(config, rngs=nnx.Rngs(seed))
-    model.head.kernel[...] = jax.random.normal(jax.random.PRNGKey(seed + 1), model.head.kernel.shape)
-    model.eval()
-    return model
 
 
 def teacher_forced_decode(model, tokens, labels):

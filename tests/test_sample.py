@@ -15,7 +15,7 @@ from flax import nnx
 
 from lasadgen_jax import sample
 from lasadgen_jax.models.lasadgen import LASADGen
-from test_model import tiny_model
+from helpers import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = sample.SamplingConfig(temperature=0.0)
