@@ -13,7 +13,7 @@ The state is a dict of float32 arrays, each [batch, heads, ...]; its size never 
 
 A step for cell a folds the key/value of cell a-1 (the token the model just fed in), then reads
 the state with the query for cell a. When a-1 ends a row, `2d` folds the finished row into the
-column states with a two-sided exponential smoothing along the row (O(w d dv), once per row).
+column states with a two-sided exponential smoothing along the row (one w x w matmul, once per row).
 """
 
 from __future__ import annotations
