@@ -55,3 +55,11 @@ def rel_error(actual, expected) -> float:
     scale = np.linalg.norm(expected)
     diff = np.linalg.norm(actual - expected)
     return float(diff / scale) if scale > 0 else float(diff)
+
+
+def tiny_vq_architecture():
+    """A complete but tiny VQ (two downsamples: 16x16 images -> 4x4 codes of 64) for fast tests."""
+    from lasadgen_jax.tokenizer import VQArchitecture
+
+    return VQArchitecture(base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, z_channels=8,
+                          codebook_size=64, codebook_dim=4, num_groups=4)

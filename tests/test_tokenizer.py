@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import rel_error
+from helpers import rel_error, tiny_vq_architecture
 from lasadgen_jax.tokenizer import VQArchitecture, load_tokenizer, save_tokenizer, tokenizer_hash
 from lasadgen_jax.tokenizer import convert
 from lasadgen_jax.tokenizer.checkpoint import param_shapes
@@ -20,8 +20,7 @@ from lasadgen_jax.tokenizer.model import abstract_vq_model, create_vq_model
 
 # Tiny but complete: three levels (two downsamples), attention on the last level, a channel change
 # (so nin_shortcut exists), GroupNorm groups of two channels.
-TINY = VQArchitecture(base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, z_channels=8,
-                      codebook_size=64, codebook_dim=4, num_groups=4)
+TINY = tiny_vq_architecture()
 
 
 encode = nnx.jit(lambda model, images: model.encode(images))
