@@ -7,24 +7,20 @@
 `--config.field=value`; the config is locked, so a misspelt field is an error.
 """
 
+import dataclasses
+
 import ml_collections
+
+from lasadgen_jax.tokenizer.architecture import VQ_SMALL
 
 
 def get_config(profile: str = "default") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # Architecture: the same code path as LlamaGen's VQ-16 (lasadgen_jax.tokenizer.VQ_SMALL).
-    config.model = ml_collections.ConfigDict(dict(
-        base_channels=16,
-        channel_multipliers=(1, 2, 2),
-        num_res_blocks=1,
-        z_channels=32,
-        codebook_size=1024,
-        codebook_dim=8,
-        codebook_l2_norm=True,
-        num_groups=8,
-        image_channels=3,
-    ))
+    # Architecture: the VQ_SMALL preset (base_channels 16, channel_multipliers (1, 2, 2),
+    # num_res_blocks 1, z_channels 32, a 1024 x 8 l2-normalised codebook, GroupNorm of 8 groups),
+    # the same code path as LlamaGen's VQ-16.
+    config.model = ml_collections.ConfigDict(dataclasses.asdict(VQ_SMALL))
 
     config.data = ml_collections.ConfigDict(dict(
         dataset="fashion_mnist",                       # the only training dataset for now
@@ -49,9 +45,10 @@ def get_config(profile: str = "default") -> ml_collections.ConfigDict:
     ))
 
     config.seed = 0
-    config.batch_size = 64
-    config.num_steps = 1000
-    config.checkpoint_every = 250
+    # About 3 minutes on 2 CPU cores (benchmarks/RESULTS.md has the measured PSNR and usage).
+    config.batch_size = 32
+    config.num_steps = 400
+    config.checkpoint_every = 100
     config.keep_checkpoints = 2
     config.reconstruction_images = 32   # test images in each reconstruction PNG
 

@@ -217,6 +217,14 @@ def test_tencrop_extraction_through_the_cli(tokenizer_dir, image_folder, tmp_pat
         assert label == want_label
 
 
+def test_max_images_takes_the_first_images(tokenizer_dir, image_folder, tmp_path):
+    summary = run(tokenizer_dir, f"imagefolder:{image_folder}", tmp_path / "tokens", max_images=4, shard_size=10)
+    manifest = summary["manifest"]
+    assert manifest["spec"]["num_images"] == 4 and summary["num_shards"] == 1
+    assert manifest["num_records"] == 3 and manifest["num_skipped"] == 1   # the 4th image is the truncated one
+    assert [label for _, label in read_all_records(str(tmp_path / "tokens"))] == [0, 0, 0]
+
+
 def test_bad_arguments_are_refused(tokenizer_dir, image_folder, tmp_path):
     with pytest.raises(ValueError, match="unknown --source 'imagenet'"):
         open_source("imagenet")

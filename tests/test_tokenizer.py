@@ -309,3 +309,53 @@ def test_converter_loads_only_tensors(tmp_path):
     torch.save({"model": TorchVQ(TINY).state_dict(), "callback": os.system}, checkpoint)
     with pytest.raises(ValueError, match="weights_only=True"):
         convert.load_torch_state_dict(str(checkpoint), "model")
+
+
+# ---------------------------------------------------------------- the small-VQ trainer
+
+
+def smoke_config(**overrides):
+    """configs/vq_small.py:smoke with a few fields changed (the config is locked: a typo raises)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "vq_small.py")
+    spec = importlib.util.spec_from_file_location("vq_small_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_trainer_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    from lasadgen_jax.tokenizer.train import train_and_evaluate
+
+    straight = train_and_evaluate(smoke_config(num_steps=3, checkpoint_every=3), str(tmp_path / "straight"))
+    assert straight["trained_steps_this_run"] == 3
+    interrupted = tmp_path / "interrupted"
+    train_and_evaluate(smoke_config(num_steps=2, checkpoint_every=2), str(interrupted))
+    resumed = train_and_evaluate(smoke_config(num_steps=3, checkpoint_every=3), str(interrupted))
+    assert resumed["trained_steps_this_run"] == 1
+    assert resumed["tokenizer_hash"] == straight["tokenizer_hash"]   # bit-identical parameters
+    assert 0 < resumed["codebook_usage"] <= 1 and np.isfinite(resumed["psnr_db"])
+    assert os.path.isfile(interrupted / "reconstructions" / "step_000002.png")
+    assert os.path.isfile(interrupted / "reconstructions" / "step_000003.png")
+    model = load_tokenizer(str(interrupted / "tokenizer"))
+    chex.assert_shape(encode(model, random_images(0, batch=1, size=32)), (1, 8, 8))
+
+
+def test_trainer_refuses_a_workdir_of_another_model(tmp_path):
+    from lasadgen_jax.tokenizer.train import claim_workdir
+
+    workdir = str(tmp_path / "run")
+    claim_workdir(workdir, TINY)
+    claim_workdir(workdir, TINY)   # the same architecture resumes
+    with pytest.raises(ValueError, match="holds another model's run"):
+        claim_workdir(workdir, VQArchitecture(**{**json.loads(TINY.to_json()), "codebook_size": 32}))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("not ours")
+    with pytest.raises(ValueError, match="not empty and holds no vq_run.json"):
+        claim_workdir(str(tmp_path / "other"), TINY)
+    with pytest.raises(AttributeError, match="num_stepz"):
+        smoke_config(num_stepz=3)

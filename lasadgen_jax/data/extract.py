@@ -121,21 +121,29 @@ def write_manifest_if_complete(out: str, spec: dict, num_shards: int) -> dict | 
 def extract(tokenizer: str, source: str, out: str, *, split: str = "train", image_size: int = 256,
             crops: str = "tencrop", shard_size: int = 10000, batch_size: int = 64, workers: int = 8,
             process_index: int | None = None, process_count: int | None = None,
-            tfds_data_dir: str | None = None) -> dict:
-    """Run (or resume) an extraction; returns a summary of what this process did."""
+            tfds_data_dir: str | None = None, max_images: int | None = None) -> dict:
+    """Run (or resume) an extraction; returns a summary of what this process did.
+
+    max_images: extract only the source's first max_images images (a quick look or a benchmark).
+    """
     crop_recipes.check_crop_mode(crops)
     model = load_tokenizer(tokenizer)
     grid = model.arch.grid(image_size)
     image_source = open_source(source, split, tfds_data_dir)
+    num_images = len(image_source)
+    if max_images is not None:
+        if max_images <= 0:
+            raise ValueError(f"--max-images must be positive, got {max_images}")
+        num_images = min(num_images, max_images)
     spec = {"tokenizer_hash": tokenizer_hash(tokenizer), "grid": list(grid), "codebook_size": model.arch.codebook_size,
             "code_bytes": code_bytes_for(model.arch.codebook_size), "crops": crops,
             "num_crops": crop_recipes.NUM_CROPS[crops], "image_size": image_size, "source": image_source.name,
-            "num_images": len(image_source), "num_classes": image_source.num_classes, "shard_size": shard_size}
+            "num_images": num_images, "num_classes": image_source.num_classes, "shard_size": shard_size}
     multihost = process_index is None and jax.process_count() > 1
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
 
-    ranges = shard_ranges(len(image_source), shard_size)
+    ranges = shard_ranges(num_images, shard_size)
     mine = shards_of_process(len(ranges), process_index, process_count)
     os.makedirs(out, exist_ok=True)
     shard_paths = {k: os.path.join(out, manifests.shard_name(k, len(ranges))) for k in mine}
@@ -174,13 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--process-index", type=int, default=None, help="default: jax.process_index()")
     parser.add_argument("--process-count", type=int, default=None, help="default: jax.process_count()")
     parser.add_argument("--tfds-data-dir", default=None)
+    parser.add_argument("--max-images", type=int, default=None, help="only the source's first N images")
     args = parser.parse_args(argv)
     if (args.process_index is None) != (args.process_count is None):
         parser.error("--process-index and --process-count go together")
     summary = extract(args.tokenizer, args.source, args.out, split=args.split, image_size=args.image_size,
                       crops=args.crops, shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
                       process_index=args.process_index, process_count=args.process_count,
-                      tfds_data_dir=args.tfds_data_dir)
+                      tfds_data_dir=args.tfds_data_dir, max_images=args.max_images)
     manifest = summary["manifest"]
     print(f"wrote {len(summary['written'])} shard(s), skipped {len(summary['skipped_finished'])} finished; "
           + (f"manifest: {manifest['num_records']} records, {manifest['num_skipped']} unreadable images skipped"

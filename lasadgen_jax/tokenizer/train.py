@@ -11,6 +11,7 @@ loss of LlamaGen's recipe are left out (their weights cannot be fetched offline)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -32,6 +33,7 @@ from lasadgen_jax.tokenizer.model import VQModel, create_vq_model
 
 RUN_FILE = "vq_run.json"
 RUN_KIND = "lasadgen_jax.tokenizer.train"
+LOG_EVERY = 10  # steps between progress-bar metrics (each one waits for the device)
 RECONSTRUCTION_LOSSES = {"mse": lambda x: x**2, "l1": jnp.abs}
 
 
@@ -91,13 +93,18 @@ def make_train_step(loss_config: ml_collections.ConfigDict):
     if loss_config.reconstruction not in RECONSTRUCTION_LOSSES:
         raise ValueError(f"config.loss.reconstruction {loss_config.reconstruction!r} unknown; "
                          f"known: {sorted(RECONSTRUCTION_LOSSES)}")
-    pointwise = RECONSTRUCTION_LOSSES[loss_config.reconstruction]
+    return cached_train_step(loss_config.reconstruction, loss_config.codebook_weight, loss_config.commitment_beta)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_train_step(reconstruction_loss_name: str, codebook_weight: float, commitment_beta: float):
+    """One jitted step per loss setting, so runs in one process (resume, tests) share compilations."""
+    pointwise = RECONSTRUCTION_LOSSES[reconstruction_loss_name]
 
     def loss_fn(model, images):
         reconstruction, _, codebook_loss, commitment_loss = model(images)
         reconstruction_loss = jnp.mean(pointwise(reconstruction - images))
-        total = (reconstruction_loss + loss_config.codebook_weight * codebook_loss
-                 + loss_config.commitment_beta * commitment_loss)
+        total = reconstruction_loss + codebook_weight * codebook_loss + commitment_beta * commitment_loss
         mse = jnp.mean((jnp.clip(reconstruction, -1, 1) - images) ** 2)
         return total, dict(loss=total, reconstruction=reconstruction_loss, codebook=codebook_loss,
                            commitment=commitment_loss, psnr=10 * jnp.log10(4.0 / mse))
@@ -126,7 +133,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
 
 
 def training_state(model, optimizer) -> dict:
-    return {"params": nnx.state(model, nnx.Param).to_pure_dict(), "optimizer": nnx.state(optimizer).to_pure_dict()}
+    return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
 
 
 def restore_latest(manager: ocp.CheckpointManager, model, optimizer) -> int:
@@ -148,17 +155,20 @@ def restore_latest(manager: ocp.CheckpointManager, model, optimizer) -> int:
 
 
 def evaluate(model, images_uint8, batch_size: int):
-    """(codes [N, h, w], reconstructions uint8 [N, H, W, C]) of every image, batch by batch."""
+    """(codes [N, h, w], reconstructions uint8 [N, H, W, C]) of every image, in batches of one shape
+    (the last one padded) so that evaluation compiles once."""
     codes, reconstructions = [], []
     for start in range(0, len(images_uint8), batch_size):
-        batch_codes, batch_images = reconstruct(model, jnp.asarray(images_uint8[start:start + batch_size]))
-        codes.append(np.asarray(batch_codes))
-        reconstructions.append(evaluation.to_uint8(batch_images))
+        batch = images_uint8[start:start + batch_size]
+        padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
+        batch_codes, batch_images = reconstruct(model, jnp.asarray(padded))
+        codes.append(np.asarray(batch_codes)[: len(batch)])
+        reconstructions.append(evaluation.to_uint8(batch_images)[: len(batch)])
     return np.concatenate(codes), np.concatenate(reconstructions)
 
 
-def save_reconstructions(model, images_uint8, workdir: str, step: int) -> str:
-    _, reconstructions = evaluate(model, images_uint8, len(images_uint8))
+def save_reconstructions(model, images_uint8, workdir: str, step: int, batch_size: int) -> str:
+    _, reconstructions = evaluate(model, images_uint8, batch_size)
     path = os.path.join(workdir, "reconstructions", f"step_{step:06d}.png")
     evaluation.save_comparison_png(images_uint8, reconstructions, path)
     return path
@@ -189,25 +199,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         images = train_images[batch_indices(config.seed, step, len(train_images), config.batch_size)]
         metrics = train_step(model, optimizer, jnp.asarray(images))
         done = step + 1
-        if done % 10 == 0 or done == config.num_steps:
-            progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", psnr=f"{float(metrics['psnr']):.2f}")
+        if done % LOG_EVERY == 0 or done == config.num_steps:
+            loss = float(metrics["loss"])
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss by step {done} (last checked at step "
+                                         f"{max(start_step, done - LOG_EVERY)}): {jax.device_get(metrics)}")
+            progress.set_postfix(loss=f"{loss:.4f}", psnr=f"{float(metrics['psnr']):.2f}")
         if done % config.checkpoint_every == 0 or done == config.num_steps:
-            if not np.isfinite(float(metrics["loss"])):
-                raise FloatingPointError(f"non-finite loss at step {done}: {jax.device_get(metrics)}")
             manager.save(done, args=ocp.args.StandardSave(training_state(model, optimizer)))
-            save_reconstructions(model, preview_images, workdir, done)
+            save_reconstructions(model, preview_images, workdir, done, config.batch_size)
     progress.close()
     manager.wait_until_finished()
     train_seconds = time.time() - started
 
-    codes, reconstructions = evaluate(model, eval_images, 250)
+    codes, reconstructions = evaluate(model, eval_images, config.batch_size)
     usage, perplexity = evaluation.codebook_usage(codes, arch.codebook_size)
     result = dict(steps=config.num_steps, trained_steps_this_run=config.num_steps - start_step,
                   train_seconds_this_run=round(train_seconds, 1), eval_images=len(eval_images),
                   psnr_db=round(evaluation.psnr(eval_images, reconstructions), 3),
                   codebook_usage=round(usage, 4), codebook_perplexity=round(perplexity, 1),
                   tokenizer_hash=save_tokenizer(model, os.path.join(workdir, "tokenizer")),
-                  png=save_reconstructions(model, preview_images, workdir, config.num_steps))
+                  png=save_reconstructions(model, preview_images, workdir, config.num_steps, config.batch_size))
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"test PSNR {result['psnr_db']:.2f} dB over {len(eval_images)} images; codebook usage "
