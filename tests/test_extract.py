@@ -131,6 +131,25 @@ def test_record_layout_round_trip_and_refusals():
         records.encode_record(np.array([[40000]]), 0, 2)
 
 
+def test_batch_decoding_equals_record_decoding_and_checks_headers():
+    rng = np.random.default_rng(2)
+    batch = [records.encode_record(rng.integers(0, 1000, (3, 5)), label, 2) for label in range(4)]
+    codes, labels = records.decode_records(batch, 3, 5)
+    for record, record_codes, label in zip(batch, codes, labels):
+        want_codes, want_label = records.decode_record(record)
+        np.testing.assert_array_equal(record_codes, want_codes)
+        assert label == want_label
+    with pytest.raises(ValueError, match="4 crops x 5 tokens x 2 bytes need 60"):
+        records.decode_records(batch, 4, 5)
+    with pytest.raises(ValueError, match="expected magic b'LTOK', version 1, 5 crops x 3 tokens"):
+        records.decode_records(batch, 5, 3)
+    wrong_magic = batch[:2] + [b"XXXX" + batch[2][4:]] + batch[3:]
+    with pytest.raises(ValueError, match="token record 2 of the batch has header"):
+        records.decode_records(wrong_magic, 3, 5)
+    with pytest.raises(ValueError, match="needs 50"):
+        records.decode_records(batch[:3] + [batch[3][:-2]], 3, 5)
+
+
 # ---------------------------------------------------------------- extraction
 
 

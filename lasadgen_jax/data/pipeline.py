@@ -5,12 +5,12 @@
     batch = next(iterator)    # {"tokens": int32 [256, 256], "label": int32 [256]}
     state = iterator.get_state()   # save it with the model checkpoint; iterator.set_state(state) resumes
 
-Order of the MapDataset: records of every shard -> this host's slice (records i with
+Order of the MapDataset: record indices of every shard -> this host's slice (records i with
 i % shard_count == shard_index: disjoint across hosts, together all of them) -> seeded shuffle ->
-repeat (reshuffled each epoch) -> decode, check and pick one crop at random (a fresh choice every
-epoch, since the choice is seeded by the position in the repeated stream) -> batch. Everything is a
-function of (seed, position), so the iterator state is just a position and restoring it resumes at
-exactly the next batch.
+repeat (reshuffled each epoch) -> batches of indices -> one bulk read and decode per batch, which
+checks the codes and picks one crop per record by a hash of (seed, position in the repeated
+stream): a fresh choice every epoch. Everything is a function of (seed, position), so the iterator state is just a position
+and restoring it resumes at exactly the next batch.
 """
 
 from __future__ import annotations
@@ -22,28 +22,51 @@ import jax
 import numpy as np
 
 from lasadgen_jax.data import manifest as manifests
-from lasadgen_jax.data.records import decode_record
+from lasadgen_jax.data.records import decode_records
 
 
-class DecodeAndPickCrop(grain.transforms.RandomMap):
-    """record bytes -> {"tokens": int32 [h*w] (one crop, chosen at random), "label": int32}.
+def pick_crops(seed: int, positions: np.ndarray, num_crops: int) -> np.ndarray:
+    """A crop index per stream position: splitmix64 of (seed, position), vectorised.
 
-    A module-level class (not a closure) so that multiprocess prefetch can send it to its workers.
+    Why a hash and not grain's random_map: that builds a numpy Generator per record (~35 us), more
+    than everything else a record costs; a hash of the position is as reproducible and ~free.
+    """
+    seed_mix = np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)   # Python ints: no uint64 overflow warning
+    z = positions.astype(np.uint64) + seed_mix
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) % np.uint64(num_crops)).astype(np.intp)
+
+
+class ReadAndDecodeBatch(grain.transforms.MapWithIndex):
+    """(batch number, record indices [B]) -> {"tokens": int32 [B, h*w] (one crop each), "label": int32 [B]}.
+
+    Reads the batch's records in one bulk ArrayRecord call and decodes them in one np.frombuffer:
+    per-record Python work in grain costs more than the read itself. Every crop of every record is
+    checked against the codebook, not only the one picked. The shards are opened lazily, so that
+    multiprocess prefetch pickles paths, not open readers, to its workers.
     """
 
-    def __init__(self, num_crops: int, num_tokens: int, codebook_size: int):
-        self.num_crops, self.num_tokens, self.codebook_size = num_crops, num_tokens, codebook_size
+    def __init__(self, paths: list[str], num_crops: int, num_tokens: int, codebook_size: int, batch_size: int, seed: int):
+        self.paths, self.num_crops, self.num_tokens = paths, num_crops, num_tokens
+        self.codebook_size, self.batch_size, self.seed = codebook_size, batch_size, seed
+        self.source = None
 
-    def random_map(self, record: bytes, rng: np.random.Generator) -> dict:
-        codes, label = decode_record(record)
-        if codes.shape != (self.num_crops, self.num_tokens):
-            raise ValueError(f"token record holds codes {codes.shape}, the manifest promises "
-                             f"({self.num_crops}, {self.num_tokens})")
-        if codes.min() < 0 or codes.max() >= self.codebook_size:
-            raise ValueError(f"token record (label {label}) holds codes in [{codes.min()}, {codes.max()}], "
+    def __getstate__(self):
+        return {**self.__dict__, "source": None}
+
+    def map_with_index(self, batch_number: int, record_indices: np.ndarray) -> dict:
+        if self.source is None:
+            self.source = grain.sources.ArrayRecordDataSource(self.paths)
+        codes, labels = decode_records(self.source.__getitems__(record_indices.tolist()), self.num_crops, self.num_tokens)
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= self.codebook_size:
+            bad = int(np.argmax((codes < 0).any(axis=(1, 2)) | (codes >= self.codebook_size).any(axis=(1, 2))))
+            raise ValueError(f"token record {record_indices[bad]} (label {labels[bad]}) holds codes in [{low}, {high}], "
                              f"outside the codebook [0, {self.codebook_size})")
-        crop = rng.integers(self.num_crops)
-        return {"tokens": codes[crop], "label": np.int32(label)}
+        positions = batch_number * self.batch_size + np.arange(len(record_indices))
+        crops = pick_crops(self.seed, positions, self.num_crops)
+        return {"tokens": codes[np.arange(len(record_indices)), crops].astype(np.int32), "label": labels}
 
 
 def token_dataset(directory: str, *, grid: tuple[int, int], codebook_size: int, batch_size: int, seed: int,
@@ -66,14 +89,14 @@ def token_dataset(directory: str, *, grid: tuple[int, int], codebook_size: int, 
     if not paths:
         raise ValueError(f"{directory!r}: the manifest lists no records")
     spec = manifest["spec"]
-    dataset = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-    dataset = dataset[shard_index::shard_count]
-    if len(dataset) < batch_size and drop_remainder:
-        raise ValueError(f"host shard {shard_index}/{shard_count} of {directory!r} has {len(dataset)} records, "
+    num_records = sum(shard["records"] for shard in manifest["shards"])
+    indices = grain.MapDataset.range(num_records)[shard_index::shard_count]
+    if len(indices) < batch_size and drop_remainder:
+        raise ValueError(f"host shard {shard_index}/{shard_count} of {directory!r} has {len(indices)} records, "
                          f"fewer than one batch of {batch_size}")
-    dataset = dataset.shuffle(seed=seed).repeat(num_epochs)
-    dataset = dataset.random_map(DecodeAndPickCrop(spec["num_crops"], grid[0] * grid[1], codebook_size), seed=seed)
-    return dataset.batch(batch_size, drop_remainder=drop_remainder)
+    indices = indices.shuffle(seed=seed).repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
+    return indices.map_with_index(ReadAndDecodeBatch(paths, spec["num_crops"], grid[0] * grid[1], codebook_size,
+                                                     batch_size, seed))
 
 
 def mark_absl_flags_parsed() -> None:
@@ -85,11 +108,19 @@ def mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def token_iterator(dataset: grain.MapDataset, *, num_workers: int = 0, per_worker_buffer_size: int = 1):
-    """A checkpointable iterator (get_state / set_state); num_workers > 0 adds multiprocess prefetch."""
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    iter_dataset = dataset.to_iter_dataset()
+def token_iterator(dataset: grain.MapDataset, *, num_workers: int = 0, read_threads: int = 1,
+                   prefetch_batches: int = 4, per_worker_buffer_size: int = 1):
+    """A checkpointable iterator (get_state / set_state) over the batched dataset.
+
+    read_threads threads keep prefetch_batches batches ready (in each worker, with workers); grain's
+    default buffer of 500 elements would mean 500 *batches* here. num_workers > 0 adds
+    multiprocess prefetch.
+    """
+    if num_workers < 0 or read_threads < 0 or prefetch_batches < 0:
+        raise ValueError(f"num_workers, read_threads and prefetch_batches must be >= 0, got "
+                         f"{num_workers}, {read_threads}, {prefetch_batches}")
+    read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
+    iter_dataset = dataset.to_iter_dataset(read_options)
     if num_workers:
         mark_absl_flags_parsed()
         iter_dataset = iter_dataset.mp_prefetch(

@@ -63,3 +63,29 @@ def decode_record(record: bytes) -> tuple[np.ndarray, int]:
                          f"{code_bytes} bytes) needs {expected}")
     codes = np.frombuffer(record, CODE_DTYPES[code_bytes], offset=HEADER.itemsize).reshape(shape)
     return codes.astype(np.int32), int(header["label"])
+
+
+def decode_records(batch: list[bytes], num_crops: int, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [B, crops, tokens] in the records' int dtype, labels int32 [B]) of equal-layout records,
+    decoded in one np.frombuffer over their concatenation (the input pipeline's hot path)."""
+    if not batch:
+        raise ValueError("decode_records got an empty batch")
+    header = np.frombuffer(batch[0], HEADER, count=1)[0] if len(batch[0]) >= HEADER.itemsize else None
+    code_bytes = int(header["code_bytes"]) if header is not None else 0
+    if code_bytes not in CODE_DTYPES or any(len(record) != len(batch[0]) for record in batch):
+        for record in batch:   # name the offending record precisely
+            decode_record(record)
+        raise ValueError("token records of one batch have different layouts")
+    layout = np.dtype([("header", HEADER), ("codes", CODE_DTYPES[code_bytes], (num_crops, num_tokens))])
+    if layout.itemsize != len(batch[0]):
+        raise ValueError(f"token records of {len(batch[0])} bytes; {num_crops} crops x {num_tokens} tokens x "
+                         f"{code_bytes} bytes need {layout.itemsize}")
+    parsed = np.frombuffer(b"".join(batch), layout)
+    headers = parsed["header"]
+    good = ((headers["magic"] == MAGIC) & (headers["version"] == VERSION) & (headers["code_bytes"] == code_bytes)
+            & (headers["num_crops"] == num_crops) & (headers["num_tokens"] == num_tokens))
+    if not good.all():
+        bad = int(np.argmin(good))
+        raise ValueError(f"token record {bad} of the batch has header {headers[bad]}, expected magic {MAGIC!r}, "
+                         f"version {VERSION}, {num_crops} crops x {num_tokens} tokens")
+    return parsed["codes"], headers["label"].astype(np.int32)
