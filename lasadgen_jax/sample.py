@@ -6,7 +6,8 @@
 The decode state is the LASAD state of every block (fixed size; `2d` keeps w column states) or the
 KV cache for `softmax`. With guidance the conditional and the null-class batches run stacked as one
 batch of 2B and `logits = u + s * (c - u)`. Writes the token grids (tokens.npz) and a PNG of them,
-one row per class. Decoding tokens into pixels needs the VQ tokenizer (a later issue).
+one row per class; with --tokenizer also the decoded images: images.npz (arr_0, uint8
+[n, H, W, 3], the layout FID tools read) and samples.png.
 """
 
 from __future__ import annotations
@@ -166,17 +167,34 @@ def load_params(model: LASADGen, path: str) -> LASADGen:
 # ----------------------------------------------------------------------------- pictures of tokens
 
 
-def token_grid_picture(tokens, vocab_size: int, columns: int, cell_pixels: int = 4) -> np.ndarray:
-    """Token grids [n, h, w] as one uint8 RGB picture: each id a fixed colour, `columns` grids a row."""
-    palette = np.random.default_rng(0).integers(0, 256, size=(vocab_size, 3), dtype=np.uint8)
-    pictures = palette[np.asarray(tokens)].repeat(cell_pixels, axis=1).repeat(cell_pixels, axis=2)
+def tile(pictures, columns: int) -> np.ndarray:
+    """uint8 pictures [n, H, W, 3] as one picture, `columns` a row, with a 1-pixel white border."""
     n, height, width, _ = pictures.shape
     rows = -(-n // columns)
     canvas = np.full((rows * (height + 2), columns * (width + 2), 3), 255, np.uint8)
     for i, picture in enumerate(pictures):
-        r, c = divmod(i, columns)
-        canvas[r * (height + 2) + 1 : r * (height + 2) + 1 + height, c * (width + 2) + 1 : c * (width + 2) + 1 + width] = picture
+        top, left = divmod(i, columns)
+        top, left = top * (height + 2) + 1, left * (width + 2) + 1
+        canvas[top : top + height, left : left + width] = picture
     return canvas
+
+
+def token_grid_picture(tokens, vocab_size: int, columns: int, cell_pixels: int = 4) -> np.ndarray:
+    """Token grids [n, h, w] as one uint8 RGB picture: each id a fixed colour, `columns` grids a row."""
+    palette = np.random.default_rng(0).integers(0, 256, size=(vocab_size, 3), dtype=np.uint8)
+    return tile(palette[np.asarray(tokens)].repeat(cell_pixels, axis=1).repeat(cell_pixels, axis=2), columns)
+
+
+def decode_to_uint8(tokenizer, tokens, batch_size: int) -> np.ndarray:
+    """Token grids [n, h, w] -> uint8 RGB images [n, H, W, 3] (grey tokenizers repeated to RGB)."""
+    from lasadgen_jax.tokenizer.evaluation import to_uint8
+
+    decode = nnx.jit(lambda model, codes: model.decode(codes))
+    images = np.concatenate([
+        to_uint8(decode(tokenizer, jnp.asarray(tokens[start : start + batch_size])))
+        for start in range(0, len(tokens), batch_size)
+    ])
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 # ----------------------------------------------------------------------------- command line
@@ -220,6 +238,15 @@ def main(argv):
     if os.path.exists(os.path.join(out_dir, "tokens.npz")) and not FLAGS.overwrite:
         raise ValueError(f"{out_dir}/tokens.npz exists; pass --overwrite or another --out")
 
+    tokenizer = None
+    if FLAGS.tokenizer is not None:
+        from lasadgen_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(FLAGS.tokenizer)
+        if tokenizer.arch.codebook_size != model_config.vocab_size:
+            raise ValueError(f"--tokenizer {FLAGS.tokenizer} has a codebook of {tokenizer.arch.codebook_size}, "
+                             f"the model's vocab_size is {model_config.vocab_size}")
+
     model = LASADGen(model_config, rngs=nnx.Rngs(FLAGS.seed))
     if FLAGS.ckpt is not None:
         load_params(model, FLAGS.ckpt)
@@ -241,12 +268,18 @@ def main(argv):
     np.savez(os.path.join(out_dir, "tokens.npz"), tokens=tokens, labels=labels)
     picture = token_grid_picture(tokens, model_config.vocab_size, columns=FLAGS.num)
     Image.fromarray(picture).save(os.path.join(out_dir, "tokens.png"))
+    written = f"{out_dir}/tokens.npz (tokens [n, h, w] int32, labels [n]), {out_dir}/tokens.png"
+    if tokenizer is not None:
+        images = decode_to_uint8(tokenizer, tokens, FLAGS.batch_size)
+        np.savez(os.path.join(out_dir, "images.npz"), arr_0=images, labels=labels)
+        Image.fromarray(tile(images, columns=FLAGS.num)).save(os.path.join(out_dir, "samples.png"))
+        written += f", {out_dir}/images.npz (arr_0: uint8 {list(images.shape)}), {out_dir}/samples.png"
     with open(os.path.join(out_dir, "sampling.json"), "w") as f:
         json.dump({"classes": classes, "num_per_class": FLAGS.num, "seed": FLAGS.seed, "ckpt": FLAGS.ckpt,
+                   "tokenizer": FLAGS.tokenizer,
                    "sampling": dataclasses.asdict(sampling), "model": dataclasses.asdict(model_config)}, f, indent=1)
-    print(f"Wrote {len(tokens)} token grids ({model_config.grid[0]}x{model_config.grid[1]}) to "
-          f"{out_dir}/tokens.npz (tokens [n, h, w] int32, labels [n]), a picture of them to {out_dir}/tokens.png "
-          f"(one row per class) and the settings to {out_dir}/sampling.json.")
+    print(f"Wrote {len(tokens)} samples ({model_config.grid[0]}x{model_config.grid[1]} tokens, one row per "
+          f"class in the pictures): {written}, and the settings to {out_dir}/sampling.json.")
 
 
 def define_flags():
@@ -265,6 +298,7 @@ def define_flags():
     flags.DEFINE_float("temperature", 1.0, "Softmax temperature (0 = greedy).")
     flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer directory: also decode the samples into images.")
     flags.DEFINE_string("out", "samples", "Output directory.")
     flags.DEFINE_bool("overwrite", False, "Replace existing outputs in --out.")
     flags.mark_flag_as_required("config")

@@ -70,3 +70,11 @@ def tiny_model(attention, grid=(4, 4), num_prefix=1, seed=0, **overrides):
     model.head.kernel[...] = jax.random.normal(jax.random.PRNGKey(seed + 1), model.head.kernel.shape)
     model.eval()
     return model
+
+
+def tiny_vq_architecture():
+    """A complete but tiny VQ (two downsamples: 16x16 images -> 4x4 codes of 64) for fast tests."""
+    from lasadgen_jax.tokenizer import VQArchitecture
+
+    return VQArchitecture(base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, z_channels=8,
+                          codebook_size=64, codebook_dim=4, num_groups=4)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from lasadgen_jax import sample
 from lasadgen_jax.models.lasadgen import LASADGen
-from helpers import tiny_model
+from helpers import tiny_model, tiny_vq_architecture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = sample.SamplingConfig(temperature=0.0)
@@ -123,18 +123,39 @@ def run_cli(*args):
     )
 
 
-def test_command_line_writes_token_grids(tmp_path):
+def test_command_line_writes_token_grids_and_decoded_images(tmp_path):
+    from lasadgen_jax.tokenizer import save_tokenizer
+    from lasadgen_jax.tokenizer.model import create_vq_model
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    arch = tiny_vq_architecture()  # codebook 64, 4x downsampling
+    save_tokenizer(create_vq_model(arch), str(tokenizer_dir))
     out = tmp_path / "samples"
     result = run_cli(
         "--config=configs/imagenet256.py:size=B,attention=2d", "--config.model.depth=1",
-        "--config.model.grid=(3,4)", "--random_init", "--classes=3,5", "--num=2", "--batch_size=3",
-        "--cfg_scale=2", f"--out={out}",
+        "--config.model.grid=(3,4)", f"--config.model.vocab_size={arch.codebook_size}", "--random_init",
+        "--classes=3,5", "--num=2", "--batch_size=3", "--cfg_scale=2", f"--tokenizer={tokenizer_dir}", f"--out={out}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = np.load(out / "tokens.npz")
     assert data["tokens"].shape == (4, 3, 4) and data["labels"].tolist() == [3, 3, 5, 5]
-    assert (out / "tokens.png").stat().st_size > 0
-    assert "Wrote 4 token grids" in result.stdout
+    images = np.load(out / "images.npz")["arr_0"]
+    assert images.shape == (4, 12, 16, 3) and images.dtype == np.uint8
+    assert (out / "tokens.png").stat().st_size > 0 and (out / "samples.png").stat().st_size > 0
+    assert "Wrote 4 samples" in result.stdout
+
+
+def test_command_line_refuses_a_tokenizer_of_another_codebook(tmp_path):
+    from lasadgen_jax.tokenizer import save_tokenizer
+    from lasadgen_jax.tokenizer.model import create_vq_model
+
+    save_tokenizer(create_vq_model(tiny_vq_architecture()), str(tmp_path / "tokenizer"))
+    result = run_cli(
+        "--config=configs/imagenet256.py:size=B", "--config.model.depth=1", "--config.model.grid=(2,2)",
+        "--random_init", f"--tokenizer={tmp_path / 'tokenizer'}", f"--out={tmp_path / 'out'}",
+    )
+    assert result.returncode == 2
+    assert "has a codebook of 64, the model's vocab_size is 16384" in result.stderr
 
 
 def test_command_line_refuses_bad_classes(tmp_path):

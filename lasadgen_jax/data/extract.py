@@ -1,0 +1,201 @@
+"""Encode a dataset into ArrayRecord shards of VQ codes (LlamaGen's extraction recipe).
+
+    python -m lasadgen_jax.data.extract --tokenizer=TOKENIZER_DIR \\
+        --source=imagefolder:DIR | tfds:imagenet2012 | fashion_mnist \\
+        --image-size=256 --crops=tencrop|flip --out=OUT_DIR
+
+The images [0, N) are cut into shards of --shard-size; process p of P (jax.process_index /
+process_count, or --process-index / --process-count) writes the shards k with k % P == p, so hosts
+never share a shard. A shard is written to a temporary file and renamed, then its sidecar JSON
+(spec + counts) is renamed into place: a shard with a sidecar is finished and a re-run skips it.
+Images that cannot be decoded are skipped and counted, never fatal. When every shard is finished,
+`manifest.json` lists them (see lasadgen_jax.data.manifest; records: lasadgen_jax.data.records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from lasadgen_jax.data import crops as crop_recipes
+from lasadgen_jax.data import manifest as manifests
+from lasadgen_jax.data.records import code_bytes_for, encode_record
+from lasadgen_jax.data.sharded_encoder import ShardedEncoder
+from lasadgen_jax.data.sources import open_source
+from lasadgen_jax.tokenizer.checkpoint import load_tokenizer, tokenizer_hash
+
+MAX_LISTED_SKIPS = 20  # per shard, in its sidecar; the count is always complete
+
+
+def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
+    if shard_size <= 0:
+        raise ValueError(f"--shard-size must be positive, got {shard_size}")
+    return [(start, min(start + shard_size, num_images)) for start in range(0, num_images, shard_size)]
+
+
+def shards_of_process(num_shards: int, process_index: int, process_count: int) -> list[int]:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process index {process_index} is not in [0, {process_count})")
+    return list(range(process_index, num_shards, process_count))
+
+
+def load_crops(source, index: int, image_size: int, mode: str):
+    """(crops uint8 [C, S, S, 3] or None if the image is unreadable, label) of one source image."""
+    image, label = source.load(index)
+    if image is None:
+        return None, label
+    return crop_recipes.make_crops(image, image_size, mode), label
+
+
+def check_existing_sidecar(path: str, spec: dict) -> dict | None:
+    """The sidecar of a finished shard (None if unfinished); refuses one made by another recipe."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        sidecar = json.load(f)
+    if sidecar["spec"] != spec:
+        raise ValueError(f"--out holds shards of another extraction: {path} was made with {sidecar['spec']}, "
+                         f"this run is {spec}; use a fresh --out")
+    return sidecar
+
+
+def write_shard(shard_path, image_range, source, encoder, spec, batch_size, pool, progress) -> dict:
+    """Encode one shard's images into shard_path (atomically) and return its sidecar."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    num_crops, image_size, mode = spec["num_crops"], spec["image_size"], spec["crops"]
+    temporary = f"{shard_path}.tmp-{os.getpid()}"
+    writer = ArrayRecordWriter(temporary, "group_size:1")
+    records, skipped = 0, []
+    batches = [range(s, min(s + batch_size, image_range[1])) for s in range(image_range[0], image_range[1], batch_size)]
+    submit = lambda batch: [pool.submit(load_crops, source, i, image_size, mode) for i in batch]
+    pending = submit(batches[0]) if batches else []
+    try:
+        for number, batch in enumerate(batches):
+            loaded = [future.result() for future in pending]
+            if number + 1 < len(batches):
+                pending = submit(batches[number + 1])  # decode the next batch while this one encodes
+            valid = [(item, label) for item, (item_crops, label) in zip(batch, loaded) if item_crops is not None]
+            skipped += [source.describe(item) for item, (item_crops, _) in zip(batch, loaded) if item_crops is None]
+            if valid:
+                images = np.concatenate([loaded[item - batch.start][0] for item, _ in valid])
+                codes = encoder(images).reshape(len(valid), num_crops, -1)
+                for (_, label), item_codes in zip(valid, codes):
+                    writer.write(encode_record(item_codes, label, spec["code_bytes"]))
+                records += len(valid)
+            progress.update(len(batch))
+        writer.close()
+        os.replace(temporary, shard_path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    if skipped:
+        tqdm.write(f"{os.path.basename(shard_path)}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+    return {"spec": spec, "file": os.path.basename(shard_path), "records": records,
+            "skipped": len(skipped), "skipped_examples": skipped[:MAX_LISTED_SKIPS]}
+
+
+def write_manifest_if_complete(out: str, spec: dict, num_shards: int) -> dict | None:
+    """Write manifest.json from every shard's sidecar; None (and nothing written) while any is missing."""
+    sidecars = []
+    for index in range(num_shards):
+        sidecar = check_existing_sidecar(manifests.sidecar_path(os.path.join(out, manifests.shard_name(index, num_shards))), spec)
+        if sidecar is None:
+            return None
+        sidecars.append(sidecar)
+    manifest = {"format": manifests.FORMAT, "spec": spec,
+                "record_layout": "lasadgen_jax.data.records v1: 20-byte LTOK header, codes [crops, h*w] little-endian, int32 label",
+                "shards": [{key: s[key] for key in ("file", "records", "skipped")} for s in sidecars],
+                "num_records": sum(s["records"] for s in sidecars), "num_skipped": sum(s["skipped"] for s in sidecars)}
+    manifests.write_json_atomically(os.path.join(out, manifests.MANIFEST_FILE), manifest)
+    return manifest
+
+
+def extract(tokenizer: str, source: str, out: str, *, split: str = "train", image_size: int = 256,
+            crops: str = "tencrop", shard_size: int = 10000, batch_size: int = 64, workers: int = 8,
+            process_index: int | None = None, process_count: int | None = None,
+            tfds_data_dir: str | None = None, max_images: int | None = None) -> dict:
+    """Run (or resume) an extraction; returns a summary of what this process did.
+
+    max_images: extract only the source's first max_images images (a quick look or a benchmark).
+    """
+    crop_recipes.check_crop_mode(crops)
+    model = load_tokenizer(tokenizer)
+    grid = model.arch.grid(image_size)
+    image_source = open_source(source, split, tfds_data_dir)
+    num_images = len(image_source)
+    if max_images is not None:
+        if max_images <= 0:
+            raise ValueError(f"--max-images must be positive, got {max_images}")
+        num_images = min(num_images, max_images)
+    spec = {"tokenizer_hash": tokenizer_hash(tokenizer), "grid": list(grid), "codebook_size": model.arch.codebook_size,
+            "code_bytes": code_bytes_for(model.arch.codebook_size), "crops": crops,
+            "num_crops": crop_recipes.NUM_CROPS[crops], "image_size": image_size, "source": image_source.name,
+            "num_images": num_images, "num_classes": image_source.num_classes, "shard_size": shard_size}
+    multihost = process_index is None and jax.process_count() > 1
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+
+    ranges = shard_ranges(num_images, shard_size)
+    mine = shards_of_process(len(ranges), process_index, process_count)
+    os.makedirs(out, exist_ok=True)
+    shard_paths = {k: os.path.join(out, manifests.shard_name(k, len(ranges))) for k in mine}
+    todo = [k for k in mine if check_existing_sidecar(manifests.sidecar_path(shard_paths[k]), spec) is None]
+    encoder = ShardedEncoder(model, batch_size * spec["num_crops"])
+    progress = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in todo), unit="img", desc="extract",
+                    file=sys.stderr, smoothing=0.1)
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        for k in todo:
+            sidecar = write_shard(shard_paths[k], ranges[k], image_source, encoder, spec, batch_size, pool, progress)
+            manifests.write_json_atomically(manifests.sidecar_path(shard_paths[k]), sidecar)
+    progress.close()
+
+    if multihost:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lasadgen_jax.data.extract: shards written")
+    manifest = None
+    if not multihost or process_index == 0:
+        manifest = write_manifest_if_complete(out, spec, len(ranges))
+    return {"written": todo, "skipped_finished": sorted(set(mine) - set(todo)), "num_shards": len(ranges),
+            "manifest": manifest, "images_per_second": progress.format_dict["rate"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (convert or tokenizer.train output)")
+    parser.add_argument("--source", required=True, help="imagefolder:DIR | tfds:NAME | fashion_mnist")
+    parser.add_argument("--split", default="train", help="split of tfds and fashion_mnist sources")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--crops", default="tencrop", help="tencrop | flip")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shard-size", type=int, default=10000, help="images per shard")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call (x crops)")
+    parser.add_argument("--workers", type=int, default=8, help="threads decoding and cropping images")
+    parser.add_argument("--process-index", type=int, default=None, help="default: jax.process_index()")
+    parser.add_argument("--process-count", type=int, default=None, help="default: jax.process_count()")
+    parser.add_argument("--tfds-data-dir", default=None)
+    parser.add_argument("--max-images", type=int, default=None, help="only the source's first N images")
+    args = parser.parse_args(argv)
+    if (args.process_index is None) != (args.process_count is None):
+        parser.error("--process-index and --process-count go together")
+    summary = extract(args.tokenizer, args.source, args.out, split=args.split, image_size=args.image_size,
+                      crops=args.crops, shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
+                      process_index=args.process_index, process_count=args.process_count,
+                      tfds_data_dir=args.tfds_data_dir, max_images=args.max_images)
+    manifest = summary["manifest"]
+    print(f"wrote {len(summary['written'])} shard(s), skipped {len(summary['skipped_finished'])} finished; "
+          + (f"manifest: {manifest['num_records']} records, {manifest['num_skipped']} unreadable images skipped"
+             if manifest else "manifest not written yet (shards of other processes missing)"))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

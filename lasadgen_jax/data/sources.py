@@ -1,0 +1,123 @@
+"""Random-access image sources for token extraction: an ImageFolder tree, a TFDS dataset, Fashion-MNIST.
+
+Every source answers `len(source)`, `source.num_classes` and `source.load(i) -> (image, label)`,
+where image is uint8 [H, W, 3] RGB, or None when the file cannot be decoded (a corrupt or truncated
+image is skipped and counted by the caller, never fatal). `open_source` parses the `--source`
+argument: `imagefolder:DIR`, `tfds:NAME` (e.g. `tfds:imagenet2012`) or `fashion_mnist`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from lasadgen_jax.data import fashion_mnist
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] / [H, W, 1] / [H, W, 3] / [H, W, 4] to uint8 [H, W, 3]."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an image [H, W, 1|3|4], got shape {image.shape}")
+    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+
+
+class ImageFolderSource:
+    """DIR/<class name>/<image files>: classes are the sorted subdirectory names, labels their index."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise ValueError(f"imagefolder: {root!r} is not a directory")
+        self.root = root
+        self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        if not self.classes:
+            raise ValueError(f"imagefolder: {root!r} has no class subdirectories")
+        self.files: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            for directory, _, filenames in sorted(os.walk(os.path.join(root, name))):
+                self.files += [(os.path.join(directory, f), label) for f in sorted(filenames)
+                               if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.files:
+            raise ValueError(f"imagefolder: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+        self.num_classes = len(self.classes)
+        self.name = f"imagefolder:{os.path.abspath(root)}"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self, index: int) -> str:
+        return self.files[index][0]
+
+    def load(self, index: int) -> tuple[np.ndarray | None, int]:
+        path, label = self.files[index]
+        try:
+            with Image.open(path) as pil:
+                pil.load()  # decode now: a truncated file fails here, not later
+                return np.asarray(pil.convert("RGB")), label
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return None, label
+
+
+class TfdsSource:
+    """A TFDS dataset read through `tfds.data_source` (random access; needs array_record files).
+
+    ImageNet: build it once with the manual download, e.g. `tfds build imagenet2012
+    --manual_dir=DIR --file_format=array_record` (building needs TensorFlow; reading does not).
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str | None = None):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as error:
+            raise ImportError("tfds sources need tensorflow-datasets: pip install 'lasadgen_jax[tfds]'") from error
+        builder = tfds.builder(name, data_dir=data_dir)
+        if "image" not in builder.info.features or "label" not in builder.info.features:
+            raise ValueError(f"tfds:{name} has no 'image' and 'label' features: {list(builder.info.features)}")
+        self.data = tfds.data_source(name, split=split, data_dir=data_dir)
+        self.num_classes = int(builder.info.features["label"].num_classes)
+        self.name = f"tfds:{name}:{split}"
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def load(self, index: int) -> tuple[np.ndarray | None, int]:
+        example = self.data[index]
+        return to_rgb(np.asarray(example["image"], np.uint8)), int(example["label"])
+
+
+class FashionMnistSource:
+    """Debian's Fashion-MNIST, 32x32 RGB (see lasadgen_jax.data.fashion_mnist)."""
+
+    def __init__(self, split: str, root: str = fashion_mnist.DEFAULT_ROOT):
+        self.images, self.labels = fashion_mnist.load_fashion_mnist(split, root)
+        self.num_classes = fashion_mnist.NUM_CLASSES
+        self.name = f"fashion_mnist:{split}"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def load(self, index: int) -> tuple[np.ndarray | None, int]:
+        return self.images[index], int(self.labels[index])
+
+
+def open_source(spec: str, split: str = "train", tfds_data_dir: str | None = None):
+    """The source named by a --source argument: imagefolder:DIR | tfds:NAME | fashion_mnist."""
+    kind, _, argument = spec.partition(":")
+    if kind == "imagefolder" and argument:
+        return ImageFolderSource(argument)
+    if kind == "tfds" and argument:
+        return TfdsSource(argument, split, tfds_data_dir)
+    if kind == "fashion_mnist" and not argument:
+        return FashionMnistSource(split)
+    raise ValueError(f"unknown --source {spec!r}; expected imagefolder:DIR, tfds:NAME or fashion_mnist")

@@ -1,0 +1,111 @@
+"""Convert LlamaGen's PyTorch VQ checkpoint (e.g. vq_ds16_c2i.pt) into a tokenizer directory.
+
+    python -m lasadgen_jax.tokenizer.convert --src vq_ds16_c2i.pt --dst tokenizers/vq16 [--arch vq16] [--key model]
+
+The checkpoint is a dict holding a state_dict under `--key` ("model" in the public release). It is
+loaded with `torch.load(..., weights_only=True)`: tensors and plain containers only, never code.
+Every parameter of the Flax tree must be found, with the right shape, and every tensor of the
+state_dict must be used (except LlamaGen's `quantize.codebook_used` usage counter): a checkpoint of
+another architecture is refused by name, not half-loaded. torch is the optional extra `torch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from lasadgen_jax.tokenizer import architecture as architectures
+from lasadgen_jax.tokenizer.checkpoint import load_flat_params, param_shapes, save_tokenizer
+from lasadgen_jax.tokenizer.model import VQModel, abstract_vq_model
+
+# Buffers in LlamaGen's state_dict that are bookkeeping, not parameters.
+IGNORED_TORCH_KEYS = frozenset({"quantize.codebook_used"})
+
+
+def torch_key(flax_name: str) -> str:
+    """The LlamaGen state_dict key of a Flax parameter name ('encoder/conv_in/kernel' -> 'encoder.conv_in.weight')."""
+    parts = flax_name.split("/")
+    if parts == ["quantize", "embedding"]:
+        return "quantize.embedding.weight"
+    leaf_names = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+    if parts[-1] not in leaf_names:
+        raise ValueError(f"no PyTorch name for Flax parameter {flax_name!r}")
+    return ".".join(parts[:-1] + [leaf_names[parts[-1]]])
+
+
+def to_flax_layout(flax_name: str, tensor: np.ndarray) -> np.ndarray:
+    """PyTorch conv kernels are [out, in, kh, kw]; Flax wants [kh, kw, in, out]."""
+    if flax_name.endswith("/kernel"):
+        if tensor.ndim != 4:
+            raise ValueError(f"conv weight for {flax_name} has {tensor.ndim} dims, expected 4 ([out, in, kh, kw])")
+        return np.transpose(tensor, (2, 3, 1, 0))
+    return tensor
+
+
+def convert_state_dict(state_dict: dict[str, np.ndarray], arch: architectures.VQArchitecture, source: str = "state_dict") -> VQModel:
+    """A VQModel of `arch` holding the state_dict's weights (numpy arrays keyed by LlamaGen names)."""
+    model = abstract_vq_model(arch)
+    names = list(param_shapes(model))
+    wanted = {torch_key(name): name for name in names}
+    available = set(state_dict) - IGNORED_TORCH_KEYS
+    missing, unexpected = sorted(set(wanted) - available), sorted(available - set(wanted))
+    if missing or unexpected:
+        raise ValueError(f"{source}: not a checkpoint of this architecture ({arch}); missing keys "
+                         f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected keys "
+                         f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    params = {flax_name: to_flax_layout(flax_name, np.asarray(state_dict[key], np.float32))
+              for key, flax_name in wanted.items()}
+    load_flat_params(model, params, source)
+    return model
+
+
+def load_torch_state_dict(path: str, key: str) -> dict[str, np.ndarray]:
+    """The state_dict under `key` of a PyTorch checkpoint file, as float32 numpy arrays."""
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError("the converter needs PyTorch: pip install 'lasadgen_jax[torch]'") from error
+    if not os.path.isfile(path):
+        raise ValueError(f"--src {path!r} is not a file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError (or RuntimeError) for non-tensor content
+        raise ValueError(f"--src {path!r} could not be loaded with weights_only=True (it holds more than "
+                         f"tensors, or is not a PyTorch checkpoint): {error}") from error
+    if not isinstance(checkpoint, dict) or key not in checkpoint:
+        keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"--src {path!r} has no state_dict under --key {key!r}; it holds {keys}")
+    state_dict = checkpoint[key]
+    not_tensors = [name for name, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"--src {path!r}: entries {not_tensors[:5]} under {key!r} are not tensors")
+    return {name: value.detach().to(torch.float32).numpy() for name, value in state_dict.items()}
+
+
+def resolve_architecture(value: str) -> architectures.VQArchitecture:
+    """A preset name (vq16, vq_small) or the path of a JSON file of VQArchitecture fields."""
+    if value.endswith(".json"):
+        with open(value) as f:
+            return architectures.VQArchitecture.from_dict(json.load(f))
+    return architectures.preset(value)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True, help="PyTorch checkpoint (.pt)")
+    parser.add_argument("--dst", required=True, help="tokenizer directory to write")
+    parser.add_argument("--arch", default="vq16", help="preset name or a .json file of VQArchitecture fields")
+    parser.add_argument("--key", default="model", help="key of the state_dict inside the checkpoint dict")
+    args = parser.parse_args(argv)
+    arch = resolve_architecture(args.arch)
+    model = convert_state_dict(load_torch_state_dict(args.src, args.key), arch, source=args.src)
+    digest = save_tokenizer(model, args.dst)
+    print(f"wrote {args.dst} (tokenizer hash {digest[:16]})")
+    return digest
+
+
+if __name__ == "__main__":
+    main()
