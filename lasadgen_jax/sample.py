@@ -114,17 +114,28 @@ def _generate(graphdef, params, labels, key, config: SamplingConfig):
     state = model.init_decode_state(labels.shape[0])
     logits, state = model.prefill(labels, state)
     first = choose(logits, 0, keys[0])
+    h, w = model.config.grid
 
-    def step(carry, inputs):
+    def step(carry, cell, row_start):
         state, previous = carry
-        cell, cell_key = inputs
         fed = jnp.concatenate([previous, previous]) if config.guided else previous
-        logits, state = model.decode_step(fed, state, cell)
-        token = choose(logits, cell, cell_key)
+        logits, state = model.decode_step(fed, state, cell, row_start=row_start)
+        token = choose(logits, cell, keys[cell])
         return (state, token), token
 
-    _, rest = jax.lax.scan(step, (state, first), (jnp.arange(1, num_tokens), keys[1:]))
-    return jnp.concatenate([first[:, None], rest.T], axis=1)
+    # Rows outside, columns inside: whether a step starts a row is then static (no per-token cond).
+    in_row = lambda carry, cell: step(carry, cell, row_start=False)
+
+    def row(carry, row_index):
+        start = row_index * w
+        carry, first_of_row = step(carry, start, row_start=True)
+        carry, rest_of_row = jax.lax.scan(in_row, carry, start + jnp.arange(1, w))
+        return carry, jnp.concatenate([first_of_row[None], rest_of_row])
+
+    carry, rest_of_row_0 = jax.lax.scan(in_row, (state, first), jnp.arange(1, w))
+    _, later_rows = jax.lax.scan(row, carry, jnp.arange(1, h))  # [h-1, w, batch]
+    tokens = jnp.concatenate([first[None], rest_of_row_0, later_rows.reshape(-1, batch)])
+    return tokens.T
 
 
 def generate(model: LASADGen, labels, key, config: SamplingConfig = SamplingConfig()):

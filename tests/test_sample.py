@@ -40,13 +40,16 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert kept(0, 1.0) == [True, True, True, True]
 
 
-@pytest.mark.parametrize("attention", ["2d", "2d_row", "softmax"])
-def test_greedy_tokens_are_the_argmax_of_the_parallel_forward(attention):
-    model = tiny_model(attention, grid=(3, 5))
+@pytest.mark.parametrize(
+    "attention, grid",
+    [("2d", (3, 5)), ("2d_row", (3, 5)), ("softmax", (3, 5)), ("2d", (1, 5)), ("2d", (4, 1)), ("2d_row", (4, 1))],
+)
+def test_greedy_tokens_are_the_argmax_of_the_parallel_forward(attention, grid):
+    model = tiny_model(attention, grid=grid)
     labels = jnp.array([0, 2, 4], jnp.int32)
     tokens = sample.generate(model, labels, jax.random.PRNGKey(0), GREEDY)
-    assert tokens.shape == (3, 3, 5) and tokens.dtype == jnp.int32
-    flat = tokens.reshape(3, 15)
+    assert tokens.shape == (3, *grid) and tokens.dtype == jnp.int32
+    flat = tokens.reshape(3, grid[0] * grid[1])
     np.testing.assert_array_equal(np.argmax(model(flat, labels), axis=-1), flat)
 
 

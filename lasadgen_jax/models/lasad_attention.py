@@ -147,9 +147,10 @@ class LASADAttention(nnx.Module):
         state = lasad.fold_prefix(state, k, v)
         return self._output(self._prefix_causal(q, k, v), gate), state
 
-    def decode_step(self, x, state: dict, cell, *, grid):
+    def decode_step(self, x, state: dict, cell, *, grid, row_start: bool | None = None):
         """x: [batch, dim], the token of cell-1 (position P-1+cell); cell >= 1, may be traced.
 
+        row_start: whether cell starts a row, if known statically (see lasad.decode_step).
         Returns (output [batch, dim] for the position that predicts `cell`, new state).
         """
         _, w = lasad.common.check_grid(grid)
@@ -161,6 +162,6 @@ class LASADAttention(nnx.Module):
         log_decay_row, log_decay_col = self.log_decays()
         out, state = lasad.decode_step(
             state, q[:, 0], k[:, 0], v[:, 0], cell, grid=grid, variant=self.variant,
-            log_decay_row=log_decay_row, log_decay_col=log_decay_col,
+            log_decay_row=log_decay_row, log_decay_col=log_decay_col, row_start=row_start,
         )
         return self._output(out, gate[:, 0]), state

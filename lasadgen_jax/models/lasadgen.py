@@ -136,8 +136,8 @@ class Block(nnx.Module):
         attended, state = self.attention.prefill(self.attention_norm(x), state, grid=grid)
         return self._ffn_residual(x + attended, deterministic=True), state
 
-    def decode_step(self, x, state, cell, *, grid):
-        attended, state = self.attention.decode_step(self.attention_norm(x), state, cell, grid=grid)
+    def decode_step(self, x, state, cell, *, grid, row_start=None):
+        attended, state = self.attention.decode_step(self.attention_norm(x), state, cell, grid=grid, row_start=row_start)
         return self._ffn_residual(x + attended, deterministic=True), state
 
 
@@ -249,12 +249,16 @@ class LASADGen(nnx.Module):
             new_state.append(block_state)
         return self._logits(h[:, -1]), new_state
 
-    def decode_step(self, previous_tokens, state: list, cell):
-        """previous_tokens [batch]: the tokens of cell-1; returns (logits of `cell` [batch, vocab], state)."""
+    def decode_step(self, previous_tokens, state: list, cell, row_start: bool | None = None):
+        """previous_tokens [batch]: the tokens of cell-1; returns (logits of `cell` [batch, vocab], state).
+
+        row_start: whether `cell` starts a row, when the caller knows it statically (the sampler
+        does); it spares the 2D LASAD variants a per-token lax.cond.
+        """
         h = self.token_embedding(previous_tokens)
         new_state = []
         for block, block_state in zip(self.blocks, state):
-            h, block_state = block.decode_step(h, block_state, cell, grid=self.config.grid)
+            h, block_state = block.decode_step(h, block_state, cell, grid=self.config.grid, row_start=row_start)
             new_state.append(block_state)
         return self._logits(h), new_state
 

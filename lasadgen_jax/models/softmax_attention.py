@@ -81,8 +81,12 @@ class SoftmaxAttention(nnx.Module):
         }
         return self._merge_heads(out), state
 
-    def decode_step(self, x, state: dict, cell, *, grid):
-        """x: [batch, dim], the token of cell-1; returns (output [batch, dim] predicting `cell`, state)."""
+    def decode_step(self, x, state: dict, cell, *, grid, row_start: bool | None = None):
+        """x: [batch, dim], the token of cell-1; returns (output [batch, dim] predicting `cell`, state).
+
+        row_start is accepted for the interface LASADAttention shares; a KV cache has no rows.
+        """
+        del row_start
         h, w = common.check_grid(grid)
         if x.ndim != 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [batch, dim={self.dim}], got shape {x.shape}")

@@ -42,12 +42,15 @@ def fold_prefix(state: dict, prefix_k, prefix_v) -> dict:
     return {**state, "prefix": state["prefix"] + common.prefix_state(prefix_k, prefix_v)}
 
 
-def decode_step(state: dict, q, k_prev, v_prev, cell, *, grid, variant, log_decay_row, log_decay_col):
+def decode_step(state: dict, q, k_prev, v_prev, cell, *, grid, variant, log_decay_row, log_decay_col,
+                row_start: bool | None = None):
     """One decode step for the query of `cell` (a scalar raster index, may be traced).
 
     q: [batch, heads, d], the query that predicts `cell`. k_prev, v_prev: [batch, heads, d|dv], the
     key and value of cell-1; ignored when cell == 0. log decays: [heads], None where unused.
-    Returns (output [batch, heads, dv] in float32, new state).
+    row_start: whether `cell` starts a row (cell % w == 0), when the caller knows it statically; the
+    2D variants then skip the per-token lax.cond between the row fold and the in-row update.
+    None decides at run time. Returns (output [batch, heads, dv] in float32, new state).
     """
     _, w = common.check_grid(grid)
     common.check_variant(variant)
@@ -64,12 +67,14 @@ def decode_step(state: dict, q, k_prev, v_prev, cell, *, grid, variant, log_deca
         state = {**state, "state": g_col * (state["state"] + kv)}
         read = [state["state"]]
     elif variant == "2d_row":
-        state = jax.lax.cond(col == 0, _2d_row_new_row, _2d_row_same_row, state, kv, g_row, g_col)
+        new_row = lambda s: _2d_row_new_row(s, kv, g_row)
+        same_row = lambda s: _2d_row_same_row(s, kv, g_col)
+        state = _row_branch(row_start, col, new_row, same_row, state)
         read = [state["vertical"], state["row"]]
     elif variant == "2d":
-        fold = lambda s: _2d_new_row(s, kv, g_row, log_decay_col)
-        same = lambda s: _2d_same_row(s, kv, g_col, col)
-        state = jax.lax.cond(col == 0, fold, same, state)
+        new_row = lambda s: _2d_new_row(s, kv, g_row, log_decay_col)
+        same_row = lambda s: _2d_same_row(s, kv, g_col, col)
+        state = _row_branch(row_start, col, new_row, same_row, state)
         read = [jax.lax.dynamic_index_in_dim(state["columns"], col, axis=2, keepdims=False), state["row"]]
     else:
         raise ValueError(f"unknown variant {variant!r}")
@@ -83,13 +88,19 @@ def decode_step(state: dict, q, k_prev, v_prev, cell, *, grid, variant, log_deca
     return out, state
 
 
-def _2d_row_same_row(state, kv, g_row, g_col):
-    del g_row
+def _row_branch(row_start, col, new_row, same_row, state):
+    """new_row(state) at a row start, else same_row(state); a lax.cond only when not known statically."""
+    if row_start is None:
+        return jax.lax.cond(col == 0, new_row, same_row, state)
+    return new_row(state) if row_start else same_row(state)
+
+
+def _2d_row_same_row(state, kv, g_col):
     return {**state, "row_sum": state["row_sum"] + kv, "row": g_col * (state["row"] + kv)}
 
 
-def _2d_row_new_row(state, kv, g_row, g_col):
-    del g_col  # cell-1 ended its row: the finished row moves into the vertical state
+def _2d_row_new_row(state, kv, g_row):
+    # cell-1 ended its row: the finished row moves into the vertical state
     zeros = jnp.zeros_like(state["row"])
     vertical = g_row * (state["vertical"] + state["row_sum"] + kv)
     return {**state, "vertical": vertical, "row_sum": zeros, "row": zeros}
