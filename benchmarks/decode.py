@@ -4,7 +4,7 @@
     python benchmarks/decode.py --size B --depth 2 --grids 4,8 --batch 2     # a CPU smoke run
 
 For each attention type and token grid it times `sample.generate` (the whole token loop in one
-jitted lax.scan, no guidance, temperature 1) and prints tokens/s, XLA's compiled memory (arguments +
+jit, rows and columns as nested lax.scans, no guidance, temperature 1) and prints tokens/s, XLA's compiled memory (arguments +
 outputs + temporaries), the decode state's size, and the bandwidth floor of one step: the bytes a
 step must move (bf16 weights once, plus the state or cache it reads and writes) over the copy
 bandwidth measured in the same run. Weights are bf16 (param_dtype) for decoding; LASAD states are

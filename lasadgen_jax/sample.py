@@ -1,4 +1,4 @@
-"""Class-conditional sampling with classifier-free guidance, the token loop inside one jitted lax.scan.
+"""Class-conditional sampling with classifier-free guidance; the token loop runs inside one jit.
 
     python -m lasadgen_jax.sample --config=configs/imagenet256.py:size=L,attention=2d \
         --ckpt=DIR/params --classes=207,360,387 --num=8 --cfg_scale=4 --out=DIR/samples
