@@ -78,3 +78,39 @@ def tiny_vq_architecture():
 
     return VQArchitecture(base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, z_channels=8,
                           codebook_size=64, codebook_dim=4, num_groups=4)
+
+
+def write_synthetic_token_dir(directory, *, grid=(4, 4), codebook_size=64, num_classes=4, num_records=64,
+                              num_crops=2, shard_size=32, seed=0) -> str:
+    """A finished token directory (shards + manifest, as extraction leaves it) of learnable records:
+    each class has its own token pattern, varied per record and crop by random substitutions."""
+    import os
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from lasadgen_jax.data import extract, records
+    from lasadgen_jax.data import manifest as manifests
+
+    rng = np.random.default_rng(seed)
+    n = grid[0] * grid[1]
+    patterns = rng.integers(0, codebook_size, size=(num_classes, n))
+    os.makedirs(directory, exist_ok=True)
+    ranges = extract.shard_ranges(num_records, shard_size)
+    code_bytes = records.code_bytes_for(codebook_size)
+    spec = {"tokenizer_hash": "synthetic", "grid": list(grid), "codebook_size": codebook_size,
+            "code_bytes": code_bytes, "crops": "synthetic", "num_crops": num_crops, "image_size": 0,
+            "source": "synthetic", "num_images": num_records, "num_classes": num_classes, "shard_size": shard_size}
+    for index, (start, stop) in enumerate(ranges):
+        path = os.path.join(directory, manifests.shard_name(index, len(ranges)))
+        writer = ArrayRecordWriter(path, "group_size:1")
+        for record_id in range(start, stop):
+            label = record_id % num_classes
+            codes = np.repeat(patterns[label][None], num_crops, axis=0)
+            noise = rng.random(codes.shape) < 0.2
+            codes = np.where(noise, rng.integers(0, codebook_size, size=codes.shape), codes)
+            writer.write(records.encode_record(codes, label, code_bytes))
+        writer.close()
+        manifests.write_json_atomically(manifests.sidecar_path(path), {
+            "spec": spec, "file": os.path.basename(path), "records": stop - start, "skipped": 0})
+    assert extract.write_manifest_if_complete(str(directory), spec, len(ranges)) is not None
+    return str(directory)

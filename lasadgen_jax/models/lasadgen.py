@@ -21,6 +21,12 @@ from lasadgen_jax.models.softmax_attention import SoftmaxAttention
 from lasadgen_jax.ops.lasad import common
 
 ATTENTION_TYPES = ("2d", "2d_row", "1d", "none", "softmax")
+# Rematerialisation of each block in training: what the backward pass may keep from the forward.
+REMAT_POLICIES = {
+    "none": None,                                                    # keep everything (no remat)
+    "full": jax.checkpoint_policies.nothing_saveable,                # keep only block inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
 # LlamaGen's GPT sizes: (depth, heads, dim), and its parameter counts with softmax attention.
 SIZES = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536), "3B": (24, 32, 3200)}
 LLAMAGEN_PARAMS = {"B": 111e6, "L": 343e6, "XL": 775e6, "XXL": 1.4e9, "3B": 3.1e9}
@@ -49,10 +55,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"
 
     def __post_init__(self):
         if self.attention not in ATTENTION_TYPES:
             raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         object.__setattr__(self, "grid", common.check_grid(self.grid))
         object.__setattr__(self, "decay_range", tuple(self.decay_range))
         for name in ("vocab_size", "num_classes", "dim", "depth", "num_heads", "num_prefix", "ffn_multiple_of"):
@@ -226,8 +235,12 @@ class LASADGen(nnx.Module):
         prefix = self.class_embedder(labels)
         token_embeddings = self.token_dropout(self.token_embedding(tokens[:, :-1]))
         h = jnp.concatenate([prefix, token_embeddings.astype(prefix.dtype)], axis=1)
+        grid, num_prefix = self.config.grid, self.config.num_prefix
+        run_block = lambda block, h: block(h, grid=grid, num_prefix=num_prefix)
+        if self.config.remat != "none":
+            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.config.remat])
         for block in self.blocks:
-            h = block(h, grid=self.config.grid, num_prefix=self.config.num_prefix)
+            h = run_block(block, h)
         return self._logits(h[:, self.config.num_prefix - 1 :])
 
     # ------------------------------------------------------------------ decoding

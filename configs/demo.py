@@ -1,0 +1,45 @@
+"""The embedded default: a small LASADGen (2d) on Fashion-MNIST, end to end on a CPU.
+
+    python -m lasadgen_jax.train --config=configs/demo.py      # workdir: workdirs/demo
+
+Trains the small VQ tokenizer (configs/vq_small.py) unless WORKDIR/vq/tokenizer exists, tokenizes
+the training images (+ horizontal flips) into WORKDIR/tokens, trains the model below, and writes
+sample grids (one row per class, from the EMA parameters) to WORKDIR/samples/. About 15 minutes on
+2 CPU cores (benchmarks/RESULTS.md). Everything else is as configs/imagenet256.py.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = _load("imagenet256").get_config("size=B,attention=2d")
+    config.model.update(grid=(8, 8), vocab_size=1024, num_classes=10, dim=256, depth=4, num_heads=4,
+                        ffn_multiple_of=64, dtype="float32", token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+
+    config.workdir = "workdirs/demo"
+    config.data.prepare = "fashion_mnist"
+    config.data.update(num_workers=0, read_threads=1)
+    config.prepare = ml_collections.ConfigDict(dict(
+        vq=_load("vq_small").get_config(),     # the tokenizer, trained first
+        max_images=30000,                      # training images tokenized (x2 with flips)
+        image_size=32, shard_size=10000, encode_batch_size=256,
+    ))
+
+    config.optimizer.update(learning_rate=1e-3, weight_decay=0.05, schedule="cosine", warmup_steps=50)
+    config.batch_size = 64
+    config.num_steps = 1200
+    config.ema_decay = 0.99
+    config.checkpoint.update(every_steps=200, keep=2)
+    config.log_every = 20
+    config.sample.update(every_steps=400, classes=tuple(range(10)), per_class=8, cfg_scale=3.0)
+    return config

@@ -1,0 +1,228 @@
+"""The trainer: learning, determinism, kill/preempt and resume, meshes of 8 fake devices, NaN guard,
+gradient accumulation and remat, and refusals of bad configs, workdirs and data.
+
+Runs that need signals or fake devices are subprocesses of tests/train_runs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import write_synthetic_token_dir
+from lasadgen_jax import train
+from train_runs import losses, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.path.join(REPO, "tests", "train_runs.py")
+NUM_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def tokens_dir(tmp_path_factory):
+    return write_synthetic_token_dir(str(tmp_path_factory.mktemp("tokens")))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tokens_dir, tmp_path_factory):
+    """One uninterrupted run of NUM_STEPS steps: its workdir."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    summary = train.train(tiny_config(tokens_dir, NUM_STEPS), workdir)
+    assert summary["step"] == NUM_STEPS and not summary["preempted"]
+    return workdir
+
+
+def start_run(workdir, tokens_dir, num_steps=NUM_STEPS):
+    return subprocess.Popen([sys.executable, RUNS, "train", workdir, tokens_dir, str(num_steps)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+def wait_for_step(process, workdir, step, timeout=240):
+    """Block until the run has logged `step` (metrics.jsonl) or has exited."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isfile(path) and len(losses(workdir)) >= step:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"run exited early ({process.returncode}):\n{process.stdout.read()}")
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"run did not reach step {step} in {timeout} s")
+
+
+def checkpoint_steps(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def test_loss_decreases_and_outputs_exist(uninterrupted):
+    run_losses = losses(uninterrupted)
+    assert len(run_losses) == NUM_STEPS and all(np.isfinite(run_losses))
+    assert np.mean(run_losses[-4:]) < np.mean(run_losses[:4]) - 0.05, run_losses
+    assert checkpoint_steps(uninterrupted)[-1] == NUM_STEPS
+    assert os.path.isdir(os.path.join(uninterrupted, "params_ema"))
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(uninterrupted, "tensorboard")))
+
+
+def test_preempt_then_kill_then_resume_gives_the_uninterrupted_losses(uninterrupted, tokens_dir, tmp_path):
+    """SIGTERM saves and exits 0; SIGKILL loses only the steps after the last checkpoint; the
+    resumed run logs exactly the losses of the uninterrupted run with the same seed."""
+    workdir = str(tmp_path / "interrupted")
+    process = start_run(workdir, tokens_dir)
+    wait_for_step(process, workdir, 6)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "preempted (SIGTERM): saved checkpoint" in output
+    preempted_at = checkpoint_steps(workdir)[-1]
+    assert 6 <= preempted_at < NUM_STEPS and len(losses(workdir)) == preempted_at
+
+    process = start_run(workdir, tokens_dir)
+    wait_for_step(process, workdir, min(preempted_at + 6, NUM_STEPS - 1))
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    saved = [step for step in checkpoint_steps(workdir) if step < NUM_STEPS]
+    assert saved and saved[-1] >= preempted_at
+
+    summary = train.train(tiny_config(tokens_dir, NUM_STEPS), workdir)
+    assert summary["start_step"] == saved[-1]
+    np.testing.assert_allclose(losses(workdir), losses(uninterrupted), rtol=1e-6, atol=0)
+
+
+def test_meshes_of_8_fake_devices_match_one_device(tokens_dir, tmp_path):
+    environment = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, RUNS, "meshes", str(tmp_path), tokens_dir], capture_output=True,
+                            text=True, cwd=REPO, env=environment, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = json.loads(lines[-1][len("RESULT "):])
+    single = runs.pop("1x1x1")
+    assert single["w1_shard_shape"] == [32, 128]
+    for name, run in runs.items():
+        np.testing.assert_allclose(run["losses"], single["losses"], rtol=2e-5, err_msg=name)
+    # ffn w1 is (embed, mlp) -> (fsdp, tensor); Adam's moments follow their parameter.
+    assert runs["8x1x1"]["w1_spec"] == [None, None] and runs["8x1x1"]["w1_shard_shape"] == [32, 128]
+    assert runs["2x4x1"]["w1_spec"] == ["fsdp", None] and runs["2x4x1"]["w1_shard_shape"] == [8, 128]
+    assert runs["2x2x2"]["w1_spec"] == ["fsdp", "tensor"] and runs["2x2x2"]["w1_shard_shape"] == [16, 64]
+    assert runs["2x2x2"]["adam_mu_w1_spec"] == ["fsdp", "tensor"]
+
+
+def step_parts(config, **model_overrides):
+    """(jitted train step, initial state, mesh) of a config on one device, outside the loop."""
+    config.model.update(**model_overrides)
+    model_config = train.model_config_from(config)
+    mesh = train.sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
+    tx, schedule = train.make_optimizer(config.optimizer, config.num_steps)
+    graphdef, _, rng_template = train.abstract_model(model_config)
+    rng_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rng_template)
+    abstract = jax.eval_shape(lambda: train.init_train_state(model_config, tx, config.seed))
+    shardings = train.train_state_shardings(abstract, tx, mesh, config.sharding_rules)
+    step = train.make_train_step(graphdef, rng_template, tx, schedule, config, shardings, mesh)
+    state = jax.jit(lambda: train.init_train_state(model_config, tx, config.seed), out_shardings=shardings)()
+    return step, state
+
+
+def batch(tokens_dir, config):
+    iterator = train.open_data(config, tokens_dir, train.model_config_from(config))
+    example = next(iterator)
+    return jnp.asarray(example["tokens"]), jnp.asarray(example["label"])
+
+
+def test_grad_accumulation_with_remat_equals_one_big_batch(tokens_dir):
+    no_dropout = dict(class_dropout=0.0, token_dropout=0.0, depth=1)
+    config = tiny_config(tokens_dir, 4)
+    config.optimizer.warmup_steps = 0
+    tokens, labels = batch(tokens_dir, config)
+    step, state = step_parts(config, **no_dropout)
+    state, metrics = step(state, tokens, labels)
+
+    config = tiny_config(tokens_dir, 4)
+    config.optimizer.warmup_steps = 0
+    config.grad_accum_steps = 4
+    step_accumulated, state_accumulated = step_parts(config, remat="full", **no_dropout)
+    state_accumulated, metrics_accumulated = step_accumulated(state_accumulated, tokens, labels)
+    np.testing.assert_allclose(metrics_accumulated["loss"], metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics_accumulated["grad_norm"], metrics["grad_norm"], rtol=1e-5)
+    # Adam's first moment after one step is (1 - b1) x the clipped gradient: linear in the gradient,
+    # unlike the first update itself (~ lr x sign(g), which flips for gradients at rounding level).
+    first_moment = lambda s: s["opt_state"][1][0].mu
+    chex.assert_trees_all_close(first_moment(state_accumulated), first_moment(state), rtol=1e-4, atol=1e-8)
+
+
+def test_non_finite_loss_skips_the_update_and_counts_it(tokens_dir):
+    config = tiny_config(tokens_dir, 4)
+    step, state = step_parts(config)
+    tokens, labels = batch(tokens_dir, config)
+    state["params"]["norm"]["scale"] = state["params"]["norm"]["scale"].at[0].set(jnp.nan)
+    before = jax.tree.map(np.asarray, state)
+    state, metrics = step(state, tokens, labels)
+    assert not bool(metrics["finite"]) and int(state["skipped_steps"]) == 1 and int(state["step"]) == 1
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, state["params"]), before["params"])
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, state["opt_state"]), before["opt_state"])
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_unknown_config_key_is_an_error():
+    result = subprocess.run([sys.executable, "-m", "lasadgen_jax.train", "--config=configs/demo.py",
+                             "--config.optimizer.learning_rte=1e-3", "--workdir=/nonexistent/never/written"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode != 0
+    assert "learning_rte" in result.stderr
+    assert not os.path.exists("/nonexistent/never/written")
+
+
+def test_workdir_of_an_incompatible_model_is_refused_and_untouched(uninterrupted, tokens_dir):
+    before = {name: os.path.getmtime(os.path.join(uninterrupted, "checkpoints", name))
+              for name in os.listdir(os.path.join(uninterrupted, "checkpoints"))}
+    config = tiny_config(tokens_dir, NUM_STEPS + 4)
+    config.model.dim = 64
+    with pytest.raises(ValueError, match="incompatible model.*dim"):
+        train.train(config, uninterrupted)
+    after = {name: os.path.getmtime(os.path.join(uninterrupted, "checkpoints", name))
+             for name in os.listdir(os.path.join(uninterrupted, "checkpoints"))}
+    assert after == before
+
+
+def test_tokens_that_disagree_with_the_model_are_refused_before_writing(tokens_dir, tmp_path):
+    config = tiny_config(tokens_dir, 4)
+    config.model.grid = (4, 8)
+    with pytest.raises(ValueError, match="4x4 grid.*wants 4x8"):
+        train.train(config, str(tmp_path / "grid"))
+    config = tiny_config(tokens_dir, 4)
+    config.model.num_classes = 3
+    config.sample.classes = (0, 1, 2)
+    with pytest.raises(ValueError, match="4 classes.*only 3"):
+        train.train(config, str(tmp_path / "classes"))
+    assert not os.path.exists(tmp_path / "grid") and not os.path.exists(tmp_path / "classes")
+
+
+def test_bad_settings_name_their_config_key(tokens_dir, tmp_path):
+    cases = [
+        (dict(batch_size=6), "config.batch_size 6 must be divisible"),
+        (dict(ema_decay=1.0), "config.ema_decay"),
+        (dict(mesh=dict(data=3, fsdp=1, tensor=1)), "config.mesh"),
+    ]
+    for overrides, message in cases:
+        config = tiny_config(tokens_dir, 4)
+        config.grad_accum_steps = 4 if "batch_size" in overrides else 1
+        config.update(overrides)
+        with pytest.raises(ValueError, match=message):
+            train.train(config, str(tmp_path / "bad"))
+    config = tiny_config(tokens_dir, 4)
+    config.sample.classes = (0, 9)
+    with pytest.raises(ValueError, match="config.sample.classes"):
+        train.train(config, str(tmp_path / "bad"))
