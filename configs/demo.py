@@ -23,21 +23,22 @@ def _load(name):
 
 def get_config() -> ml_collections.ConfigDict:
     config = _load("imagenet256").get_config("size=B,attention=2d")
-    config.model.update(grid=(8, 8), vocab_size=1024, num_classes=10, dim=256, depth=4, num_heads=4,
-                        ffn_multiple_of=64, dtype="float32", token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+    config.model.update(grid=(8, 8), vocab_size=1024, num_classes=10, dim=192, depth=4, num_heads=4,
+                        ffn_multiple_of=64, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0,
+                        dtype="float32")   # float32 compute: XLA:CPU has no fast bf16 matmuls
 
     config.workdir = "workdirs/demo"
     config.data.prepare = "fashion_mnist"
     config.data.update(num_workers=0, read_threads=1)
     config.prepare = ml_collections.ConfigDict(dict(
         vq=_load("vq_small").get_config(),     # the tokenizer, trained first
-        max_images=30000,                      # training images tokenized (x2 with flips)
+        max_images=12000,                      # training images tokenized (x2 with flips)
         image_size=32, shard_size=10000, encode_batch_size=256,
     ))
 
     config.optimizer.update(learning_rate=1e-3, weight_decay=0.05, schedule="cosine", warmup_steps=50)
-    config.batch_size = 64
-    config.num_steps = 1200
+    config.batch_size = 32
+    config.num_steps = 800
     config.ema_decay = 0.99
     config.checkpoint.update(every_steps=200, keep=2)
     config.log_every = 20
