@@ -22,7 +22,6 @@ import signal
 import sys
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,7 +34,6 @@ from tqdm import tqdm
 
 from lasadgen_jax import sharding
 from lasadgen_jax.data import manifest as manifests
-from lasadgen_jax.data.pipeline import token_dataset, token_iterator
 from lasadgen_jax.metric_writer import MetricWriter
 from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
 
@@ -167,6 +165,8 @@ def check_tokens_fit_model(tokens_dir: str, model_config: ModelConfig) -> dict:
 
 def open_data(config, tokens_dir: str, model_config: ModelConfig):
     """The checkpointable iterator over this process's batches ({"tokens", "label"} numpy)."""
+    from lasadgen_jax.data.pipeline import token_dataset, token_iterator   # grain: only where data is read
+
     dataset = token_dataset(tokens_dir, grid=model_config.grid, codebook_size=model_config.vocab_size,
                             batch_size=config.batch_size // jax.process_count(), seed=config.seed)
     return token_iterator(dataset, num_workers=config.data.num_workers, read_threads=config.data.read_threads,
@@ -228,12 +228,34 @@ def seeded_rng_state(rng_state_template, key):
     return jax.tree.unflatten(treedef, fresh)
 
 
-def init_train_state(model_config: ModelConfig, tx, seed: int) -> dict:
-    """The train state: step, params (float32 master copy), optimizer state, EMA params, skipped steps."""
+def init_params(model_config: ModelConfig, seed: int) -> dict:
+    """Freshly initialised float32 parameters (pure dict), computed eagerly op by op: the blocks repeat
+    a few shapes, so few kernels compile. One jit of the whole initialisation took XLA 3 minutes to
+    compile for the L-size model on the H200."""
     model = LASADGen(model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def init_train_state(params: dict, tx) -> dict:
+    """The train state: step, params (float32 master copy), optimizer state, EMA params, skipped steps."""
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "ema_params": jax.tree.map(jnp.copy, params), "skipped_steps": jnp.zeros((), jnp.int32)}
+
+
+def abstract_train_state(model_config: ModelConfig, tx) -> dict:
+    return jax.eval_shape(lambda params: init_train_state(params, tx), abstract_model(model_config)[1])
+
+
+def create_train_state(model_config: ModelConfig, tx, seed: int, state_shardings: dict) -> dict:
+    """The initial train state, placed by state_shardings."""
+    params = init_params(model_config, seed)
+    if jax.process_count() > 1:   # every process computed the same values; each places its shards
+        params = jax.tree.map(
+            lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index, x=np.asarray(x): x[index]),
+            params, state_shardings["params"])
+    else:
+        params = jax.device_put(params, state_shardings["params"])
+    return jax.jit(lambda params: init_train_state(params, tx), out_shardings=state_shardings)(params)
 
 
 def train_state_shardings(abstract_state: dict, tx, mesh, rules) -> dict:
@@ -356,6 +378,8 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(manager, step: int, state: dict, iterator, force: bool = False) -> bool:
+    import grain
+
     return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       data=grain.checkpoint.CheckpointSave(iterator)), force=force)
 
@@ -363,6 +387,8 @@ def save_checkpoint(manager, step: int, state: dict, iterator, force: bool = Fal
 def restore_checkpoint(manager, step: int, abstract_state: dict, state_shardings: dict, iterator) -> dict:
     """The train state of `step`, placed by state_shardings (Orbax reshards a checkpoint written on
     another mesh); the iterator is moved to the checkpoint's position in place."""
+    import grain
+
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
@@ -490,7 +516,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
     tx, schedule = make_optimizer(config.optimizer, num_steps)
     graphdef, _, rng_state_template = abstract_model(model_config)
     rng_state_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rng_state_template)
-    abstract_state = jax.eval_shape(lambda: init_train_state(model_config, tx, config.seed))
+    abstract_state = abstract_train_state(model_config, tx)
     state_shardings = train_state_shardings(abstract_state, tx, mesh, config.sharding_rules)
     train_step = make_train_step(graphdef, rng_state_template, tx, schedule, config, state_shardings, mesh)
 
@@ -506,7 +532,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
             print(f"resuming from {manager.directory}/{start_step} (step {start_step} of {num_steps})", flush=True)
     else:
         start_step = 0
-        state = jax.jit(lambda: init_train_state(model_config, tx, config.seed), out_shardings=state_shardings)()
+        state = create_train_state(model_config, tx, config.seed, state_shardings)
     if int(state["step"]) != start_step:
         raise ValueError(f"checkpoint {start_step} holds train-state step {int(state['step'])}")
 

@@ -127,10 +127,10 @@ def step_parts(config, **model_overrides):
     tx, schedule = train.make_optimizer(config.optimizer, config.num_steps)
     graphdef, _, rng_template = train.abstract_model(model_config)
     rng_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rng_template)
-    abstract = jax.eval_shape(lambda: train.init_train_state(model_config, tx, config.seed))
+    abstract = train.abstract_train_state(model_config, tx)
     shardings = train.train_state_shardings(abstract, tx, mesh, config.sharding_rules)
     step = train.make_train_step(graphdef, rng_template, tx, schedule, config, shardings, mesh)
-    state = jax.jit(lambda: train.init_train_state(model_config, tx, config.seed), out_shardings=shardings)()
+    state = train.create_train_state(model_config, tx, config.seed, shardings)
     return step, state
 
 

@@ -60,7 +60,7 @@ def run_meshes(workdir: str, tokens_dir: str) -> dict:
         # The shardings the trainer gives the parameters, as the test checks them against the rules.
         model_config = train.model_config_from(config)
         tx, _ = train.make_optimizer(config.optimizer, 2)
-        abstract = jax.eval_shape(lambda: train.init_train_state(model_config, tx, config.seed))
+        abstract = train.abstract_train_state(model_config, tx)
         mesh = train.sharding.make_mesh(config.mesh.to_dict(), devices)
         shardings = train.train_state_shardings(abstract, tx, mesh, config.sharding_rules)
         restored = train.restore_checkpoint(train.checkpoint_manager(os.path.join(workdir, name), config), 2,
