@@ -24,8 +24,8 @@ import jax
 import numpy as np
 
 from lasadgen_jax.eval.features import FeatureExtractor, Features, stream_npz_images
-from lasadgen_jax.eval.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
-from lasadgen_jax.eval.reference import Reference, load_reference
+from lasadgen_jax.eval.metrics import frechet_distance_to_features, inception_score, precision_recall
+from lasadgen_jax.eval.reference import Reference, check_reference_file, is_dataset_spec, load_reference
 
 METRICS = ("fid", "sfid", "is", "precision", "recall")
 DEFAULT_INCEPTION = os.path.join("~", ".cache", "lasadgen_jax", "inception", "inception_v3_fid.npz")
@@ -56,12 +56,12 @@ def compute_metrics(samples: Features, reference: Reference, metrics=METRICS, ex
         skipped[name] = reason
 
     if "fid" in metrics:
-        result["fid"] = frechet_distance(*feature_statistics(samples.pool3), reference.mu, reference.sigma)
+        result["fid"] = frechet_distance_to_features(samples.pool3, reference.mu, reference.sigma)
     if "sfid" in metrics:
         if reference.mu_s is None:
             unavailable("sfid", f"the reference {reference.source} has no spatial statistics (mu_s, sigma_s)")
         else:
-            result["sfid"] = frechet_distance(*feature_statistics(samples.spatial), reference.mu_s, reference.sigma_s)
+            result["sfid"] = frechet_distance_to_features(samples.spatial, reference.mu_s, reference.sigma_s)
     if "is" in metrics:
         if samples.logits is None:
             unavailable("inception_score", NO_LOGITS)
@@ -163,6 +163,8 @@ def main(argv):
         raise ValueError("give either --samples=S.npz or --config/--ckpt/--tokenizer to sample")
     if FLAGS.out and os.path.exists(FLAGS.out) and not FLAGS.overwrite:
         raise ValueError(f"--out {FLAGS.out} exists; pass --overwrite or another path")
+    if not is_dataset_spec(FLAGS.ref):
+        check_reference_file(FLAGS.ref)  # a bad reference fails before minutes of sampling
     inception = os.path.expanduser(FLAGS.inception)
     if os.path.isdir(inception):
         inception = os.path.join(inception, "inception_v3_fid.npz")

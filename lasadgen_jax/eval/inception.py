@@ -300,7 +300,7 @@ def param_shapes(model: InceptionV3) -> dict[str, tuple[int, ...]]:
 def conv_layout(model: InceptionV3) -> dict[str, tuple[int, tuple[int, int]]]:
     """{'mixed_4/tower/conv_1': (stride, (pad_h, pad_w)), ...} of every ConvBN (the converter checks its source against it)."""
     layout = {}
-    for path, module in model.iter_modules():
+    for path, module in nnx.iter_modules(model):
         if isinstance(module, ConvBN):
             layout["/".join(str(part) for part in path)] = (module.stride, module.padding)
     return layout

@@ -70,13 +70,19 @@ def _check_stats(path: str, arrays: dict) -> None:
                                  f"({dim}, {dim}) (TF-FID Inception statistics)")
 
 
-def reference_from_npz(path: str, extractor: FeatureExtractor | None, batch_size: int = 500,
-                       progress: bool = True) -> Reference:
-    """A Reference from an ADM-style npz (see the module docstring); `extractor` is needed when it has images."""
+def check_reference_file(path: str) -> list[str]:
+    """The keys of an ADM-style reference npz, after checking it has images or statistics (fails fast)."""
     keys = npz_keys(path)
     if "arr_0" not in keys and "mu" not in keys:
         raise ValueError(f"{path}: a reference file needs 'arr_0' (uint8 images [N, H, W, 3]) or 'mu' and 'sigma' "
                          f"(precomputed Inception pool3 statistics); it has {keys}")
+    return keys
+
+
+def reference_from_npz(path: str, extractor: FeatureExtractor | None, batch_size: int = 500,
+                       progress: bool = True) -> Reference:
+    """A Reference from an ADM-style npz (see the module docstring); `extractor` is needed when it has images."""
+    keys = check_reference_file(path)
     with np.load(path, allow_pickle=False) as npz:
         stats = {key: np.asarray(npz[key], np.float64) for key in ("mu", "sigma", "mu_s", "sigma_s") if key in npz.files}
     _check_stats(path, stats)
