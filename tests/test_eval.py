@@ -284,8 +284,8 @@ def test_precision_recall_follow_the_k_nn_manifold_definition(monkeypatch):
 
 
 def test_fid_through_the_network_is_zero_for_a_set_and_grows_with_noise(extractor):
-    # 8 images: 2048-d covariances of rank 7, the rank-deficient case on real features.
-    images = structured_images(8, seed=3)
+    # 4 images: 2048-d covariances of rank 3, the rank-deficient case on real features.
+    images = structured_images(4, seed=3)
     clean = extractor.features_of_array(images, progress=False)
     reference = reference_from_features("clean", clean.pool3, clean.spatial)
     assert abs(metrics.frechet_distance_to_features(clean.pool3, reference.mu, reference.sigma)) < 1e-6
@@ -299,11 +299,8 @@ def test_fid_through_the_network_is_zero_for_a_set_and_grows_with_noise(extracto
     assert 0 < distances[0] < distances[1] < distances[2], distances
 
 
-def test_reference_files_adm_precedence_and_cache(extractor, tmp_path):
-    images = structured_images(4, seed=5)
-    path = tmp_path / "ref.npz"
-    np.savez(path, arr_0=images)
-    first = load_reference(str(path), extractor, cache_dir=str(tmp_path / "cache"))
+def test_dataset_reference_is_computed_once_then_read_from_the_cache(extractor, tmp_path):
+    first = load_reference("fashion_mnist:test:4", extractor, cache_dir=str(tmp_path))  # 32x32, grey -> RGB
     assert first.pool3.shape == (4, 2048) and first.mu_s.shape == (2023,) and first.radii.shape == (4,)
 
     class Unused:  # a cache hit must not run the network
@@ -314,10 +311,15 @@ def test_reference_files_adm_precedence_and_cache(extractor, tmp_path):
 
         features_of_array = __call__
 
-    cached = load_reference(str(path), Unused(), cache_dir=str(tmp_path / "cache"))
+    cached = load_reference("fashion_mnist:test:4", Unused(), cache_dir=str(tmp_path))
     np.testing.assert_array_equal(cached.sigma, first.sigma)
     np.testing.assert_array_equal(cached.radii, first.radii)
+    with pytest.raises(ValueError, match="unknown reference dataset 'fashion_mnist:valid'"):
+        load_reference("fashion_mnist:valid", Unused(), cache_dir=str(tmp_path))
 
+
+def test_reference_npz_follows_adm_precedence(extractor, tmp_path):
+    images = structured_images(4, seed=5)
     # ADM: precomputed mu/sigma in the file win for FID; the images still give the P/R features.
     mu, sigma = np.full(2048, 0.5), np.eye(2048)
     np.savez(tmp_path / "both.npz", arr_0=images, mu=mu, sigma=sigma)
@@ -395,12 +397,15 @@ def test_command_line_writes_the_metrics_as_json(weights_path, tmp_path):
     np.savez(tmp_path / "ref.npz", arr_0=structured_images(5, seed=9))
     out = tmp_path / "result.json"
     result = run_cli(f"--samples={tmp_path / 'samples.npz'}", f"--ref={tmp_path / 'ref.npz'}", f"--out={out}",
-                     f"--inception={os.path.dirname(weights_path)}", "--cache_dir=", "--feature_batch_size=4")
+                     f"--inception={os.path.dirname(weights_path)}", f"--cache_dir={tmp_path / 'cache'}",
+                     "--feature_batch_size=4")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["num_samples"] == 4 and data["num_reference"] == 5
     assert data["fid"] > 0 and data["sfid"] > 0 and 0 <= data["precision"] <= 1 and 0 <= data["recall"] <= 1
     assert "inception_score" in data["skipped"] and data["inception_weights_sha256"] == convert_inception.TORCHSCRIPT_SHA256
+    cached = list((tmp_path / "cache").glob("ref-*.npz"))  # the reference's statistics, for the next run
+    assert len(cached) == 1 and set(np.load(cached[0]).files) >= {"mu", "sigma", "mu_s", "sigma_s", "pool3", "radii"}
 
 
 def test_command_line_refuses_a_reference_without_images_or_statistics(weights_path, tmp_path):

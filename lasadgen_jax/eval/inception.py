@@ -21,6 +21,7 @@ learned scale (eps 0.001) and a ReLU. Outputs (`__call__`):
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -308,6 +309,7 @@ def conv_layout(model: InceptionV3) -> dict[str, tuple[int, tuple[int, int]]]:
 
 def load_inception(path: str, precision: str = "highest") -> InceptionV3:
     """The network with the parameters of an npz written by `python -m lasadgen_jax.eval.convert_inception`."""
+    path = os.path.expanduser(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
@@ -334,5 +336,5 @@ def load_inception(path: str, precision: str = "highest") -> InceptionV3:
 
 def weights_metadata(path: str) -> dict[str, str]:
     """The `meta/*` strings of a converted weights file (source, its SHA-256, ...)."""
-    with np.load(path, allow_pickle=False) as npz:
+    with np.load(os.path.expanduser(path), allow_pickle=False) as npz:
         return {name[len(META_PREFIX):]: str(npz[name]) for name in npz.files if name.startswith(META_PREFIX)}

@@ -34,11 +34,12 @@ STORAGE_DTYPES = {
 
 
 class ScriptObject:
-    """An inert stand-in for one pickled TorchScript module: its class name and its attributes."""
+    """An inert stand-in for one pickled TorchScript module: its class name and its attributes.
 
-    def __init__(self, class_name: str):
-        self.class_name = class_name
-        self.attributes: dict = {}
+    The pickle creates it with NEWOBJ (cls.__new__(cls), no __init__) and fills it with BUILD
+    (__setstate__ with the module's attribute dict)."""
+
+    class_name = "?"
 
     def __setstate__(self, state):
         if not isinstance(state, dict):
@@ -49,10 +50,9 @@ class ScriptObject:
         return f"ScriptObject({self.class_name})"
 
 
-def _script_class(class_name: str):
-    # NEWOBJ calls cls.__new__(cls); a fresh subclass per name carries the name without an __init__ call.
-    return type("ScriptObject", (ScriptObject,), {"__new__": lambda cls: ScriptObject.__new__(cls),
-                                                  "_name": class_name})
+def _script_class(class_name: str) -> type:
+    """A subclass of ScriptObject per TorchScript class name, so each record knows what it stands for."""
+    return type("ScriptObject", (ScriptObject,), {"class_name": class_name})
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
@@ -78,8 +78,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if module.startswith("__torch__."):
-            cls = _script_class(f"{module}.{name}")
-            return cls
+            return _script_class(f"{module}.{name}")
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return _rebuild_tensor
         if (module, name) == ("collections", "OrderedDict"):
