@@ -360,6 +360,10 @@ def test_metrics_skip_or_refuse_what_the_inputs_cannot_give():
     assert result["fid"] > 0 and set(result["skipped"]) == {"sfid", "inception_score", "precision_recall"}
     with pytest.raises(ValueError, match="inception_score requested but unavailable: the Inception weights have no"):
         compute_metrics(samples, reference, metrics=("fid", "is"), explicit=True)
+    confident = np.zeros((10, 1008))
+    confident[np.arange(10), np.arange(10) % 5] = 300.0  # 5 classes, balanced: IS 5
+    samples.logits = confident
+    assert compute_metrics(samples, reference, metrics=("is",))["inception_score"] == pytest.approx(5.0)
 
 
 def test_sample_and_evaluate_samples_decodes_and_scores(extractor):

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lasadgen_jax.eval.inception import _features, check_images, load_inception, weights_metadata
+from lasadgen_jax.eval.inception import jitted_forward, check_images, load_inception, weights_metadata
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class FeatureExtractor:
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         images = jax.device_put(batch, self._batch_sharding)
-        return jax.tree.map(np.asarray, _features(self._graphdef, self._params, images))
+        return jax.tree.map(np.asarray, jitted_forward(self._graphdef, self._params, images))
 
     def __call__(self, batches: Iterable[np.ndarray], total: int | None = None, desc: str = "inception features",
                  progress: bool = True) -> Features:

@@ -275,7 +275,7 @@ def check_images(images, name: str = "images") -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _features(graphdef, params, images):
+def jitted_forward(graphdef, params, images):
     model = nnx.merge(graphdef, params)
     return model(preprocess(images))
 
@@ -284,7 +284,7 @@ def inception_features(model: InceptionV3, images) -> dict[str, jax.Array]:
     """uint8 images [N, H, W, 3] (validated, see check_images) -> the network's outputs, jitted per shape."""
     images = check_images(images)
     graphdef, params = nnx.split(model)
-    return _features(graphdef, params, jnp.asarray(images))
+    return jitted_forward(graphdef, params, jnp.asarray(images))
 
 
 # ----------------------------------------------------------------------------- parameters on disk
