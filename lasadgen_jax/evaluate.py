@@ -161,8 +161,10 @@ def main(argv):
     metrics, explicit = parse_metrics(FLAGS.metrics)
     if (FLAGS.samples is None) == (FLAGS.ckpt is None):
         raise ValueError("give either --samples=S.npz or --config/--ckpt/--tokenizer to sample")
-    if FLAGS.out and os.path.exists(FLAGS.out) and not FLAGS.overwrite:
-        raise ValueError(f"--out {FLAGS.out} exists; pass --overwrite or another path")
+    for flag in ("out", "save_samples"):
+        path = getattr(FLAGS, flag)
+        if path and os.path.exists(path) and not FLAGS.overwrite:
+            raise ValueError(f"--{flag} {path} exists; pass --overwrite or another path")
     if not is_dataset_spec(FLAGS.ref):
         check_reference_file(FLAGS.ref)  # a bad reference fails before minutes of sampling
     inception = os.path.expanduser(FLAGS.inception)
@@ -209,7 +211,7 @@ def define_flags():
     flags.DEFINE_string("ref", None, "Reference: an ADM-style npz (arr_0 and/or mu, sigma, mu_s, sigma_s) or "
                         "fashion_mnist:test.")
     flags.DEFINE_string("out", None, "Write the result JSON here.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --out / --save_samples.")
     flags.DEFINE_string("inception", DEFAULT_INCEPTION, "Converted Inception weights (file or directory).")
     flags.DEFINE_string("cache_dir", DEFAULT_CACHE_DIR, "Cache of computed reference statistics ('' = none).")
     flags.DEFINE_string("metrics", "all", "Comma-separated subset of fid,sfid,is,precision,recall, or 'all' "
