@@ -14,7 +14,6 @@ import zipfile
 from typing import Iterable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
