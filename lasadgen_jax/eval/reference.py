@@ -1,0 +1,198 @@
+"""Reference statistics: ADM-style reference batches, datasets the pipeline reads, and their cache.
+
+A reference is what samples are compared with: pool3 mean/covariance (FID), spatial
+mean/covariance (sFID), and the reference pool3 features themselves with their k-NN radii
+(precision/recall). Sources (`--ref`):
+- an ADM-style `.npz`: `arr_0` (uint8 images [N, H, W, 3]) and/or precomputed `mu`, `sigma`
+  (2048-d) and `mu_s`, `sigma_s` (2023-d), e.g. ADM's VIRTUAL_imagenet256_labeled.npz. As in
+  ADM's evaluator, precomputed statistics win over the images' for FID/sFID; precision/recall
+  always use features of `arr_0`. A file with statistics only gives FID (and sFID) alone.
+- `fashion_mnist:test` (or `:train`; `fashion_mnist:test:2000` takes the first 2000): the
+  Fashion-MNIST split as the data pipeline reads it (32x32, grey repeated to RGB), the demo's
+  reference.
+Computed references are cached in `cache_dir` as ADM-compatible npz files (mu, sigma, mu_s,
+sigma_s) plus the pool3 features, their radii and the Inception weights' hash; a cache made with
+other weights, or of a changed file, is not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from lasadgen_jax.eval.features import FeatureExtractor, npz_keys, stream_npz_images
+from lasadgen_jax.eval.inception import POOL_DIM, SPATIAL_DIM
+from lasadgen_jax.eval.metrics import PR_NEIGHBOURHOOD, feature_statistics, manifold_radii
+
+DATASETS = {"fashion_mnist": ("train", "test")}
+CACHE_FORMAT = "lasadgen_jax.eval.reference/1"
+STAT_PAIRS = (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM))
+
+
+@dataclasses.dataclass
+class Reference:
+    """FID statistics (pool3), sFID statistics (spatial; None if unknown), pool3 features and radii for P/R."""
+
+    source: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
+    pool3: np.ndarray | None = None
+    radii: np.ndarray | None = None
+
+    @property
+    def num_images(self) -> int | None:
+        return None if self.pool3 is None else len(self.pool3)
+
+    def ensure_radii(self) -> np.ndarray:
+        if self.pool3 is None:
+            raise ValueError(f"reference {self.source} has no features (statistics only): no precision/recall")
+        if self.radii is None:
+            self.radii = manifold_radii(self.pool3, PR_NEIGHBOURHOOD)
+        return self.radii
+
+
+def _check_stats(path: str, arrays: dict) -> None:
+    for mean_key, cov_key, dim in STAT_PAIRS:
+        present = [key for key in (mean_key, cov_key) if key in arrays]
+        if len(present) == 1:
+            raise ValueError(f"{path}: has {present[0]!r} without {({mean_key, cov_key} - set(present)).pop()!r}")
+        if present:
+            mean, cov = arrays[mean_key], arrays[cov_key]
+            if mean.shape != (dim,) or cov.shape != (dim, dim):
+                raise ValueError(f"{path}: {mean_key!r} {mean.shape} / {cov_key!r} {cov.shape}, expected ({dim},) and "
+                                 f"({dim}, {dim}) (TF-FID Inception statistics)")
+
+
+def check_reference_file(path: str) -> list[str]:
+    """The keys of an ADM-style reference npz, after checking it has images or statistics (fails fast)."""
+    keys = npz_keys(path)
+    if "arr_0" not in keys and "mu" not in keys:
+        raise ValueError(f"{path}: a reference file needs 'arr_0' (uint8 images [N, H, W, 3]) or 'mu' and 'sigma' "
+                         f"(precomputed Inception pool3 statistics); it has {keys}")
+    return keys
+
+
+def reference_from_npz(path: str, extractor: FeatureExtractor | None, batch_size: int = 500,
+                       progress: bool = True) -> Reference:
+    """A Reference from an ADM-style npz (see the module docstring); `extractor` is needed when it has images."""
+    keys = check_reference_file(path)
+    with np.load(path, allow_pickle=False) as npz:
+        stats = {key: np.asarray(npz[key], np.float64) for key in ("mu", "sigma", "mu_s", "sigma_s") if key in npz.files}
+    _check_stats(path, stats)
+    reference = None
+    if "arr_0" in keys:
+        if extractor is None:
+            raise ValueError(f"{path} holds images: computing their statistics needs the Inception network")
+        total, batches = stream_npz_images(path, "arr_0", batch_size)
+        features = extractor(batches, total=total, desc=f"reference features ({os.path.basename(path)})",
+                             progress=progress)
+        reference = reference_from_features(path, features.pool3, features.spatial)
+    if stats:  # ADM: precomputed statistics take precedence over the images' own
+        reference = reference or Reference(source=path, mu=stats["mu"], sigma=stats["sigma"])
+        reference.mu, reference.sigma = stats["mu"], stats["sigma"]
+        reference.mu_s, reference.sigma_s = stats.get("mu_s"), stats.get("sigma_s")
+    return reference
+
+
+def reference_from_features(source: str, pool3, spatial=None) -> Reference:
+    mu, sigma = feature_statistics(pool3)
+    mu_s, sigma_s = feature_statistics(spatial) if spatial is not None else (None, None)
+    return Reference(source=source, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
+                     pool3=np.asarray(pool3, np.float32))
+
+
+def dataset_images(spec: str) -> np.ndarray:
+    """uint8 images [N, H, W, 3] of a dataset spec 'name:split' or 'name:split:count' (the first `count`)."""
+    name, split, *count = spec.split(":")
+    if name not in DATASETS or split not in DATASETS[name] or len(count) > 1 or (count and not count[0].isdigit()):
+        known = [f"{n}:{s}" for n, splits in DATASETS.items() for s in splits]
+        raise ValueError(f"unknown reference dataset {spec!r}; known: {known} (optionally ':COUNT'), or an .npz file")
+    from lasadgen_jax.data.fashion_mnist import load_fashion_mnist
+
+    images, _ = load_fashion_mnist(split)
+    if count:
+        if not 1 <= int(count[0]) <= len(images):
+            raise ValueError(f"{spec}: count must be in [1, {len(images)}]")
+        images = images[: int(count[0])]
+    return images
+
+
+def is_dataset_spec(spec: str) -> bool:
+    return not spec.endswith(".npz") and spec.partition(":")[0] in DATASETS
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _cache_path(spec: str, extractor: FeatureExtractor, cache_dir: str) -> str:
+    if is_dataset_spec(spec):
+        identity = {"dataset": spec}
+        stem = spec.replace(":", "-")
+    else:
+        info = os.stat(spec)
+        identity = {"file": os.path.abspath(spec), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+        stem = os.path.splitext(os.path.basename(spec))[0]
+    identity["inception"] = extractor.weights_id
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{stem}-{digest}.npz")
+
+
+def save_reference(reference: Reference, path: str, inception_id: str) -> None:
+    """An ADM-compatible npz (mu, sigma, mu_s, sigma_s) plus pool3 features, radii and metadata; atomic."""
+    arrays = {"mu": reference.mu, "sigma": reference.sigma, "meta_format": np.array(CACHE_FORMAT),
+              "meta_source": np.array(reference.source), "meta_inception": np.array(inception_id)}
+    optional = {"mu_s": reference.mu_s, "sigma_s": reference.sigma_s, "pool3": reference.pool3, "radii": reference.radii}
+    arrays.update({key: value for key, value in optional.items() if value is not None})
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=".reference-", suffix=".npz", dir=directory)
+    with os.fdopen(handle, "wb") as f:
+        np.savez(f, **arrays)
+    os.chmod(staging, 0o644)
+    os.replace(staging, path)
+
+
+def _load_cached(path: str, inception_id: str) -> Reference | None:
+    if not os.path.isfile(path):
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        if str(npz.get("meta_format", "")) != CACHE_FORMAT or str(npz.get("meta_inception", "")) != inception_id:
+            return None
+        get = lambda key: npz[key] if key in npz.files else None
+        return Reference(source=str(npz["meta_source"]), mu=npz["mu"], sigma=npz["sigma"], mu_s=get("mu_s"),
+                         sigma_s=get("sigma_s"), pool3=get("pool3"), radii=get("radii"))
+
+
+def load_reference(spec: str, extractor: FeatureExtractor, cache_dir: str | None = None,
+                   with_radii: bool = True, progress: bool = True) -> Reference:
+    """The Reference of `spec` (an .npz path or 'fashion_mnist:test'), from `cache_dir` when computed before.
+
+    Dataset references are always cached when `cache_dir` is given; npz files holding images too
+    (keyed by path, size and mtime). `with_radii` also computes (and caches) the k-NN radii.
+    """
+    if not is_dataset_spec(spec) and not os.path.isfile(spec):
+        raise ValueError(f"--ref {spec} is neither an existing .npz file nor a known dataset "
+                         f"({[f'{n}:{s}' for n, ss in DATASETS.items() for s in ss]})")
+    cache = _cache_path(spec, extractor, cache_dir) if cache_dir else None
+    reference = _load_cached(cache, extractor.weights_id) if cache else None
+    if reference is not None and (reference.radii is not None or reference.pool3 is None or not with_radii):
+        return reference
+    if reference is None:
+        if is_dataset_spec(spec):
+            features = extractor.features_of_array(dataset_images(spec), desc=f"reference features ({spec})",
+                                                   progress=progress)
+            reference = reference_from_features(spec, features.pool3, features.spatial)
+        else:
+            reference = reference_from_npz(spec, extractor, progress=progress)
+    if with_radii and reference.pool3 is not None:
+        reference.ensure_radii()
+    if cache and reference.pool3 is not None:
+        save_reference(reference, cache, extractor.weights_id)
+    return reference
