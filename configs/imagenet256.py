@@ -68,4 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample = ml_collections.ConfigDict(dict(
         every_steps=20000, classes=(207, 360, 387, 974, 88, 979, 417, 279), per_class=4,
         cfg_scale=4.0, temperature=1.0, top_k=0, top_p=1.0))
+    # Periodic FID/sFID/precision/recall from the EMA params on a small N (0: off). Needs converted
+    # Inception weights (python -m lasadgen_jax.eval.convert_inception) and a reference
+    # (ADM's VIRTUAL_imagenet256_labeled.npz, or 'fashion_mnist:test' for the demo).
+    config.eval = ml_collections.ConfigDict(dict(
+        every_steps=0, num_samples=5000, reference=placeholder(str), inception=placeholder(str),
+        metrics="fid,sfid,precision,recall", cfg_scale=1.5, batch_size=64, feature_batch_size=200))
     return config

@@ -85,6 +85,20 @@ def check_sample_config(sample: ml_collections.ConfigDict, model_config: ModelCo
                          f"{sample.per_class}")
 
 
+def check_eval_config(evaluation: ml_collections.ConfigDict, tokenizer_configured: bool) -> None:
+    if not evaluation.every_steps:
+        return
+    missing = [key for key in ("reference", "inception") if evaluation[key] is None]
+    if missing or not tokenizer_configured:
+        raise ValueError(f"config.eval.every_steps={evaluation.every_steps} needs config.eval.reference "
+                         f"(an ADM-style .npz or 'fashion_mnist:test'), config.eval.inception (converted "
+                         f"weights, python -m lasadgen_jax.eval.convert_inception) and a tokenizer; missing: "
+                         f"{missing + ([] if tokenizer_configured else ['config.tokenizer_dir'])}")
+    if jax.process_count() > 1:
+        raise ValueError("config.eval.every_steps: periodic evaluation runs in one process for now; use "
+                         "python -m lasadgen_jax.evaluate on the exported params_ema instead")
+
+
 def maybe_initialize_distributed(distributed: ml_collections.ConfigDict) -> None:
     """jax.distributed.initialize() when the config asks for it, or ('auto') when the environment is
     one of several processes: a coordinator address, a SLURM job of several tasks, a multi-host TPU."""
@@ -461,6 +475,39 @@ def write_sample_grid(picture: np.ndarray, workdir: str, step: int, writer: Metr
     return path
 
 
+EVAL_SCALARS = ("fid", "sfid", "inception_score", "precision", "recall")
+
+
+def make_evaluator(evaluation: ml_collections.ConfigDict, workdir: str, tokenizer_dir: str | None) -> dict:
+    """The Inception feature extractor and reference statistics, built once for the periodic evals."""
+    from lasadgen_jax.eval.features import FeatureExtractor
+    from lasadgen_jax.eval.reference import load_reference
+    from lasadgen_jax.evaluate import parse_metrics
+
+    if tokenizer_dir is None:
+        raise ValueError("config.eval.every_steps needs config.tokenizer_dir to decode samples into images")
+    metrics, _ = parse_metrics(evaluation.metrics)
+    extractor = FeatureExtractor(os.path.expanduser(evaluation.inception), batch_size=evaluation.feature_batch_size)
+    cache_dir = os.path.join(workdir, "eval_cache")
+    reference = load_reference(evaluation.reference, extractor, cache_dir,
+                               with_radii="precision" in metrics or "recall" in metrics)
+    return {"extractor": extractor, "reference": reference, "metrics": metrics}
+
+
+def evaluate_ema(evaluator: dict, graphdef, rng_state_template, ema_params, tokenizer, config, step: int) -> dict:
+    """FID etc. of config.eval.num_samples images sampled from the EMA parameters (labels cycle the classes)."""
+    from lasadgen_jax.evaluate import sample_and_evaluate
+    from lasadgen_jax.sample import SamplingConfig
+
+    model = nnx.merge(graphdef, ema_params, seeded_rng_state(rng_state_template, jax.random.key(0)))
+    model.eval()
+    sampling = SamplingConfig(cfg_scale=config.eval.cfg_scale, temperature=config.sample.temperature,
+                              top_k=config.sample.top_k, top_p=config.sample.top_p)
+    return sample_and_evaluate(model, tokenizer, evaluator["reference"], evaluator["extractor"],
+                               config.eval.num_samples, jax.random.PRNGKey(config.seed + 11 + step), sampling,
+                               batch_size=config.eval.batch_size, metrics=evaluator["metrics"], progress=False)
+
+
 def export_params(graphdef, rng_state_template, params, path: str) -> None:
     """The (EMA) parameters in the format of lasadgen_jax.sample.save_params, for `sample --ckpt`."""
     from lasadgen_jax.sample import save_params
@@ -502,6 +549,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
     check_config(config)
     model_config = model_config_from(config)
     check_sample_config(config.sample, model_config)
+    check_eval_config(config.eval, config.tokenizer_dir is not None or config.data.prepare is not None)
     workdir = resolve_workdir(workdir, config)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     if config.data.tokens_dir is not None:
@@ -537,13 +585,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
         raise ValueError(f"checkpoint {start_step} holds train-state step {int(state['step'])}")
 
     tokenizer = None
-    if config.sample.every_steps and tokenizer_dir is not None:
+    if (config.sample.every_steps or config.eval.every_steps) and tokenizer_dir is not None:
         from lasadgen_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
         if tokenizer.arch.codebook_size != model_config.vocab_size:
             raise ValueError(f"tokenizer {tokenizer_dir} has a codebook of {tokenizer.arch.codebook_size}, "
                              f"config.model.vocab_size is {model_config.vocab_size}")
+
+    evaluator = make_evaluator(config.eval, workdir, tokenizer_dir) if config.eval.every_steps else None
 
     tokens_per_step = config.batch_size * model_config.num_tokens
     flops_per_step = train_flops_per_token(model_config) * tokens_per_step
@@ -590,6 +640,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
                                       tokenizer, step)
                 write_sample_grid(picture, workdir, step, writer)
                 interval_start = time.time()   # sampling time is not training throughput
+            if evaluator is not None and (step % config.eval.every_steps == 0 or step == num_steps):
+                result = evaluate_ema(evaluator, graphdef, rng_state_template, state["ema_params"], tokenizer,
+                                      config, step)
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if k in EVAL_SCALARS})
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {result[k]:.4g}" for k in EVAL_SCALARS if k in result)
+                           + f" ({result['num_samples']} samples vs {result['reference']})")
+                interval_start = time.time()
             stop = preemption.raised or (jax.process_count() > 1 and manager.reached_preemption(step))
             if stop and step < num_steps:
                 if manager.latest_step() != step:
