@@ -1,0 +1,224 @@
+"""What the LASAD Pallas kernels share: block sizes, the chunk layout, and the math of one chunk.
+
+The GPU kernel (pallas_gpu.py, Triton lowering) walks the chunks of one (batch, head) in a loop
+with the state as the loop carry; the TPU kernel (pallas_tpu.py, Mosaic) walks them as the last,
+"arbitrary" grid axis with the state in VMEM scratch. Both call the functions below on the values
+of one chunk, so the arithmetic is written once.
+
+Chunk layout (docs/lasad.md §6). The kernels see tokens packed into chunks of `chunk_tokens`
+slots, a power of two (Triton needs power-of-two shapes):
+  - `1d`, `none`: T consecutive tokens per chunk (zero tokens pad the end of the sequence).
+  - `2d_row`: R whole rows per chunk (T_real = R*w tokens), zero slots pad each chunk to T.
+  - `2d`: one row per chunk, padded to wp >= w slots; the column states are [wp, d, dv].
+Padding keys and values are zero, so padded slots add nothing; their outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the kernels; every field a power of two, checked on construction.
+
+    block_tokens: target tokens per chunk of the generic kernel (`2d_row` rounds to whole rows).
+    dv_block: value columns per program of the generic kernel (the state is d x dv_block).
+    d_block_2d, dv_block_2d: the `2d` kernel's tile of each column state (wp x d_block x dv_block
+      floats stay on chip); key-dim tiles give partial outputs that are summed afterwards.
+    num_warps, num_stages: Triton launch parameters (GPU only).
+    """
+
+    block_tokens: int = 128
+    dv_block: int = 64
+    d_block_2d: int = 16
+    dv_block_2d: int = 16
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"BlockSizes.{field.name} must be a power of two >= 1, got {value!r}")
+        for name in ("block_tokens", "dv_block", "d_block_2d", "dv_block_2d"):
+            if getattr(self, name) < 16:
+                raise ValueError(f"BlockSizes.{name} must be >= 16 (matrix-unit tiles), got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """How one sequence of N = h*w cells maps onto chunks of `chunk_tokens` slots."""
+
+    grid: tuple[int, int]
+    variant: str
+    rows_per_chunk: int  # R for the 2d variants, 0 for 1d/none
+    real_tokens: int  # cells per chunk (R*w, or T)
+    chunk_tokens: int  # slots per chunk, a power of two >= real_tokens
+    num_chunks: int
+
+    @property
+    def padded_length(self) -> int:
+        return self.num_chunks * self.chunk_tokens
+
+    @staticmethod
+    def make(grid, variant: str, block_tokens: int) -> "ChunkLayout":
+        h, w = grid
+        if variant == "2d":
+            slots = next_power_of_two(max(16, w))
+            return ChunkLayout(grid, variant, 1, w, slots, h)
+        if variant == "2d_row":
+            rows = min(h, max(1, block_tokens // w))
+            real = rows * w
+            return ChunkLayout(grid, variant, rows, real, next_power_of_two(max(16, real)), -(-h // rows))
+        n = h * w
+        tokens = min(block_tokens, next_power_of_two(max(16, n)))
+        return ChunkLayout(grid, variant, 0, tokens, tokens, -(-n // tokens))
+
+    def pack(self, x):
+        """[B, N, H, e] -> [B, num_chunks * chunk_tokens, H, e] with zero slots."""
+        batch, n, heads, e = x.shape
+        x = jnp.pad(x, ((0, 0), (0, self.num_chunks * self.real_tokens - n), (0, 0), (0, 0)))
+        if self.real_tokens == self.chunk_tokens:
+            return x
+        x = x.reshape(batch, self.num_chunks, self.real_tokens, heads, e)
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, self.chunk_tokens - self.real_tokens), (0, 0), (0, 0)))
+        return x.reshape(batch, self.padded_length, heads, e)
+
+    def unpack(self, y):
+        """Inverse of pack: [B, num_chunks * chunk_tokens, H, e] -> [B, N, H, e]."""
+        batch, _, heads, e = y.shape
+        if self.real_tokens != self.chunk_tokens:
+            y = y.reshape(batch, self.num_chunks, self.chunk_tokens, heads, e)[:, :, : self.real_tokens]
+            y = y.reshape(batch, self.num_chunks * self.real_tokens, heads, e)
+        return y[:, : self.grid[0] * self.grid[1]]
+
+
+# ----------------------------------------------------------------------------- chunk math
+
+
+def dot(a, b, contract=(1, 0)):
+    """a @ b (contract=(1, 0)), a @ b.T (1, 1) or a.T @ b (0, 0) with float32 accumulation.
+
+    float32 inputs get full precision (IEEE on Triton, not tf32). Interpreted on CPU, bf16
+    operands are upcast first: XLA:CPU has no bf16 x bf16 -> f32 dot for every shape, and bf16
+    products are exact in float32, so the result is the same.
+    """
+    if a.dtype != b.dtype:
+        raise TypeError(f"dot operands must share a dtype, got {a.dtype} and {b.dtype}")
+    if a.dtype.itemsize < 4 and jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    precision = jax.lax.Precision.HIGHEST if a.dtype.itemsize >= 4 else None
+    return jax.lax.dot_general(
+        a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _slot_positions(layout: ChunkLayout, shape, axis: int):
+    """(slot index, row in chunk, column) of each slot along `axis` of an iota of `shape`."""
+    slot = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+    w = layout.grid[1]
+    return slot, slot // w, slot % w
+
+
+def intra_chunk_decay(layout: ChunkLayout, log_row, log_col, tangent: bool):
+    """[T, T] float32: D(a, m) for query slot a and key slot m < a of one chunk, else 0.
+
+    With tangent=True, dD/d(log_decay_col) instead (the decay gradient of `2d` and `2d_row`).
+    Exponents are <= 0 wherever the mask is on; the inner where keeps masked slots finite.
+    """
+    t = layout.chunk_tokens
+    q_slot, q_row, q_col = _slot_positions(layout, (t, t), 0)
+    k_slot, k_row, k_col = _slot_positions(layout, (t, t), 1)
+    causal = k_slot < q_slot
+    variant = layout.variant
+    factor = None
+    if variant == "none":
+        log_decay = jnp.zeros((t, t), jnp.float32)
+    elif variant == "1d":
+        log_decay = log_col * (q_slot - k_slot).astype(jnp.float32)
+    elif variant == "2d_row":
+        same_row = q_row == k_row
+        d_col = (q_col - k_col).astype(jnp.float32)
+        log_decay = jnp.where(same_row, log_col * d_col, log_row * (q_row - k_row).astype(jnp.float32))
+        factor = jnp.where(same_row, d_col, 0.0)
+    else:  # 2d: one row per chunk
+        d_col = jnp.abs(q_col - k_col).astype(jnp.float32)
+        log_decay = log_row * (q_row - k_row).astype(jnp.float32) + log_col * d_col
+        factor = d_col
+    decay = jnp.where(causal, jnp.exp(jnp.where(causal, log_decay, 0.0)), 0.0)
+    if tangent:
+        if factor is None:
+            raise ValueError(f"no column-decay tangent for variant {variant!r}")
+        decay = decay * factor
+    return decay
+
+
+def generic_step(layout: ChunkLayout, q, k, v, state, log_row, log_col, tangent: bool):
+    """One chunk of the generic kernel (`1d`, `none`, `2d_row`).
+
+    q, k: [T, d]; v: [T, dv]; state: [d, dv] float32, the recurrence state at the chunk start
+    (the vertical state for `2d_row`). Returns (out [T, dv] float32, next state).
+    tangent=True (for `2d_row`): only the same-row pairs depend on log_decay_col, and they never
+    leave a chunk, so the output is the intra-chunk part with dD/dlog_col and no state.
+    """
+    dtype = q.dtype
+    scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col, tangent)
+    out = dot(scores.astype(dtype), v)
+    if tangent:
+        return out, state
+    if layout.variant == "none":
+        return out + dot(q, state.astype(dtype)), state + dot(k, v, (0, 0))
+    t = layout.chunk_tokens
+    slot, row, _ = _slot_positions(layout, (t, 1), 0)
+    if layout.variant == "1d":
+        log_step, steps, length = log_col, slot, layout.real_tokens
+    else:  # 2d_row: decay by whole rows
+        log_step, steps, length = log_row, row, layout.rows_per_chunk
+    steps = jnp.minimum(steps, length).astype(jnp.float32)  # padded slots: keep exponents <= 0
+    query_weight = jnp.exp(log_step * steps)
+    key_weight = jnp.exp(log_step * (length - steps))
+    out = out + dot((q * query_weight).astype(dtype), state.astype(dtype))
+    state = jnp.exp(log_step * length) * state + dot((k * key_weight).astype(dtype), v, (0, 0))
+    return out, state
+
+
+def column_smoothing(width: int, log_col, tangent: bool):
+    """[wp, wp] float32: g_col^|c - c'| (tangent: |c - c'| g_col^|c - c'|), the `2d` row fold."""
+    c = jax.lax.broadcasted_iota(jnp.int32, (width, width), 0)
+    c_other = jax.lax.broadcasted_iota(jnp.int32, (width, width), 1)
+    distance = jnp.abs(c - c_other).astype(jnp.float32)
+    weights = jnp.exp(log_col * distance)
+    return weights * distance if tangent else weights
+
+
+def row_step(layout: ChunkLayout, q, k, v, column_states, log_row, log_col, tangent: bool):
+    """One row of the `2d` kernel.
+
+    q, k: [wp, dk] (a key-dim tile), v: [wp, dv]; column_states: [wp, dk * dv] float32, column c's
+    d x dv state flattened in row c. The output is a partial sum over this key-dim tile:
+        out[c] = sum_{c' < c} D (q_c . k_c') v_c' + q_c^T C[c]
+        C[c]  <- g_row (C[c] + sum_c' g_col^|c - c'| k_c' v_c'^T)
+    tangent=True: the derivative along log_decay_col (both D and the smoothing weights).
+    """
+    dtype = q.dtype
+    width, key_dim = q.shape
+    value_dim = v.shape[1]
+    scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col, tangent)
+    out = dot(scores.astype(dtype), v)
+    states = column_states.reshape(width, key_dim, value_dim)
+    out = out + jnp.sum(q.astype(jnp.float32)[:, :, None] * states, axis=1)
+    row_kv = (k.astype(jnp.float32)[:, :, None] * v.astype(jnp.float32)[:, None, :]).reshape(
+        width, key_dim * value_dim
+    )
+    smoothing = column_smoothing(width, log_col, tangent)
+    smoothed = dot(smoothing.astype(dtype), row_kv.astype(dtype))
+    return out, jnp.exp(log_row) * (column_states + smoothed)

@@ -1,0 +1,104 @@
+"""LASAD kernels for GPUs, lowered through Triton (`jax.experimental.pallas.triton`).
+
+One program per (batch, head, value tile) walks its chunks in order inside the kernel, the state
+carried by the loop (registers), so no state ever goes to HBM. Inputs stay in the op's layout
+[batch, seq, heads, dim]: block specs squeeze batch and heads and the kernel loads strided
+[chunk, dim] tiles, so no transposes are needed around the call.
+
+Why Triton and not Mosaic GPU: the kernels are written in the portable `pl` subset (refs, dots,
+fori_loop) that also runs in interpret mode on CPU; Mosaic GPU needs its own warpgroup/TMA
+programming model (plgpu), which these kernels do not use yet (docs/lasad.md §6).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from lasadgen_jax.ops.lasad import pallas_chunk
+from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout
+
+# Column states of the 2d kernel live in registers: wp * d_block * dv_block floats per program.
+MAX_2D_STATE_FLOATS = 32768
+
+
+def _generic_kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *, layout: ChunkLayout, tangent: bool):
+    log_row, log_col = decay_ref[0], decay_ref[1]
+    t = layout.chunk_tokens
+
+    def chunk(index, state):
+        rows = pl.ds(pl.multiple_of(index * t, t), t)
+        out, state = pallas_chunk.generic_step(
+            layout, q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], state, log_row, log_col, tangent
+        )
+        out_ref[rows, :] = out.astype(out_ref.dtype)
+        return state
+
+    state = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
+    jax.lax.fori_loop(0, layout.num_chunks, chunk, state)
+
+
+def _row_kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *, layout: ChunkLayout, tangent: bool):
+    log_row, log_col = decay_ref[0], decay_ref[1]
+    t = layout.chunk_tokens
+
+    def row(index, column_states):
+        slots = pl.ds(pl.multiple_of(index * t, t), t)
+        out, column_states = pallas_chunk.row_step(
+            layout, q_ref[slots, :], k_ref[slots, :], v_ref[slots, :], column_states, log_row, log_col, tangent
+        )
+        out_ref[slots, :] = out.astype(out_ref.dtype)
+        return column_states
+
+    states = jnp.zeros((t, q_ref.shape[-1] * v_ref.shape[-1]), jnp.float32)
+    jax.lax.fori_loop(0, layout.num_chunks, row, states)
+
+
+def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: bool, out_dtype, interpret: bool):
+    """The kernel on packed inputs: q, k [B, L, H, d], v [B, L, H, dv] with L = layout.padded_length,
+    d and dv powers of two >= 16; decays [H, 2] float32 (log row, log col). Returns [B, L, H, dv]."""
+    batch, length, heads, d = q.shape
+    dv = v.shape[-1]
+    params = pltriton.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages)
+    decay_spec = pl.BlockSpec((None, 2), lambda *ids: (ids[1], 0))
+    if layout.variant != "2d":
+        dv_block = min(block.dv_block, dv)
+        spec = lambda width: pl.BlockSpec((None, length, None, width), lambda b, h, j: (b, 0, h, 0))
+        value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j: (b, 0, h, j))
+        return pl.pallas_call(
+            functools.partial(_generic_kernel, layout=layout, tangent=tangent),
+            out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), out_dtype),
+            grid=(batch, heads, dv // dv_block),
+            in_specs=[decay_spec, spec(d), spec(d), value_spec],
+            out_specs=value_spec,
+            compiler_params=params,
+            interpret=interpret,
+            name=f"lasad_{layout.variant}{'_tangent' if tangent else ''}",
+        )(decays, q, k, v)
+
+    d_block, dv_block = min(block.d_block_2d, d), min(block.dv_block_2d, dv)
+    state_floats = layout.chunk_tokens * d_block * dv_block
+    if state_floats > MAX_2D_STATE_FLOATS:
+        raise ValueError(
+            f"2d kernel: column states of {layout.chunk_tokens} slots x {d_block} x {dv_block} = {state_floats} "
+            f"floats exceed the on-chip budget {MAX_2D_STATE_FLOATS}; use smaller d_block_2d/dv_block_2d"
+        )
+    key_tiles = d // d_block
+    key_spec = pl.BlockSpec((None, length, None, d_block), lambda b, h, j, i: (b, 0, h, i))
+    value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j, i: (b, 0, h, j))
+    partial_dtype = out_dtype if key_tiles == 1 else jnp.float32
+    out = pl.pallas_call(
+        functools.partial(_row_kernel, layout=layout, tangent=tangent),
+        out_shape=jax.ShapeDtypeStruct((key_tiles, batch, length, heads, dv), partial_dtype),
+        grid=(batch, heads, dv // dv_block, key_tiles),
+        in_specs=[decay_spec, key_spec, key_spec, value_spec],
+        out_specs=pl.BlockSpec((None, None, length, None, dv_block), lambda b, h, j, i: (i, b, 0, h, j)),
+        compiler_params=params,
+        interpret=interpret,
+        name=f"lasad_2d{'_tangent' if tangent else ''}",
+    )(decays, q, k, v)
+    return out[0] if key_tiles == 1 else jnp.sum(out, axis=0).astype(out_dtype)
