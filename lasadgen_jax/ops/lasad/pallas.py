@@ -59,8 +59,11 @@ def _padded_dim(backend: str, size: int) -> int:
     return -(-size // pallas_tpu.LANES) * pallas_tpu.LANES
 
 
-def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend, interpret, block, tangent, out_dtype):
-    """The forward kernel on [B, N, H, *] inputs: [B, N, H, dv] in out_dtype (no prefix)."""
+def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend, interpret, block, tangent, out_dtype,
+               poison=False):
+    """The forward kernel on [B, N, H, *] inputs: [B, N, H, dv] in out_dtype (no prefix).
+
+    poison=True (GPU only; for checks) starts the kernel's output buffer as NaN."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     layout = ChunkLayout.make(grid, variant, block.block_tokens)
@@ -72,7 +75,9 @@ def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend,
     ]
     kwargs = dict(layout=layout, block=block, tangent=tangent, out_dtype=out_dtype, interpret=interpret)
     if backend == "gpu":
-        out = pallas_gpu.cells(*packed, decays, **kwargs)
+        out = pallas_gpu.cells(*packed, decays, **kwargs, poison=poison)
+    elif poison:
+        raise ValueError("poison is implemented for the GPU kernels only")
     else:  # [B, L, H, e] -> [B, H, L, e]: every block a (chunk, 128 * k) tile
         to_heads_major = lambda x: x.transpose(0, 2, 1, 3)
         out = to_heads_major(pallas_tpu.cells(*map(to_heads_major, packed), decays, **kwargs))

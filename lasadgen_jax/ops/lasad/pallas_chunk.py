@@ -33,7 +33,8 @@ class BlockSizes:
     dv_block: value columns per program of the generic kernel (the state is d x dv_block).
     d_block_2d, dv_block_2d: the `2d` kernel's tile of each column state (wp x d_block x dv_block
       floats stay on chip); key-dim tiles give partial outputs that are summed afterwards.
-    num_warps, num_stages: Triton launch parameters (GPU only).
+    num_warps, num_stages: Triton launch parameters (GPU only); num_warps_2d for the `2d` kernel,
+      whose column states need more registers.
     """
 
     block_tokens: int = 128
@@ -41,6 +42,7 @@ class BlockSizes:
     d_block_2d: int = 16
     dv_block_2d: int = 16
     num_warps: int = 4
+    num_warps_2d: int = 8
     num_stages: int = 1
 
     def __post_init__(self):
@@ -125,8 +127,8 @@ def dot(a, b, contract=(1, 0)):
 def _slot_positions(layout: ChunkLayout, shape, axis: int):
     """(slot index, row in chunk, column) of each slot along `axis` of an iota of `shape`."""
     slot = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
-    w = layout.grid[1]
-    return slot, slot // w, slot % w
+    w = jnp.int32(layout.grid[1])  # slots are >= 0: truncating division is floor division
+    return slot, jax.lax.div(slot, w), jax.lax.rem(slot, w)
 
 
 def intra_chunk_decay(layout: ChunkLayout, log_row, log_col, tangent: bool):

@@ -58,27 +58,44 @@ def _row_kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *, layout: ChunkLayout,
     jax.lax.fori_loop(0, layout.num_chunks, row, states)
 
 
-def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: bool, out_dtype, interpret: bool):
+def _call(kernel, inputs, *, out_shape, out_spec, poison: bool, **kwargs):
+    """pallas_call; with poison=True the output buffer starts as NaN (aliased in), so an element
+    the kernel fails to write shows up as NaN (the full-size GPU checks use this)."""
+    in_specs = kwargs.pop("in_specs")
+    if not poison:
+        return pl.pallas_call(kernel, out_shape=out_shape, in_specs=in_specs, out_specs=out_spec, **kwargs)(*inputs)
+    poisoned = jnp.full(out_shape.shape, jnp.nan, out_shape.dtype)
+    skip_alias = lambda *refs: kernel(*refs[: len(inputs)], *refs[len(inputs) + 1 :])
+    return pl.pallas_call(
+        skip_alias, out_shape=out_shape, in_specs=[*in_specs, out_spec], out_specs=out_spec,
+        input_output_aliases={len(inputs): 0}, **kwargs,
+    )(*inputs, poisoned)
+
+
+def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: bool, out_dtype, interpret: bool,
+          poison: bool = False):
     """The kernel on packed inputs: q, k [B, L, H, d], v [B, L, H, dv] with L = layout.padded_length,
     d and dv powers of two >= 16; decays [H, 2] float32 (log row, log col). Returns [B, L, H, dv]."""
     batch, length, heads, d = q.shape
     dv = v.shape[-1]
-    params = pltriton.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages)
+    num_warps = block.num_warps_2d if layout.variant == "2d" else block.num_warps
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=block.num_stages)
     decay_spec = pl.BlockSpec((None, 2), lambda *ids: (ids[1], 0))
     if layout.variant != "2d":
         dv_block = min(block.dv_block, dv)
         spec = lambda width: pl.BlockSpec((None, length, None, width), lambda b, h, j: (b, 0, h, 0))
         value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j: (b, 0, h, j))
-        return pl.pallas_call(
-            functools.partial(_generic_kernel, layout=layout, tangent=tangent),
+        return _call(
+            functools.partial(_generic_kernel, layout=layout, tangent=tangent), (decays, q, k, v),
             out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), out_dtype),
+            out_spec=value_spec,
+            poison=poison,
             grid=(batch, heads, dv // dv_block),
             in_specs=[decay_spec, spec(d), spec(d), value_spec],
-            out_specs=value_spec,
             compiler_params=params,
             interpret=interpret,
             name=f"lasad_{layout.variant}{'_tangent' if tangent else ''}",
-        )(decays, q, k, v)
+        )
 
     d_block, dv_block = min(block.d_block_2d, d), min(block.dv_block_2d, dv)
     state_floats = layout.chunk_tokens * d_block * dv_block
@@ -91,14 +108,15 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: b
     key_spec = pl.BlockSpec((None, length, None, d_block), lambda b, h, j, i: (b, 0, h, i))
     value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j, i: (b, 0, h, j))
     partial_dtype = out_dtype if key_tiles == 1 else jnp.float32
-    out = pl.pallas_call(
-        functools.partial(_row_kernel, layout=layout, tangent=tangent),
+    out = _call(
+        functools.partial(_row_kernel, layout=layout, tangent=tangent), (decays, q, k, v),
         out_shape=jax.ShapeDtypeStruct((key_tiles, batch, length, heads, dv), partial_dtype),
+        out_spec=pl.BlockSpec((None, None, length, None, dv_block), lambda b, h, j, i: (i, b, 0, h, j)),
+        poison=poison,
         grid=(batch, heads, dv // dv_block, key_tiles),
         in_specs=[decay_spec, key_spec, key_spec, value_spec],
-        out_specs=pl.BlockSpec((None, None, length, None, dv_block), lambda b, h, j, i: (i, b, 0, h, j)),
         compiler_params=params,
         interpret=interpret,
         name=f"lasad_2d{'_tangent' if tangent else ''}",
-    )(decays, q, k, v)
+    )
     return out[0] if key_tiles == 1 else jnp.sum(out, axis=0).astype(out_dtype)
