@@ -127,7 +127,7 @@ def small_checks(variants) -> bool:
 def poisoned_forward(inputs, grid, variant, block):
     return pallas.run_kernel(
         inputs["q"], inputs["k"], inputs["v"], inputs["log_decay_row"], inputs["log_decay_col"], grid=grid,
-        variant=variant, backend="gpu", interpret=False, block=block, tangent=False, out_dtype=inputs["q"].dtype,
+        variant=variant, backend="gpu", interpret=False, block=block, tangent=None, out_dtype=inputs["q"].dtype,
         poison=True,
     )
 

@@ -10,16 +10,12 @@ multiples of 128 lanes on TPU), and wires the backward pass with `jax.custom_vjp
     dv = flip(forward(q=flip k,  k=flip q,  v=flip do))
 
 (the recomputation of autodiff.py: `flip` turns the grid by 180 degrees), each a call of the same
-forward kernel. The log decays need no forward-mode pass through the kernel. With
-X(a, m) = D(a, m) (q_a . k_m)(do_a . v_m), the gradient along log_decay_row is
-sum_{a,m} (r_a - r_m) X(a, m), and since sum_m X(a, m) = q_a . dq_a and sum_a X(a, m) = k_m . dk_m,
-
-    dL/dlog_row = sum_a r_a (q_a . dq_a) - sum_m r_m (k_m . dk_m)
-
-(raster index instead of row for `1d`'s single decay). The column decay of `2d` and `2d_row`
-enters through |c_a - c_m| (or c_a - c_m within a row), which does not split that way: one more
-kernel call in tangent mode computes o'_a = sum_m dD(a, m)/dlog_col (q_a . k_m) v_m and
-dL/dlog_col = sum_a do_a . o'_a. Nothing of size O(N d dv) is stored.
+forward kernel. The per-head log decays get their gradients from the kernel in tangent mode: it
+carries, next to each state, the state's derivative along one log decay (a `jax.jvp` of the chunk
+step inside the kernel) and writes o' = d out / d log_decay; then dL/dlog_decay = sum do . o'
+(heads are independent, so one tangent of ones gives every head's derivative). One tangent call
+per decay the variant uses: `1d` one, `2d` and `2d_row` two, `none` none. Nothing of size
+O(N d dv) is stored.
 """
 
 from __future__ import annotations
@@ -61,7 +57,8 @@ def _padded_dim(backend: str, size: int) -> int:
 
 def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend, interpret, block, tangent, out_dtype,
                poison=False):
-    """The forward kernel on [B, N, H, *] inputs: [B, N, H, dv] in out_dtype (no prefix).
+    """The forward kernel on [B, N, H, *] inputs: [B, N, H, dv] in out_dtype (no prefix); with
+    tangent 'row' or 'col' the output's derivative along that log decay.
 
     poison=True (GPU only; for checks) starts the kernel's output buffer as NaN."""
     if backend not in BACKENDS:
@@ -84,26 +81,6 @@ def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend,
     return layout.unpack(out)[..., :dv]
 
 
-def _decay_gradients(variant, grid, q, k, dq, dk, column_tangent, d_out, log_decay_row, log_decay_col):
-    """Per-head gradients of the two log decays (zeros where the variant does not use one)."""
-    h, w = grid
-    position = jnp.arange(h * w)
-    q_dq = jnp.einsum("bnhd,bnhd->bnh", q.astype(jnp.float32), dq)
-    k_dk = jnp.einsum("bnhd,bnhd->bnh", k.astype(jnp.float32), dk)
-
-    def moment(steps):  # sum_a s_a (q.dq)_a - sum_m s_m (k.dk)_m; centred to keep the terms small
-        steps = (steps - jnp.mean(steps)).astype(jnp.float32)
-        return jnp.einsum("n,bnh->h", steps, q_dq - k_dk)
-
-    d_row, d_col = jnp.zeros_like(log_decay_row), jnp.zeros_like(log_decay_col)
-    if variant == "1d":
-        d_col = moment(position)
-    elif variant in ("2d", "2d_row"):
-        d_row = moment(position // w)
-        d_col = jnp.einsum("bnhe,bnhe->h", d_out.astype(jnp.float32), column_tangent)
-    return d_row.astype(log_decay_row.dtype), d_col.astype(log_decay_col.dtype)
-
-
 @functools.lru_cache(maxsize=None)
 def pallas_cells(backend: str, interpret: bool, block: BlockSizes):
     """cells(q, k, v, log_decay_row, log_decay_col, grid, variant) -> [B, N, H, dv] in q.dtype,
@@ -114,7 +91,7 @@ def pallas_cells(backend: str, interpret: bool, block: BlockSizes):
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
     def cells(q, k, v, log_decay_row, log_decay_col, grid, variant):
-        return kernel(q, k, v, log_decay_row, log_decay_col, grid=grid, variant=variant, tangent=False, out_dtype=q.dtype)
+        return kernel(q, k, v, log_decay_row, log_decay_col, grid=grid, variant=variant, tangent=None, out_dtype=q.dtype)
 
     def forward(q, k, v, log_decay_row, log_decay_col, grid, variant):
         return cells(q, k, v, log_decay_row, log_decay_col, grid, variant), (q, k, v, log_decay_row, log_decay_col)
@@ -127,16 +104,17 @@ def pallas_cells(backend: str, interpret: bool, block: BlockSizes):
         )
         d_out_in = d_out.astype(q.dtype)  # the op returns q.dtype: d_out holds no more precision
         flip = lambda x: x[:, ::-1]
-        dq = run(d_out_in, v, k, tangent=False)
-        dk = flip(run(flip(v), flip(d_out_in), flip(q), tangent=False))
-        dv = flip(run(flip(k), flip(q), flip(d_out_in), tangent=False))
-        column_tangent = None
-        if variant in ("2d", "2d_row"):
-            column_tangent = run(q, k, v, tangent=True)
-        d_row, d_col = _decay_gradients(
-            variant, grid, q, k, dq, dk, column_tangent, d_out, log_decay_row, log_decay_col
-        )
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_row, d_col
+        dq = run(d_out_in, v, k, tangent=None)
+        dk = flip(run(flip(v), flip(d_out_in), flip(q), tangent=None))
+        dv = flip(run(flip(k), flip(q), flip(d_out_in), tangent=None))
+        d_decays = []
+        for which, used, log_decay in zip(("row", "col"), common.USES_DECAY[variant], (log_decay_row, log_decay_col)):
+            if used:
+                out_dot = run(q, k, v, tangent=which)
+                d_decays.append(jnp.einsum("bnhe,bnhe->h", d_out.astype(jnp.float32), out_dot).astype(log_decay.dtype))
+            else:
+                d_decays.append(jnp.zeros_like(log_decay))
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *d_decays
 
     cells.defvjp(forward, backward)
     return cells

@@ -131,52 +131,40 @@ def _slot_positions(layout: ChunkLayout, shape, axis: int):
     return slot, jax.lax.div(slot, w), jax.lax.rem(slot, w)
 
 
-def intra_chunk_decay(layout: ChunkLayout, log_row, log_col, tangent: bool):
+def intra_chunk_decay(layout: ChunkLayout, log_row, log_col):
     """[T, T] float32: D(a, m) for query slot a and key slot m < a of one chunk, else 0.
 
-    With tangent=True, dD/d(log_decay_col) instead (the decay gradient of `2d` and `2d_row`).
-    Exponents are <= 0 wherever the mask is on; the inner where keeps masked slots finite.
+    Exponents are <= 0 wherever the mask is on; the inner where keeps masked slots finite (and
+    their derivatives zero).
     """
     t = layout.chunk_tokens
     q_slot, q_row, q_col = _slot_positions(layout, (t, t), 0)
     k_slot, k_row, k_col = _slot_positions(layout, (t, t), 1)
     causal = k_slot < q_slot
     variant = layout.variant
-    factor = None
     if variant == "none":
         log_decay = jnp.zeros((t, t), jnp.float32)
     elif variant == "1d":
         log_decay = log_col * (q_slot - k_slot).astype(jnp.float32)
     elif variant == "2d_row":
         same_row = q_row == k_row
-        d_col = (q_col - k_col).astype(jnp.float32)
-        log_decay = jnp.where(same_row, log_col * d_col, log_row * (q_row - k_row).astype(jnp.float32))
-        factor = jnp.where(same_row, d_col, 0.0)
+        log_decay = jnp.where(
+            same_row, log_col * (q_col - k_col).astype(jnp.float32), log_row * (q_row - k_row).astype(jnp.float32)
+        )
     else:  # 2d: one row per chunk
-        d_col = jnp.abs(q_col - k_col).astype(jnp.float32)
-        log_decay = log_row * (q_row - k_row).astype(jnp.float32) + log_col * d_col
-        factor = d_col
-    decay = jnp.where(causal, jnp.exp(jnp.where(causal, log_decay, 0.0)), 0.0)
-    if tangent:
-        if factor is None:
-            raise ValueError(f"no column-decay tangent for variant {variant!r}")
-        decay = decay * factor
-    return decay
+        log_decay = log_row * (q_row - k_row).astype(jnp.float32) + log_col * jnp.abs(q_col - k_col).astype(jnp.float32)
+    return jnp.where(causal, jnp.exp(jnp.where(causal, log_decay, 0.0)), 0.0)
 
 
-def generic_step(layout: ChunkLayout, q, k, v, state, log_row, log_col, tangent: bool):
+def generic_step(layout: ChunkLayout, q, k, v, state, log_row, log_col):
     """One chunk of the generic kernel (`1d`, `none`, `2d_row`).
 
     q, k: [T, d]; v: [T, dv]; state: [d, dv] float32, the recurrence state at the chunk start
     (the vertical state for `2d_row`). Returns (out [T, dv] float32, next state).
-    tangent=True (for `2d_row`): only the same-row pairs depend on log_decay_col, and they never
-    leave a chunk, so the output is the intra-chunk part with dD/dlog_col and no state.
     """
     dtype = q.dtype
-    scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col, tangent)
+    scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col)
     out = dot(scores.astype(dtype), v)
-    if tangent:
-        return out, state
     if layout.variant == "none":
         return out + dot(q, state.astype(dtype)), state + dot(k, v, (0, 0))
     t = layout.chunk_tokens
@@ -193,34 +181,53 @@ def generic_step(layout: ChunkLayout, q, k, v, state, log_row, log_col, tangent:
     return out, state
 
 
-def column_smoothing(width: int, log_col, tangent: bool):
-    """[wp, wp] float32: g_col^|c - c'| (tangent: |c - c'| g_col^|c - c'|), the `2d` row fold."""
+def column_smoothing(width: int, log_col):
+    """[wp, wp] float32: g_col^|c - c'|, the two-sided row fold of `2d` as a matrix."""
     c = jax.lax.broadcasted_iota(jnp.int32, (width, width), 0)
     c_other = jax.lax.broadcasted_iota(jnp.int32, (width, width), 1)
-    distance = jnp.abs(c - c_other).astype(jnp.float32)
-    weights = jnp.exp(log_col * distance)
-    return weights * distance if tangent else weights
+    return jnp.exp(log_col * jnp.abs(c - c_other).astype(jnp.float32))
 
 
-def row_step(layout: ChunkLayout, q, k, v, column_states, log_row, log_col, tangent: bool):
+def row_step(layout: ChunkLayout, q, k, v, column_states, log_row, log_col):
     """One row of the `2d` kernel.
 
     q, k: [wp, dk] (a key-dim tile), v: [wp, dv]; column_states: [wp, dk * dv] float32, column c's
     d x dv state flattened in row c. The output is a partial sum over this key-dim tile:
         out[c] = sum_{c' < c} D (q_c . k_c') v_c' + q_c^T C[c]
         C[c]  <- g_row (C[c] + sum_c' g_col^|c - c'| k_c' v_c'^T)
-    tangent=True: the derivative along log_decay_col (both D and the smoothing weights).
     """
     dtype = q.dtype
     width, key_dim = q.shape
     value_dim = v.shape[1]
-    scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col, tangent)
+    scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col)
     out = dot(scores.astype(dtype), v)
     states = column_states.reshape(width, key_dim, value_dim)
     out = out + jnp.sum(q.astype(jnp.float32)[:, :, None] * states, axis=1)
     row_kv = (k.astype(jnp.float32)[:, :, None] * v.astype(jnp.float32)[:, None, :]).reshape(
         width, key_dim * value_dim
     )
-    smoothing = column_smoothing(width, log_col, tangent)
-    smoothed = dot(smoothing.astype(dtype), row_kv.astype(dtype))
+    smoothed = dot(column_smoothing(width, log_col).astype(dtype), row_kv.astype(dtype))
     return out, jnp.exp(log_row) * (column_states + smoothed)
+
+
+TANGENTS = (None, "row", "col")
+
+
+def step_with_tangent(step, tangent, layout, q, k, v, carry, log_row, log_col):
+    """step(...) or, for tangent 'row'/'col', its forward-mode derivative along that log decay.
+
+    carry is the state, or (state, d state / d log decay) with a tangent; returns (out, carry)
+    where out is the output, or its derivative with a tangent. The kernels call this on every
+    chunk, so the decay gradients come from the same arithmetic as the forward pass.
+    """
+    if tangent is None:
+        return step(layout, q, k, v, carry, log_row, log_col)
+    if tangent not in TANGENTS:
+        raise ValueError(f"tangent must be one of {TANGENTS}, got {tangent!r}")
+    state, state_dot = carry
+    one, zero = jnp.ones_like(log_row), jnp.zeros_like(log_row)
+    direction = (one, zero) if tangent == "row" else (zero, one)
+    (_, state), (out_dot, state_dot) = jax.jvp(
+        lambda row, col, s: step(layout, q, k, v, s, row, col), (log_row, log_col, state), (*direction, state_dot)
+    )
+    return out_dot, (state, state_dot)

@@ -26,36 +26,21 @@ from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout
 MAX_2D_STATE_FLOATS = 32768
 
 
-def _generic_kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *, layout: ChunkLayout, tangent: bool):
+def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *, layout: ChunkLayout, tangent, step, state_shape):
+    """Walks the chunks of one (batch, head, tile) in order; the state is the loop carry."""
     log_row, log_col = decay_ref[0], decay_ref[1]
     t = layout.chunk_tokens
 
-    def chunk(index, state):
-        rows = pl.ds(pl.multiple_of(index * t, t), t)
-        out, state = pallas_chunk.generic_step(
-            layout, q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], state, log_row, log_col, tangent
-        )
-        out_ref[rows, :] = out.astype(out_ref.dtype)
-        return state
-
-    state = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
-    jax.lax.fori_loop(0, layout.num_chunks, chunk, state)
-
-
-def _row_kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *, layout: ChunkLayout, tangent: bool):
-    log_row, log_col = decay_ref[0], decay_ref[1]
-    t = layout.chunk_tokens
-
-    def row(index, column_states):
+    def chunk(index, carry):
         slots = pl.ds(pl.multiple_of(index * t, t), t)
-        out, column_states = pallas_chunk.row_step(
-            layout, q_ref[slots, :], k_ref[slots, :], v_ref[slots, :], column_states, log_row, log_col, tangent
+        out, carry = pallas_chunk.step_with_tangent(
+            step, tangent, layout, q_ref[slots, :], k_ref[slots, :], v_ref[slots, :], carry, log_row, log_col
         )
         out_ref[slots, :] = out.astype(out_ref.dtype)
-        return column_states
+        return carry
 
-    states = jnp.zeros((t, q_ref.shape[-1] * v_ref.shape[-1]), jnp.float32)
-    jax.lax.fori_loop(0, layout.num_chunks, row, states)
+    state = jnp.zeros(state_shape, jnp.float32)
+    jax.lax.fori_loop(0, layout.num_chunks, chunk, state if tangent is None else (state, state))
 
 
 def _call(kernel, inputs, *, out_shape, out_spec, poison: bool, **kwargs):
@@ -72,10 +57,12 @@ def _call(kernel, inputs, *, out_shape, out_spec, poison: bool, **kwargs):
     )(*inputs, poisoned)
 
 
-def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: bool, out_dtype, interpret: bool,
+def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, out_dtype, interpret: bool,
           poison: bool = False):
     """The kernel on packed inputs: q, k [B, L, H, d], v [B, L, H, dv] with L = layout.padded_length,
-    d and dv powers of two >= 16; decays [H, 2] float32 (log row, log col). Returns [B, L, H, dv]."""
+    d and dv powers of two >= 16; decays [H, 2] float32 (log row, log col). Returns [B, L, H, dv]:
+    the output, or with tangent 'row'/'col' its derivative along that log decay (float32 carries
+    twice the state then)."""
     batch, length, heads, d = q.shape
     dv = v.shape[-1]
     num_warps = block.num_warps_2d if layout.variant == "2d" else block.num_warps
@@ -85,8 +72,11 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: b
         dv_block = min(block.dv_block, dv)
         spec = lambda width: pl.BlockSpec((None, length, None, width), lambda b, h, j: (b, 0, h, 0))
         value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j: (b, 0, h, j))
+        kernel = functools.partial(
+            _kernel, layout=layout, tangent=tangent, step=pallas_chunk.generic_step, state_shape=(d, dv_block)
+        )
         return _call(
-            functools.partial(_generic_kernel, layout=layout, tangent=tangent), (decays, q, k, v),
+            kernel, (decays, q, k, v),
             out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), out_dtype),
             out_spec=value_spec,
             poison=poison,
@@ -94,7 +84,7 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: b
             in_specs=[decay_spec, spec(d), spec(d), value_spec],
             compiler_params=params,
             interpret=interpret,
-            name=f"lasad_{layout.variant}{'_tangent' if tangent else ''}",
+            name=f"lasad_{layout.variant}{'_d_' + tangent if tangent else ''}",
         )
 
     d_block, dv_block = min(block.d_block_2d, d), min(block.dv_block_2d, dv)
@@ -108,8 +98,12 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: b
     key_spec = pl.BlockSpec((None, length, None, d_block), lambda b, h, j, i: (b, 0, h, i))
     value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j, i: (b, 0, h, j))
     partial_dtype = out_dtype if key_tiles == 1 else jnp.float32
+    kernel = functools.partial(
+        _kernel, layout=layout, tangent=tangent, step=pallas_chunk.row_step,
+        state_shape=(layout.chunk_tokens, d_block * dv_block),
+    )
     out = _call(
-        functools.partial(_row_kernel, layout=layout, tangent=tangent), (decays, q, k, v),
+        kernel, (decays, q, k, v),
         out_shape=jax.ShapeDtypeStruct((key_tiles, batch, length, heads, dv), partial_dtype),
         out_spec=pl.BlockSpec((None, None, length, None, dv_block), lambda b, h, j, i: (i, b, 0, h, j)),
         poison=poison,
@@ -117,6 +111,6 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: b
         in_specs=[decay_spec, key_spec, key_spec, value_spec],
         compiler_params=params,
         interpret=interpret,
-        name=f"lasad_2d{'_tangent' if tangent else ''}",
+        name=f"lasad_2d{'_d_' + tangent if tangent else ''}",
     )
     return out[0] if key_tiles == 1 else jnp.sum(out, axis=0).astype(out_dtype)

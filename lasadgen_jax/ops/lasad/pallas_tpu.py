@@ -24,16 +24,23 @@ from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout
 LANES = 128
 
 
-def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, state_ref, *, layout: ChunkLayout, tangent: bool, step):
+def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *state_refs, layout: ChunkLayout, tangent, step):
+    """One chunk; the state (and its tangent) persist in VMEM scratch across the chunk axis."""
     head = pl.program_id(1)
     log_row, log_col = decay_ref[head, 0], decay_ref[head, 1]
 
     @pl.when(pl.program_id(_chunk_axis(layout)) == 0)
     def _():
-        state_ref[...] = jnp.zeros(state_ref.shape, jnp.float32)
+        for ref in state_refs:
+            ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-    out, state = step(layout, q_ref[...], k_ref[...], v_ref[...], state_ref[...], log_row, log_col, tangent)
-    state_ref[...] = state
+    carry = tuple(ref[...] for ref in state_refs)
+    out, carry = pallas_chunk.step_with_tangent(
+        step, tangent, layout, q_ref[...], k_ref[...], v_ref[...], carry[0] if tangent is None else carry,
+        log_row, log_col,
+    )
+    for ref, value in zip(state_refs, (carry,) if tangent is None else carry):
+        ref[...] = value
     out_ref[...] = out.astype(out_ref.dtype)
 
 
@@ -41,9 +48,10 @@ def _chunk_axis(layout: ChunkLayout) -> int:
     return 4 if layout.variant == "2d" else 3
 
 
-def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: bool, out_dtype, interpret: bool):
+def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, out_dtype, interpret: bool):
     """The kernel on packed inputs: q, k [B, H, L, d], v [B, H, L, dv] with L = layout.padded_length
-    and d, dv multiples of 128; decays [H, 2] float32. Returns [B, H, L, dv]."""
+    and d, dv multiples of 128; decays [H, 2] float32. Returns [B, H, L, dv] (with tangent 'row' or
+    'col', the output's derivative along that log decay)."""
     batch, heads, length, d = q.shape
     dv = v.shape[-1]
     t = layout.chunk_tokens
@@ -75,10 +83,10 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent: b
         grid=grid,
         in_specs=[decay_spec, key_spec, key_spec, value_spec],
         out_specs=out_spec,
-        scratch_shapes=[state],
+        scratch_shapes=[state] if tangent is None else [state, state],
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
         interpret=interpret,
-        name=f"lasad_{layout.variant}{'_tangent' if tangent else ''}",
+        name=f"lasad_{layout.variant}{'_d_' + tangent if tangent else ''}",
     )(decays, q, k, v)
     if layout.variant == "2d":
         out = jnp.sum(out, axis=0).astype(out_dtype)
