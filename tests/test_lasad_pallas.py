@@ -36,7 +36,7 @@ CASES = {
 }
 DIFF_ARGS = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")
 # Small tiles so that the test grids span several chunks and tiles.
-SMALL_BLOCKS = BlockSizes(block_tokens=32, dv_block=16, d_block_2d=16, dv_block_2d=16)
+SMALL_BLOCKS = BlockSizes(block_tokens=32, dv_block=16, block_tokens_2d=32, d_block_2d=16, dv_block_2d=16)
 
 
 def seed_of(*parts) -> int:

@@ -63,7 +63,7 @@ def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend,
     poison=True (GPU only; for checks) starts the kernel's output buffer as NaN."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    layout = ChunkLayout.make(grid, variant, block.block_tokens)
+    layout = ChunkLayout.make(grid, variant, block.block_tokens, block.block_tokens_2d)
     decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)  # [H, 2]
     d, dv = q.shape[-1], v.shape[-1]
     d_pad, dv_pad = _padded_dim(backend, d), _padded_dim(backend, dv)

@@ -23,24 +23,43 @@ from lasadgen_jax.ops.lasad import pallas_chunk
 from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout
 
 # Column states of the 2d kernel live in registers: wp * d_block * dv_block floats per program.
-MAX_2D_STATE_FLOATS = 32768
+STATE_FLOATS_2D = 16384
+MAX_STATE_FLOATS_2D = 32768
 
 
-def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *, layout: ChunkLayout, tangent, step, state_shape):
+def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *, layout: ChunkLayout, tangent, state_shape):
     """Walks the chunks of one (batch, head, tile) in order; the state is the loop carry."""
     log_row, log_col = decay_ref[0], decay_ref[1]
     t = layout.chunk_tokens
+    step = pallas_chunk.step_of(layout)
 
     def chunk(index, carry):
-        slots = pl.ds(pl.multiple_of(index * t, t), t)
-        out, carry = pallas_chunk.step_with_tangent(
-            step, tangent, layout, q_ref[slots, :], k_ref[slots, :], v_ref[slots, :], carry, log_row, log_col
-        )
-        out_ref[slots, :] = out.astype(out_ref.dtype)
+        start = pl.multiple_of(index * t, t)
+        values = pallas_chunk.load_chunk(layout, q_ref, k_ref, v_ref, start)
+        out, carry = pallas_chunk.step_with_tangent(step, tangent, layout, values, carry, log_row, log_col)
+        pallas_chunk.store_chunk(layout, out_ref, start, out)
         return carry
 
     state = jnp.zeros(state_shape, jnp.float32)
     jax.lax.fori_loop(0, layout.num_chunks, chunk, state if tangent is None else (state, state))
+
+
+def tiles_2d(layout: ChunkLayout, block: BlockSizes, d: int, dv: int) -> tuple[int, int, int]:
+    """(d_block, dv_block, num_warps) of the 2d kernel; raises if the column states cannot stay on chip."""
+    dv_block = min(block.dv_block_2d, dv)
+    d_block = block.d_block_2d
+    if d_block == 0:  # the largest power of two whose states fit the budget, at least 16
+        d_block = max(16, min(d, STATE_FLOATS_2D // (layout.row_slots * dv_block)))
+        d_block = 1 << (d_block.bit_length() - 1)
+    d_block = min(d_block, d)
+    state_floats = layout.row_slots * d_block * dv_block
+    if state_floats > MAX_STATE_FLOATS_2D:
+        raise ValueError(
+            f"2d kernel: column states of {layout.row_slots} slots x {d_block} x {dv_block} = {state_floats} "
+            f"floats exceed the on-chip budget {MAX_STATE_FLOATS_2D}; use smaller d_block_2d/dv_block_2d"
+        )
+    num_warps = block.num_warps_2d or (4 if state_floats <= STATE_FLOATS_2D else 8)
+    return d_block, dv_block, num_warps
 
 
 def _call(kernel, inputs, *, out_shape, out_spec, poison: bool, **kwargs):
@@ -65,16 +84,13 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, o
     twice the state then)."""
     batch, length, heads, d = q.shape
     dv = v.shape[-1]
-    num_warps = block.num_warps_2d if layout.variant == "2d" else block.num_warps
-    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=block.num_stages)
     decay_spec = pl.BlockSpec((None, 2), lambda *ids: (ids[1], 0))
     if layout.variant != "2d":
+        params = pltriton.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages)
         dv_block = min(block.dv_block, dv)
         spec = lambda width: pl.BlockSpec((None, length, None, width), lambda b, h, j: (b, 0, h, 0))
         value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j: (b, 0, h, j))
-        kernel = functools.partial(
-            _kernel, layout=layout, tangent=tangent, step=pallas_chunk.generic_step, state_shape=(d, dv_block)
-        )
+        kernel = functools.partial(_kernel, layout=layout, tangent=tangent, state_shape=(d, dv_block))
         return _call(
             kernel, (decays, q, k, v),
             out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), out_dtype),
@@ -87,21 +103,13 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, o
             name=f"lasad_{layout.variant}{'_d_' + tangent if tangent else ''}",
         )
 
-    d_block, dv_block = min(block.d_block_2d, d), min(block.dv_block_2d, dv)
-    state_floats = layout.chunk_tokens * d_block * dv_block
-    if state_floats > MAX_2D_STATE_FLOATS:
-        raise ValueError(
-            f"2d kernel: column states of {layout.chunk_tokens} slots x {d_block} x {dv_block} = {state_floats} "
-            f"floats exceed the on-chip budget {MAX_2D_STATE_FLOATS}; use smaller d_block_2d/dv_block_2d"
-        )
+    d_block, dv_block, num_warps = tiles_2d(layout, block, d, dv)
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=block.num_stages)
     key_tiles = d // d_block
     key_spec = pl.BlockSpec((None, length, None, d_block), lambda b, h, j, i: (b, 0, h, i))
     value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j, i: (b, 0, h, j))
     partial_dtype = out_dtype if key_tiles == 1 else jnp.float32
-    kernel = functools.partial(
-        _kernel, layout=layout, tangent=tangent, step=pallas_chunk.row_step,
-        state_shape=(layout.chunk_tokens, d_block * dv_block),
-    )
+    kernel = functools.partial(_kernel, layout=layout, tangent=tangent, state_shape=(layout.row_slots, d_block * dv_block))
     out = _call(
         kernel, (decays, q, k, v),
         out_shape=jax.ShapeDtypeStruct((key_tiles, batch, length, heads, dv), partial_dtype),

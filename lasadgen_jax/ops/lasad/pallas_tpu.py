@@ -24,7 +24,7 @@ from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout
 LANES = 128
 
 
-def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *state_refs, layout: ChunkLayout, tangent, step):
+def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *state_refs, layout: ChunkLayout, tangent):
     """One chunk; the state (and its tangent) persist in VMEM scratch across the chunk axis."""
     head = pl.program_id(1)
     log_row, log_col = decay_ref[head, 0], decay_ref[head, 1]
@@ -35,13 +35,14 @@ def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *state_refs, layout: ChunkL
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
     carry = tuple(ref[...] for ref in state_refs)
+    values = pallas_chunk.load_chunk(layout, q_ref, k_ref, v_ref, 0)
     out, carry = pallas_chunk.step_with_tangent(
-        step, tangent, layout, q_ref[...], k_ref[...], v_ref[...], carry[0] if tangent is None else carry,
+        pallas_chunk.step_of(layout), tangent, layout, values, carry[0] if tangent is None else carry,
         log_row, log_col,
     )
     for ref, value in zip(state_refs, (carry,) if tangent is None else carry):
         ref[...] = value
-    out_ref[...] = out.astype(out_ref.dtype)
+    pallas_chunk.store_chunk(layout, out_ref, 0, out)
 
 
 def _chunk_axis(layout: ChunkLayout) -> int:
@@ -63,7 +64,7 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, o
         value_spec = pl.BlockSpec((None, None, t, dv_block), lambda b, h, j, c: (b, h, c, j))
         out_spec, out_shape = value_spec, (batch, heads, length, dv)
         state = pltpu.VMEM((d, dv_block), jnp.float32)
-        step, semantics = pallas_chunk.generic_step, ("parallel", "parallel", "parallel", "arbitrary")
+        semantics = ("parallel", "parallel", "parallel", "arbitrary")
     else:
         # Column states: wp x d x dv floats; tile the key dim by 128 lanes (partial outputs).
         d_block, dv_block = LANES, LANES
@@ -73,12 +74,11 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, o
         value_spec = pl.BlockSpec((None, None, t, dv_block), lambda b, h, j, i, c: (b, h, c, j))
         out_spec = pl.BlockSpec((None, None, None, t, dv_block), lambda b, h, j, i, c: (i, b, h, c, j))
         out_shape = (key_tiles, batch, heads, length, dv)
-        state = pltpu.VMEM((t, d_block * dv_block), jnp.float32)
-        step = pallas_chunk.row_step
+        state = pltpu.VMEM((layout.row_slots, d_block * dv_block), jnp.float32)
         semantics = ("parallel", "parallel", "parallel", "parallel", "arbitrary")
     partial_dtype = jnp.float32 if layout.variant == "2d" else out_dtype
     out = pl.pallas_call(
-        functools.partial(_kernel, layout=layout, tangent=tangent, step=step),
+        functools.partial(_kernel, layout=layout, tangent=tangent),
         out_shape=jax.ShapeDtypeStruct(out_shape, partial_dtype),
         grid=grid,
         in_specs=[decay_spec, key_spec, key_spec, value_spec],
