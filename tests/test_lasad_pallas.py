@@ -53,8 +53,8 @@ def jitted_op(grid, variant, backend, block=BlockSizes()):
 
 
 @functools.cache
-def jitted_grads(grid, variant, backend):
-    op = jitted_op(grid, variant, backend)
+def jitted_grads(grid, variant, backend, block=BlockSizes()):
+    op = jitted_op(grid, variant, backend, block)
 
     def loss(diff, cotangent):
         return jnp.sum(cotangent.astype(jnp.float32) * op(**diff).astype(jnp.float32))
@@ -72,7 +72,7 @@ def check_forward(case, variant, backend, dtype, tolerance, block=BlockSizes()):
     assert error < tolerance, f"forward: relative error {error:.2e} >= {tolerance}"
 
 
-def check_grads(case, variant, backend, dtype, tolerance):
+def check_grads(case, variant, backend, dtype, tolerance, block=BlockSizes()):
     """Every gradient against the reference's, norm-wise relative error < tolerance.
 
     Except in bf16 for the log decays: each is one sum over all pairs (a, m) of terms of both signs,
@@ -84,7 +84,7 @@ def check_grads(case, variant, backend, dtype, tolerance):
     inputs = make_inputs(case, seed=seed, dtype=dtype)
     cotangent = jax.random.normal(jax.random.PRNGKey(seed + 1), inputs["v"].shape).astype(dtype)
     expected = jitted_grads(case.grid, variant, "reference")(inputs, cotangent)
-    actual = jitted_grads(case.grid, variant, backend)(inputs, cotangent)
+    actual = jitted_grads(case.grid, variant, backend, block)(inputs, cotangent)
     decay_scale = None
     if jnp.dtype(dtype).itemsize < 4:
         absolute = {name: None if x is None or name.startswith("log_") else jnp.abs(x) for name, x in inputs.items()}
@@ -139,6 +139,15 @@ def test_forward_bfloat16_matches_reference(variant):
 def test_forward_small_tiles_many_chunks(variant):
     """Tiles smaller than the head dims: several value tiles (and key tiles for 2d) per head."""
     check_forward(CASES["grid12x20_d64"], variant, "gpu", jnp.float32, 1e-4, block=SMALL_BLOCKS)
+
+
+@pytest.mark.parametrize("variant", ["2d_row", "1d", "none"])
+def test_two_pass_gpu_kernel_forward_and_gradients(variant):
+    """The GPU generic kernel's two-pass form (chunk states first, then all chunks in parallel)."""
+    two_pass = BlockSizes(block_tokens=32, parallel_chunks=2)
+    case = Case("grid6x20_prefix1", batch=1, grid=(6, 20), heads=2, d=16, dv=32, prefix=1)
+    check_forward(case, variant, "gpu", jnp.float32, 1e-4, block=two_pass)
+    check_grads(case, variant, "gpu", jnp.float32, 1e-4, block=two_pass)
 
 
 # ----------------------------------------------------------------------------- gradients

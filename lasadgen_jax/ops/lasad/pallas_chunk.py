@@ -40,16 +40,19 @@ class BlockSizes:
       d_block_2d = 0: the largest tile whose states fit `STATE_FLOATS_2D` (at least 16).
     num_warps, num_stages: Triton launch parameters (GPU only); num_warps_2d for the `2d` kernel
       (0: 4 warps while its states fit STATE_FLOATS_2D, else 8).
+    parallel_chunks: from this many chunks on, the GPU generic kernel runs in two passes (a
+      sequential pass that writes each chunk's starting state, then every chunk in parallel).
     """
 
     block_tokens: int = 64
     dv_block: int = 32
-    block_tokens_2d: int = 128
+    block_tokens_2d: int = 64
     d_block_2d: int = 0
     dv_block_2d: int = 16
     num_warps: int = 4
     num_warps_2d: int = 0
     num_stages: int = 1
+    parallel_chunks: int = 16
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -175,30 +178,49 @@ def intra_chunk_decay(layout: ChunkLayout, log_row, log_col, query_start: int = 
     return jnp.where(causal, jnp.exp(jnp.where(causal, log_decay, 0.0)), 0.0)
 
 
+def _generic_weights(layout: ChunkLayout, log_row, log_col):
+    """(log step, steps [T, 1], length): a query `steps` into the chunk reads the state with weight
+    exp(log_step * steps); the state moves on by exp(log_step * length) per chunk."""
+    t = layout.chunk_tokens
+    slot, row, _ = _slot_positions(layout, (t, 1), 0)
+    if layout.variant == "none":
+        return jnp.zeros_like(log_col), slot, layout.real_tokens
+    if layout.variant == "1d":
+        log_step, steps, length = log_col, slot, layout.real_tokens
+    else:  # 2d_row: decay by whole rows
+        log_step, steps, length = log_row, row, layout.rows_per_chunk
+    return log_step, jnp.minimum(steps, length).astype(jnp.float32), length  # padded slots: exponents <= 0
+
+
+def generic_output(layout: ChunkLayout, chunk, state, log_row, log_col):
+    """[T, dv] float32: the outputs of one chunk of `1d`, `none`, `2d_row`, given the state at its start."""
+    q, k, v = chunk
+    dtype = q.dtype
+    scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col)
+    out = dot(scores.astype(dtype), v)
+    log_step, steps, _ = _generic_weights(layout, log_row, log_col)
+    query = q if layout.variant == "none" else (q * jnp.exp(log_step * steps)).astype(dtype)
+    return out + dot(query, state.astype(dtype))
+
+
+def generic_next_state(layout: ChunkLayout, k, v, state, log_row, log_col):
+    """The state after one chunk: decayed by the chunk's length, plus its keys' k v^T."""
+    if layout.variant == "none":
+        return state + dot(k, v, (0, 0))
+    log_step, steps, length = _generic_weights(layout, log_row, log_col)
+    key_weight = jnp.exp(log_step * (length - steps))
+    return jnp.exp(log_step * length) * state + dot((k * key_weight).astype(k.dtype), v, (0, 0))
+
+
 def generic_step(layout: ChunkLayout, chunk, state, log_row, log_col):
     """One chunk of the generic kernel (`1d`, `none`, `2d_row`).
 
     chunk: (q, k [T, d], v [T, dv]); state: [d, dv] float32, the recurrence state at the chunk
     start (the vertical state for `2d_row`). Returns (out [T, dv] float32, next state).
     """
-    q, k, v = chunk
-    dtype = q.dtype
-    scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col)
-    out = dot(scores.astype(dtype), v)
-    if layout.variant == "none":
-        return out + dot(q, state.astype(dtype)), state + dot(k, v, (0, 0))
-    t = layout.chunk_tokens
-    slot, row, _ = _slot_positions(layout, (t, 1), 0)
-    if layout.variant == "1d":
-        log_step, steps, length = log_col, slot, layout.real_tokens
-    else:  # 2d_row: decay by whole rows
-        log_step, steps, length = log_row, row, layout.rows_per_chunk
-    steps = jnp.minimum(steps, length).astype(jnp.float32)  # padded slots: keep exponents <= 0
-    query_weight = jnp.exp(log_step * steps)
-    key_weight = jnp.exp(log_step * (length - steps))
-    out = out + dot((q * query_weight).astype(dtype), state.astype(dtype))
-    state = jnp.exp(log_step * length) * state + dot((k * key_weight).astype(dtype), v, (0, 0))
-    return out, state
+    _, k, v = chunk
+    out = generic_output(layout, chunk, state, log_row, log_col)
+    return out, generic_next_state(layout, k, v, state, log_row, log_col)
 
 
 def column_smoothing(width: int, log_col):

@@ -44,6 +44,64 @@ def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *, layout: ChunkLayout, tan
     jax.lax.fori_loop(0, layout.num_chunks, chunk, state if tangent is None else (state, state))
 
 
+def _state_pass_kernel(decay_ref, k_ref, v_ref, states_ref, *, layout: ChunkLayout):
+    """Pass 1 of the two-pass generic kernel: the state at the start of every chunk, in order."""
+    log_row, log_col = decay_ref[0], decay_ref[1]
+    t, d = layout.chunk_tokens, k_ref.shape[-1]
+
+    def chunk(index, state):
+        slots = pl.ds(pl.multiple_of(index * t, t), t)
+        states_ref[pl.ds(pl.multiple_of(index * d, d), d), :] = state
+        return pallas_chunk.generic_next_state(layout, k_ref[slots, :], v_ref[slots, :], state, log_row, log_col)
+
+    jax.lax.fori_loop(0, layout.num_chunks, chunk, jnp.zeros((d, v_ref.shape[-1]), jnp.float32))
+
+
+def _output_pass_kernel(decay_ref, q_ref, k_ref, v_ref, state_ref, out_ref, *, layout: ChunkLayout):
+    """Pass 2: one chunk's outputs from its inputs and its starting state (chunks in parallel)."""
+    log_row, log_col = decay_ref[0], decay_ref[1]
+    chunk = (q_ref[...], k_ref[...], v_ref[...])
+    out_ref[...] = pallas_chunk.generic_output(layout, chunk, state_ref[...], log_row, log_col).astype(out_ref.dtype)
+
+
+def _two_pass(q, k, v, decays, *, layout, block, out_dtype, interpret, poison):
+    batch, length, heads, d = q.shape
+    dv = v.shape[-1]
+    t, chunks = layout.chunk_tokens, layout.num_chunks
+    params = pltriton.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages)
+    decay_spec = pl.BlockSpec((None, 2), lambda *ids: (ids[1], 0))
+    dv_block = min(block.dv_block, dv)
+    states = pl.pallas_call(
+        functools.partial(_state_pass_kernel, layout=layout),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, chunks * d, dv), jnp.float32),
+        grid=(batch, heads, dv // dv_block),
+        in_specs=[
+            decay_spec,
+            pl.BlockSpec((None, length, None, d), lambda b, h, j: (b, 0, h, 0)),
+            pl.BlockSpec((None, length, None, dv_block), lambda b, h, j: (b, 0, h, j)),
+        ],
+        out_specs=pl.BlockSpec((None, None, chunks * d, dv_block), lambda b, h, j: (b, h, 0, j)),
+        compiler_params=params,
+        interpret=interpret,
+        name=f"lasad_{layout.variant}_states",
+    )(decays, k, v)
+    out_block = min(64, dv)  # the whole value dim: the chunks already give the parallelism
+    chunk_spec = lambda width: pl.BlockSpec((None, t, None, width), lambda b, h, c, j: (b, c, h, 0))
+    value_spec = pl.BlockSpec((None, t, None, out_block), lambda b, h, c, j: (b, c, h, j))
+    return _call(
+        functools.partial(_output_pass_kernel, layout=layout), (decays, q, k, v, states),
+        out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), out_dtype),
+        out_spec=value_spec,
+        poison=poison,
+        grid=(batch, heads, chunks, dv // out_block),
+        in_specs=[decay_spec, chunk_spec(d), chunk_spec(d), value_spec,
+                  pl.BlockSpec((None, None, d, out_block), lambda b, h, c, j: (b, h, c, j))],
+        compiler_params=params,
+        interpret=interpret,
+        name=f"lasad_{layout.variant}_chunks",
+    )
+
+
 def tiles_2d(layout: ChunkLayout, block: BlockSizes, d: int, dv: int) -> tuple[int, int, int]:
     """(d_block, dv_block, num_warps) of the 2d kernel; raises if the column states cannot stay on chip."""
     dv_block = min(block.dv_block_2d, dv)
@@ -85,6 +143,9 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, o
     batch, length, heads, d = q.shape
     dv = v.shape[-1]
     decay_spec = pl.BlockSpec((None, 2), lambda *ids: (ids[1], 0))
+    if layout.variant != "2d" and tangent is None and layout.num_chunks >= block.parallel_chunks:
+        return _two_pass(q, k, v, decays, layout=layout, block=block, out_dtype=out_dtype, interpret=interpret,
+                         poison=poison)
     if layout.variant != "2d":
         params = pltriton.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages)
         dv_block = min(block.dv_block, dv)
