@@ -190,7 +190,7 @@ EXTRAS = [  # (variant, label, block sizes): other tilings, forward only, after 
     ("1d", "one pass, T=128, dv 64, 8 warps", BlockSizes(block_tokens=128, dv_block=64, num_warps=8, parallel_chunks=1 << 20)),
     ("1d", "two pass, T=128", BlockSizes(block_tokens=128)),
     ("2d", "R=1 row per chunk", BlockSizes(block_tokens_2d=16)),
-    ("2d", "R=2x, 128 slots", BlockSizes(block_tokens_2d=128)),
+    ("2d", "R = 128 / wp rows per chunk", BlockSizes(block_tokens_2d=128)),
     ("2d", "8 warps", BlockSizes(num_warps_2d=8)),
 ]
 
