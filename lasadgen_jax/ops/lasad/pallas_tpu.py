@@ -52,7 +52,8 @@ def _chunk_axis(layout: ChunkLayout) -> int:
 def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, out_dtype, interpret: bool):
     """The kernel on packed inputs: q, k [B, H, L, d], v [B, H, L, dv] with L = layout.padded_length
     and d, dv multiples of 128; decays [H, 2] float32. Returns [B, H, L, dv] (with tangent 'row' or
-    'col', the output's derivative along that log decay)."""
+    'col', the output's derivative along that log decay). Tiles are 128 lanes; of `block` only the
+    chunk sizes (already in `layout`) apply here."""
     batch, heads, length, d = q.shape
     dv = v.shape[-1]
     t = layout.chunk_tokens
