@@ -1,7 +1,9 @@
 """LASAD kernels for GPUs, lowered through Triton (`jax.experimental.pallas.triton`).
 
 One program per (batch, head, value tile) walks its chunks in order inside the kernel, the state
-carried by the loop (registers), so no state ever goes to HBM. Inputs stay in the op's layout
+carried by the loop (registers), so no state ever goes to HBM. For long sequences the generic
+kernel instead runs two passes (`_two_pass`): chunk starting states (d x dv floats per chunk, in
+HBM), then every chunk in parallel. Inputs stay in the op's layout
 [batch, seq, heads, dim]: block specs squeeze batch and heads and the kernel loads strided
 [chunk, dim] tiles, so no transposes are needed around the call.
 
