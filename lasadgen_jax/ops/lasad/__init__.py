@@ -11,21 +11,24 @@ import functools
 
 import jax
 
-from lasadgen_jax.ops.lasad import autodiff, chunked, common, recurrent, reference, scan
+from lasadgen_jax.ops.lasad import autodiff, chunked, common, pallas, recurrent, reference, scan
 from lasadgen_jax.ops.lasad.common import VARIANTS
+from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes
 from lasadgen_jax.ops.lasad.recurrent import decode_step, fold_prefix, init_state
 
 __all__ = [
+    "BlockSizes",
     "IMPLS",
     "VARIANTS",
     "decode_step",
     "fold_prefix",
     "init_state",
     "lasad_attention",
+    "lasad_attention_pallas",
     "resolve_impl",
 ]
 
-IMPLS = ("auto", "reference", "recurrent", "scan", "chunked")
+IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "pallas")
 
 # Algorithms differentiated by recomputation (autodiff.py); `reference` uses plain autodiff.
 _CELL_ALGORITHMS = {
@@ -36,7 +39,11 @@ _CELL_ALGORITHMS = {
 
 
 def resolve_impl(impl: str) -> str:
-    """The one place that maps `impl` to an algorithm. `auto` is `chunked` until the Pallas kernels land."""
+    """The one place that maps `impl` to an algorithm.
+
+    `auto` is `chunked` on every backend for now: the Pallas kernels are not yet faster than it
+    on the H200 for every variant (benchmarks/RESULTS.md). `pallas` raises on CPU.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -69,25 +76,56 @@ def lasad_attention(
         '1d' (g^(a-m), g from log_decay_col) or 'none' (no decay).
       log_decay_row, log_decay_col: [heads] log decays (<= 0), as far as the variant uses them.
       prefix_k, prefix_v: optional [batch, P, heads, d|dv] condition keys/values, never decayed.
-      impl: 'auto', 'reference', 'recurrent', 'scan' or 'chunked'.
+      impl: 'auto', 'reference', 'recurrent', 'scan', 'chunked' or 'pallas' (the GPU or TPU kernel
+        of jax's default backend; an error on CPU).
 
     Returns:
       [batch, h*w, heads, dv] in q's dtype; computed with float32 states and accumulation.
     """
+    impl = resolve_impl(impl)
+    if impl == "pallas":
+        cells = pallas.pallas_cells(pallas.default_backend(), False, BlockSizes())
+    else:
+        cells = None if impl == "reference" else _CELL_ALGORITHMS[impl]
+    return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
+
+
+def lasad_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    grid: tuple[int, int],
+    variant: str,
+    log_decay_row: jax.Array | None = None,
+    log_decay_col: jax.Array | None = None,
+    prefix_k: jax.Array | None = None,
+    prefix_v: jax.Array | None = None,
+    backend: str,
+    interpret: bool = False,
+    block_sizes: BlockSizes = BlockSizes(),
+) -> jax.Array:
+    """`lasad_attention` through an explicit Pallas kernel: backend 'gpu' (Triton) or 'tpu'
+    (Mosaic TPU), optionally in interpret mode (how the tests run the kernels on CPU)."""
+    cells = pallas.pallas_cells(backend, bool(interpret), block_sizes)
+    return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
+
+
+def _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells):
+    """Checks the inputs, then the reference (cells None) or cells + the undecayed prefix term."""
     grid = common.check_grid(grid)
     common.check_variant(variant)
-    impl = resolve_impl(impl)
     batch, _, heads, d, dv = common.check_qkv(q, k, v, grid)
     common.check_prefix(prefix_k, prefix_v, batch, heads, d, dv, q.dtype)
     log_decay_row, log_decay_col = common.check_log_decays(variant, log_decay_row, log_decay_col, heads)
 
-    if impl == "reference":
+    if cells is None:
         out = reference.lasad_reference(
             q, k, v, grid=grid, variant=variant, log_decay_row=log_decay_row,
             log_decay_col=log_decay_col, prefix_k=prefix_k, prefix_v=prefix_v,
         )
     else:
-        out = _CELL_ALGORITHMS[impl](q, k, v, log_decay_row, log_decay_col, grid, variant)
+        out = cells(q, k, v, log_decay_row, log_decay_col, grid, variant)
         if prefix_k is not None:
             out = out + common.mm("bnhd,bhde->bnhe", q, common.prefix_state(prefix_k, prefix_v), q.dtype)
     return out.astype(q.dtype)

@@ -1,0 +1,251 @@
+"""The LASAD Pallas kernels on a GPU: correctness at full size, then time against cuDNN flash attention.
+
+    python benchmarks/kernels.py                     # checks, then the table (N = 256 ... 16384)
+    python benchmarks/kernels.py --extras --budget 380   # then other tilings, until 380 s
+    python benchmarks/kernels.py --sizes 16,32 --variants 1d --skip-check
+
+1. Ceilings measured in this run: a bf16 8192^3 matmul (TFLOP/s) and a device copy (GB/s).
+2. Checks: every variant's `impl="pallas"` forward and gradients against the quadratic reference
+   on small grids (float32 and bf16, with prefix keys, non-square); then at every benchmark size
+   the kernel against the pure-XLA `chunked` algorithm (forward and all gradients, bf16), its
+   output buffer poisoned with NaN first so that an element it fails to write shows up.
+3. Table: for each N (square grid, batch = tokens // N), the median forward and forward+backward
+   time of cuDNN flash attention (causal), the `chunked` algorithm and the Pallas kernel of each
+   variant, as ratios to flash in the same run; GB/s of the forward's compulsory traffic (q, k, v
+   read, out written) against the copy ceiling.
+Exit status 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lasadgen_jax.ops import lasad
+from lasadgen_jax.ops.lasad import BlockSizes, pallas
+
+DIFF = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")
+
+
+def random_inputs(batch, grid, heads, d, prefix, dtype, seed):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 7)
+    n = grid[0] * grid[1]
+    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    return dict(
+        q=normal(keys[0], (batch, n, heads, d)) * jnp.asarray(d**-0.5, dtype),
+        k=normal(keys[1], (batch, n, heads, d)),
+        v=normal(keys[2], (batch, n, heads, d)),
+        log_decay_row=jax.random.uniform(keys[3], (heads,), minval=-0.7, maxval=-0.02),
+        log_decay_col=jax.random.uniform(keys[4], (heads,), minval=-0.7, maxval=-0.02),
+        prefix_k=normal(keys[5], (batch, prefix, heads, d)) if prefix else None,
+        prefix_v=normal(keys[6], (batch, prefix, heads, d)) if prefix else None,
+    )
+
+
+def rel_error(actual, expected):
+    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
+    if not np.all(np.isfinite(actual)):
+        return float("inf")
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def op(grid, variant, impl, block=None):
+    if impl == "pallas" and block is not None:
+        return lambda x: lasad.lasad_attention_pallas(**x, grid=grid, variant=variant, backend="gpu", block_sizes=block)
+    return lambda x: lasad.lasad_attention(**x, grid=grid, variant=variant, impl=impl)
+
+
+def flash(x):
+    return jax.nn.dot_product_attention(x["q"], x["k"], x["v"], is_causal=True, implementation="cudnn")
+
+
+def compiled_pair(forward, inputs, cotangent):
+    """(jit forward, jit value_and_grad of sum(cotangent * out)) compiled for inputs."""
+    loss = lambda x: jnp.sum(cotangent.astype(jnp.float32) * forward(x).astype(jnp.float32))
+    args = {name: value for name, value in inputs.items() if value is not None}
+    return (jax.jit(forward).lower(args).compile(), jax.jit(jax.value_and_grad(loss)).lower(args).compile(), args)
+
+
+def time_ms(fn, args, repeats, inner=5):
+    jax.block_until_ready(fn(args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn(args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / inner)
+    return float(np.median(times)) * 1e3
+
+
+def ceilings():
+    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
+    matmul = jax.jit(lambda x: x @ x)
+    seconds = time_ms(matmul, a, 5) / 1e3
+    x = jax.random.normal(jax.random.PRNGKey(1), (256 * 2**20,), jnp.float32)  # 1 GiB
+    copy = jax.jit(lambda y: y * 1.0001)
+    copy_seconds = time_ms(copy, x, 5) / 1e3
+    return 2 * 8192**3 / seconds / 1e12, 2 * x.nbytes / copy_seconds / 1e9
+
+
+def small_checks(variants) -> bool:
+    """impl='pallas' against the reference: float32 (< 1e-4) and bf16 (< 2e-2), forward and grads."""
+    ok = True
+    print("| variant | grid | d | dtype | forward | worst gradient | ok |")
+    print("|---|---|---|---|---|---|---|")
+    for grid, d in (((12, 20), 64),):
+        for dtype, tolerance in ((jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)):
+            for variant in variants:
+                inputs = random_inputs(2, grid, 3, d, 3, dtype, seed=7)
+                cotangent = jax.random.normal(jax.random.PRNGKey(3), inputs["v"].shape, jnp.float32)
+                results = {}
+                for impl in ("reference", "pallas"):
+                    fwd, both, args = compiled_pair(op(grid, variant, impl), inputs, cotangent)
+                    results[impl] = (fwd(args), both(args)[1])
+                out_error = rel_error(results["pallas"][0], results["reference"][0])
+                grad_error = max(
+                    rel_error(results["pallas"][1][name], results["reference"][1][name])
+                    for name in results["reference"][1]
+                    if np.any(np.asarray(results["reference"][1][name]) != 0)
+                )
+                good = out_error < tolerance and grad_error < tolerance
+                ok &= good
+                print(f"| {variant} | {grid[0]}x{grid[1]} | {d} | {jnp.dtype(dtype).name} | {out_error:.1e} | "
+                      f"{grad_error:.1e} | {'yes' if good else 'NO'} |", flush=True)
+    return ok
+
+
+def poisoned_forward(inputs, grid, variant, block):
+    return pallas.run_kernel(
+        inputs["q"], inputs["k"], inputs["v"], inputs["log_decay_row"], inputs["log_decay_col"], grid=grid,
+        variant=variant, backend="gpu", interpret=False, block=block, tangent=None, out_dtype=inputs["q"].dtype,
+        poison=True,
+    )
+
+
+def table(args, block_of) -> bool:
+    ok = True
+    heads, d = args.heads, args.dim
+    print("| N | grid | batch | impl | variant | fwd ms | fwd+bwd ms | fwd x flash | fwd+bwd x flash | "
+          "flash / fwd | chunked / pallas fwd | chunked / pallas fwd+bwd | fwd GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for side in args.sizes:
+        grid, n = (side, side), side * side
+        batch = max(1, args.tokens // n)
+        inputs = random_inputs(batch, grid, heads, d, 0, jnp.bfloat16, seed=side)
+        cotangent = jax.random.normal(jax.random.PRNGKey(side + 1), inputs["v"].shape, jnp.float32).astype(jnp.bfloat16)
+        flash_inputs = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"]}
+        fwd, both, fargs = compiled_pair(flash, flash_inputs, cotangent)
+        flash_ms = (time_ms(fwd, fargs, args.repeats), time_ms(both, fargs, args.repeats))
+        print(f"| {n} | {side}x{side} | {batch} | cudnn flash | - | {flash_ms[0]:.3f} | {flash_ms[1]:.3f} | 1 | 1 | 1 "
+              f"| - | - | - |", flush=True)
+        traffic = sum(inputs[name].nbytes for name in ("q", "k", "v")) + inputs["v"].nbytes
+        for variant in args.variants:
+            results, times = {}, {}
+            for impl in ("chunked", "pallas"):
+                try:
+                    fwd, both, fargs = compiled_pair(op(grid, variant, impl, block_of(variant)), inputs, cotangent)
+                    results[impl] = (fwd(fargs), both(fargs)[1])
+                    times[impl] = (time_ms(fwd, fargs, args.repeats), time_ms(both, fargs, args.repeats))
+                except Exception as error:  # report and go on with the other kernels
+                    ok = False
+                    print(f"| {n} | {side}x{side} | {batch} | {impl} | {variant} | FAILED: "
+                          f"{type(error).__name__}: {str(error)[:300]} |", flush=True)
+            if "pallas" in results and "chunked" in results:
+                grad_errors = {
+                    name: rel_error(results["pallas"][1][name], results["chunked"][1][name])
+                    for name in results["chunked"][1] if np.any(np.asarray(results["chunked"][1][name]) != 0)
+                }
+                errors = [rel_error(results["pallas"][0], results["chunked"][0]), *grad_errors.values()]
+                poisoned = poisoned_forward(inputs, grid, variant, block_of(variant))
+                written = bool(jnp.all(jnp.isfinite(poisoned.astype(jnp.float32))))
+                same = rel_error(poisoned, results["pallas"][0])
+                good = max(errors) < 2e-2 and written and same < 1e-6
+                ok &= good
+                print(f"  check N={n} {variant}: vs chunked fwd {errors[0]:.1e}, grads "
+                      f"{', '.join(f'{name} {error:.1e}' for name, error in grad_errors.items())}; "
+                      f"poisoned output all written: {written}, equals unpoisoned: {same:.1e} -> "
+                      f"{'ok' if good else 'FAILED'}", flush=True)
+            for impl, (fwd_ms, both_ms) in times.items():
+                speedup = ("-", "-")
+                if impl == "pallas" and "chunked" in times:
+                    speedup = (f"{times['chunked'][0] / fwd_ms:.1f}", f"{times['chunked'][1] / both_ms:.1f}")
+                print(f"| {n} | {side}x{side} | {batch} | {impl} | {variant} | {fwd_ms:.3f} | {both_ms:.3f} | "
+                      f"{fwd_ms / flash_ms[0]:.2f} | {both_ms / flash_ms[1]:.2f} | {flash_ms[0] / fwd_ms:.2f} | "
+                      f"{speedup[0]} | {speedup[1]} | {traffic / fwd_ms / 1e6:.0f} |", flush=True)
+    return ok
+
+
+EXTRAS = [  # (variant, label, block sizes): other tilings, forward only, after the table
+    ("1d", "one pass", BlockSizes(parallel_chunks=1 << 20)),
+    ("1d", "one pass, T=128, dv 64, 8 warps", BlockSizes(block_tokens=128, dv_block=64, num_warps=8, parallel_chunks=1 << 20)),
+    ("1d", "two pass, T=128", BlockSizes(block_tokens=128)),
+    ("2d", "R=1 row per chunk", BlockSizes(block_tokens_2d=16)),
+    ("2d", "R = 128 / wp rows per chunk", BlockSizes(block_tokens_2d=128)),
+    ("2d", "8 warps", BlockSizes(num_warps_2d=8)),
+]
+
+
+def extras(args, deadline):
+    print("| N | variant | tiling | fwd ms |")
+    print("|---|---|---|---|")
+    for side in args.sizes:
+        grid, n = (side, side), side * side
+        inputs = random_inputs(max(1, args.tokens // n), grid, args.heads, args.dim, 0, jnp.bfloat16, seed=1)
+        inputs = {name: value for name, value in inputs.items() if value is not None}
+        for variant, label, block in EXTRAS:
+            if time.monotonic() > deadline:
+                print("(time budget spent: remaining tilings not run)")
+                return
+            try:
+                fwd = jax.jit(op(grid, variant, "pallas", block)).lower(inputs).compile()
+                result = f"{time_ms(fwd, inputs, args.repeats):.3f}"
+            except Exception as error:
+                result = f"FAILED {type(error).__name__}: {str(error)[:200]}"
+            print(f"| {n} | {variant} | {label} | {result} |", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="16,32,64,128", help="grid sides (N = side^2)")
+    parser.add_argument("--tokens", type=int, default=32768, help="batch = tokens // N")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--variants", default="1d,2d_row,2d")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--extras", action="store_true", help="after the table, time other tilings (forward)")
+    parser.add_argument("--budget", type=float, default=1e9, help="seconds after which --extras stops")
+    parser.add_argument("--skip-check", action="store_true")
+    args = parser.parse_args(argv)
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.variants = args.variants.split(",")
+    if jax.default_backend() != "gpu":
+        print(f"this benchmark needs a GPU; jax's default backend is {jax.default_backend()!r}", file=sys.stderr)
+        return 1
+    start = time.monotonic()
+    device = jax.devices()[0]
+    print(f"# LASAD kernels on {device.device_kind}, jax {jax.__version__}, python {platform.python_version()}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    tflops, gbps = ceilings()
+    print(f"ceilings: bf16 8192^3 matmul {tflops:.0f} TFLOP/s, copy {gbps:.0f} GB/s")
+    print(f"shapes: H={args.heads}, d=dv={args.dim}, bf16, batch*N = {args.tokens}; median of {args.repeats}")
+    ok = True
+    if not args.skip_check:
+        ok &= small_checks(args.variants + ["none"])
+    ok &= table(args, lambda variant: BlockSizes())
+    if args.extras:
+        extras(args, start + args.budget)
+    print("ALL CHECKS PASSED" if ok else "SOME CHECK FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

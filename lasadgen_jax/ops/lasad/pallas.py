@@ -1,0 +1,120 @@
+"""The Pallas kernels behind `impl="pallas"`: layout, backend choice and gradients (docs/lasad.md §6).
+
+The kernels themselves are in pallas_gpu.py (Triton) and pallas_tpu.py (Mosaic TPU); both compute
+the cell part of LASAD (no prefix) with the arithmetic of pallas_chunk.py. This module packs the
+inputs into chunks, pads head dims to what the backend tiles (powers of two >= 16 on GPU,
+multiples of 128 lanes on TPU), and wires the backward pass with `jax.custom_vjp`:
+
+    dq = forward(q=do, k=v, v=k)
+    dk = flip(forward(q=flip v,  k=flip do, v=flip q))
+    dv = flip(forward(q=flip k,  k=flip q,  v=flip do))
+
+(the recomputation of autodiff.py: `flip` turns the grid by 180 degrees), each a call of the same
+forward kernel. The per-head log decays get their gradients from the kernel in tangent mode: it
+carries, next to each state, the state's derivative along one log decay (a `jax.jvp` of the chunk
+step inside the kernel) and writes o' = d out / d log_decay; then dL/dlog_decay = sum do . o'
+(heads are independent, so one tangent of ones gives every head's derivative). One tangent call
+per decay the variant uses: `1d` one, `2d` and `2d_row` two, `none` none. Nothing of size
+O(N d dv) is stored.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lasadgen_jax.ops.lasad import common, pallas_gpu, pallas_tpu
+from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout, next_power_of_two
+
+BACKENDS = ("gpu", "tpu")
+
+
+def default_backend() -> str:
+    """The kernel backend of jax's default device; raises on CPU (no silent fallback)."""
+    platform = jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+        return "gpu"
+    if platform == "tpu":
+        return "tpu"
+    raise ValueError(
+        f"impl='pallas' needs a GPU or TPU, but jax's default backend is {platform!r}; use "
+        "impl='chunked' (or 'auto'), or lasad_attention_pallas(..., backend=..., interpret=True) to "
+        "run the kernels in interpret mode"
+    )
+
+
+def _pad_last(x, size: int):
+    return x if x.shape[-1] == size else jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, size - x.shape[-1]),))
+
+
+def _padded_dim(backend: str, size: int) -> int:
+    if backend == "gpu":
+        return next_power_of_two(max(16, size))
+    return -(-size // pallas_tpu.LANES) * pallas_tpu.LANES
+
+
+def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend, interpret, block, tangent, out_dtype,
+               poison=False):
+    """The forward kernel on [B, N, H, *] inputs: [B, N, H, dv] in out_dtype (no prefix); with
+    tangent 'row' or 'col' the output's derivative along that log decay.
+
+    poison=True (GPU only; for checks) starts the kernel's output buffer as NaN."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    layout = ChunkLayout.make(grid, variant, block.block_tokens, block.block_tokens_2d)
+    decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)  # [H, 2]
+    d, dv = q.shape[-1], v.shape[-1]
+    d_pad, dv_pad = _padded_dim(backend, d), _padded_dim(backend, dv)
+    packed = [
+        _pad_last(layout.pack(x), size) for x, size in ((q, d_pad), (k, d_pad), (v, dv_pad))
+    ]
+    kwargs = dict(layout=layout, block=block, tangent=tangent, out_dtype=out_dtype, interpret=interpret)
+    if backend == "gpu":
+        out = pallas_gpu.cells(*packed, decays, **kwargs, poison=poison)
+    elif poison:
+        raise ValueError("poison is implemented for the GPU kernels only")
+    else:  # [B, L, H, e] -> [B, H, L, e]: every block a (chunk, 128 * k) tile
+        to_heads_major = lambda x: x.transpose(0, 2, 1, 3)
+        out = to_heads_major(pallas_tpu.cells(*map(to_heads_major, packed), decays, **kwargs))
+    return layout.unpack(out)[..., :dv]
+
+
+@functools.lru_cache(maxsize=None)
+def pallas_cells(backend: str, interpret: bool, block: BlockSizes):
+    """cells(q, k, v, log_decay_row, log_decay_col, grid, variant) -> [B, N, H, dv] in q.dtype,
+    with the custom_vjp described in the module docstring. grid and variant are static."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    kernel = functools.partial(run_kernel, backend=backend, interpret=interpret, block=block)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+    def cells(q, k, v, log_decay_row, log_decay_col, grid, variant):
+        return kernel(q, k, v, log_decay_row, log_decay_col, grid=grid, variant=variant, tangent=None, out_dtype=q.dtype)
+
+    def forward(q, k, v, log_decay_row, log_decay_col, grid, variant):
+        return cells(q, k, v, log_decay_row, log_decay_col, grid, variant), (q, k, v, log_decay_row, log_decay_col)
+
+    def backward(grid, variant, residuals, d_out):
+        q, k, v, log_decay_row, log_decay_col = residuals
+        run = functools.partial(
+            kernel, log_decay_row=log_decay_row, log_decay_col=log_decay_col, grid=grid, variant=variant,
+            out_dtype=jnp.float32,
+        )
+        d_out_in = d_out.astype(q.dtype)  # the op returns q.dtype: d_out holds no more precision
+        flip = lambda x: x[:, ::-1]
+        dq = run(d_out_in, v, k, tangent=None)
+        dk = flip(run(flip(v), flip(d_out_in), flip(q), tangent=None))
+        dv = flip(run(flip(k), flip(q), flip(d_out_in), tangent=None))
+        d_decays = []
+        for which, used, log_decay in zip(("row", "col"), common.USES_DECAY[variant], (log_decay_row, log_decay_col)):
+            if used:
+                out_dot = run(q, k, v, tangent=which)
+                d_decays.append(jnp.einsum("bnhe,bnhe->h", d_out.astype(jnp.float32), out_dot).astype(log_decay.dtype))
+            else:
+                d_decays.append(jnp.zeros_like(log_decay))
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *d_decays
+
+    cells.defvjp(forward, backward)
+    return cells

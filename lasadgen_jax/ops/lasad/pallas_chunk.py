@@ -1,0 +1,308 @@
+"""What the LASAD Pallas kernels share: block sizes, the chunk layout, and the math of one chunk.
+
+The GPU kernel (pallas_gpu.py, Triton lowering) walks the chunks of one (batch, head) in a loop
+with the state as the loop carry; the TPU kernel (pallas_tpu.py, Mosaic) walks them as the last,
+"arbitrary" grid axis with the state in VMEM scratch. Both load a chunk with `load_chunk`, call
+the step function below on its values and store with `store_chunk`, so the arithmetic is written
+once (and differentiated once: `step_with_tangent`).
+
+Chunk layout (docs/lasad.md §6). The kernels see tokens packed into chunks of `chunk_tokens`
+slots, a power of two (Triton needs power-of-two shapes):
+  - `1d`, `none`: T consecutive tokens per chunk (zero tokens pad the end of the sequence).
+  - `2d_row`: R whole rows per chunk (R*w tokens), zero slots pad each chunk to T.
+  - `2d`: R whole rows per chunk, each row padded to wp >= w slots (T = R*wp), so that column c
+    of every row sits at slot c of its row: the column states are [wp, d, dv].
+Padding keys and values are zero, so padded slots add nothing; their outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the kernels; every field a power of two, checked on construction.
+
+    block_tokens: target tokens per chunk of the generic kernel (`2d_row` rounds to whole rows).
+    dv_block: value columns per program of the generic kernel (the state is d x dv_block).
+    block_tokens_2d: target slots per chunk of the `2d` kernel (R = block_tokens_2d // wp rows).
+    d_block_2d, dv_block_2d: the `2d` kernel's tile of each column state (wp x d_block x dv_block
+      floats stay on chip); key-dim tiles give partial outputs that are summed afterwards.
+      d_block_2d = 0: the largest tile whose states fit `STATE_FLOATS_2D` (at least 16).
+    num_warps, num_stages: Triton launch parameters (GPU only); num_warps_2d for the `2d` kernel
+      (0: 4 warps while its states fit STATE_FLOATS_2D, else 8).
+    parallel_chunks: from this many chunks on, the GPU generic kernel runs in two passes (a
+      sequential pass that writes each chunk's starting state, then every chunk in parallel).
+    """
+
+    block_tokens: int = 64
+    dv_block: int = 32
+    block_tokens_2d: int = 64
+    d_block_2d: int = 0
+    dv_block_2d: int = 16
+    num_warps: int = 4
+    num_warps_2d: int = 0
+    num_stages: int = 1
+    parallel_chunks: int = 16
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            auto = field.name in ("d_block_2d", "num_warps_2d") and value == 0
+            if not isinstance(value, int) or (not auto and (value < 1 or value & (value - 1))):
+                raise ValueError(f"BlockSizes.{field.name} must be a power of two >= 1, got {value!r}")
+        for name in ("block_tokens", "dv_block", "block_tokens_2d", "d_block_2d", "dv_block_2d"):
+            if 0 < getattr(self, name) < 16:
+                raise ValueError(f"BlockSizes.{name} must be >= 16 (matrix-unit tiles), got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """How one sequence of N = h*w cells maps onto chunks of `chunk_tokens` slots."""
+
+    grid: tuple[int, int]
+    variant: str
+    rows_per_chunk: int  # R for the 2d variants, 0 for 1d/none
+    real_tokens: int  # cells per chunk for 1d/none/2d_row (T or R*w); 0 for 2d (rows are padded)
+    row_slots: int  # slots per row (wp) for 2d; the grid width for the others' positions
+    chunk_tokens: int  # slots per chunk, a power of two
+    num_chunks: int
+
+    @property
+    def padded_length(self) -> int:
+        return self.num_chunks * self.chunk_tokens
+
+    @staticmethod
+    def make(grid, variant: str, block_tokens: int, block_tokens_2d: int = 128) -> "ChunkLayout":
+        h, w = grid
+        if variant == "2d":
+            slots = next_power_of_two(max(16, w))
+            rows = min(next_power_of_two(h), max(1, block_tokens_2d // slots))
+            return ChunkLayout(grid, variant, rows, 0, slots, rows * slots, -(-h // rows))
+        if variant == "2d_row":
+            rows = min(h, max(1, block_tokens // w))
+            real = rows * w
+            return ChunkLayout(grid, variant, rows, real, w, next_power_of_two(max(16, real)), -(-h // rows))
+        n = h * w
+        tokens = min(block_tokens, next_power_of_two(max(16, n)))
+        return ChunkLayout(grid, variant, 0, tokens, w, tokens, -(-n // tokens))
+
+    def pack(self, x):
+        """[B, N, H, e] -> [B, num_chunks * chunk_tokens, H, e] with zero slots."""
+        batch, n, heads, e = x.shape
+        h, w = self.grid
+        if self.variant == "2d":
+            x = x.reshape(batch, h, w, heads, e)
+            pad = ((0, 0), (0, self.num_chunks * self.rows_per_chunk - h), (0, self.row_slots - w), (0, 0), (0, 0))
+            return jnp.pad(x, pad).reshape(batch, self.padded_length, heads, e)
+        x = jnp.pad(x, ((0, 0), (0, self.num_chunks * self.real_tokens - n), (0, 0), (0, 0)))
+        if self.real_tokens == self.chunk_tokens:
+            return x
+        x = x.reshape(batch, self.num_chunks, self.real_tokens, heads, e)
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, self.chunk_tokens - self.real_tokens), (0, 0), (0, 0)))
+        return x.reshape(batch, self.padded_length, heads, e)
+
+    def unpack(self, y):
+        """Inverse of pack: [B, num_chunks * chunk_tokens, H, e] -> [B, N, H, e]."""
+        batch, _, heads, e = y.shape
+        h, w = self.grid
+        if self.variant == "2d":
+            y = y.reshape(batch, self.num_chunks * self.rows_per_chunk, self.row_slots, heads, e)
+            return y[:, :h, :w].reshape(batch, h * w, heads, e)
+        if self.real_tokens != self.chunk_tokens:
+            y = y.reshape(batch, self.num_chunks, self.chunk_tokens, heads, e)[:, :, : self.real_tokens]
+            y = y.reshape(batch, self.num_chunks * self.real_tokens, heads, e)
+        return y[:, : h * w]
+
+
+# ----------------------------------------------------------------------------- chunk math
+
+
+def dot(a, b, contract=(1, 0)):
+    """a @ b (contract=(1, 0)), a @ b.T (1, 1) or a.T @ b (0, 0) with float32 accumulation.
+
+    float32 inputs get full precision (IEEE on Triton, not tf32). Interpreted on CPU, bf16
+    operands are upcast first: XLA:CPU has no bf16 x bf16 -> f32 dot for every shape, and bf16
+    products are exact in float32, so the result is the same.
+    """
+    if a.dtype != b.dtype:
+        raise TypeError(f"dot operands must share a dtype, got {a.dtype} and {b.dtype}")
+    if a.dtype.itemsize < 4 and jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    precision = jax.lax.Precision.HIGHEST if a.dtype.itemsize >= 4 else None
+    return jax.lax.dot_general(
+        a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _slot_positions(layout: ChunkLayout, shape, axis: int, start: int = 0):
+    """(slot index, row in chunk, column) of each slot along `axis` of an iota of `shape`."""
+    slot = jax.lax.broadcasted_iota(jnp.int32, shape, axis) + start
+    width = jnp.int32(layout.row_slots)  # slots are >= 0: truncating division is floor division
+    return slot, jax.lax.div(slot, width), jax.lax.rem(slot, width)
+
+
+def intra_chunk_decay(layout: ChunkLayout, log_row, log_col, query_start: int = 0, num_queries: int | None = None):
+    """[queries, T] float32: D(a, m) for query slot a (from query_start) and key slot m < a, else 0.
+
+    Exponents are <= 0 wherever the mask is on; the inner where keeps masked slots finite (and
+    their derivatives zero).
+    """
+    t = layout.chunk_tokens
+    shape = (t if num_queries is None else num_queries, t)
+    q_slot, q_row, q_col = _slot_positions(layout, shape, 0, query_start)
+    k_slot, k_row, k_col = _slot_positions(layout, shape, 1)
+    causal = k_slot < q_slot
+    variant = layout.variant
+    if variant == "none":
+        log_decay = jnp.zeros(shape, jnp.float32)
+    elif variant == "1d":
+        log_decay = log_col * (q_slot - k_slot).astype(jnp.float32)
+    elif variant == "2d_row":
+        same_row = q_row == k_row
+        log_decay = jnp.where(
+            same_row, log_col * (q_col - k_col).astype(jnp.float32), log_row * (q_row - k_row).astype(jnp.float32)
+        )
+    else:
+        log_decay = log_row * (q_row - k_row).astype(jnp.float32) + log_col * jnp.abs(q_col - k_col).astype(jnp.float32)
+    return jnp.where(causal, jnp.exp(jnp.where(causal, log_decay, 0.0)), 0.0)
+
+
+def _generic_weights(layout: ChunkLayout, log_row, log_col):
+    """(log step, steps [T, 1], length): a query `steps` into the chunk reads the state with weight
+    exp(log_step * steps); the state moves on by exp(log_step * length) per chunk."""
+    t = layout.chunk_tokens
+    slot, row, _ = _slot_positions(layout, (t, 1), 0)
+    if layout.variant == "none":
+        return jnp.zeros_like(log_col), slot, layout.real_tokens
+    if layout.variant == "1d":
+        log_step, steps, length = log_col, slot, layout.real_tokens
+    else:  # 2d_row: decay by whole rows
+        log_step, steps, length = log_row, row, layout.rows_per_chunk
+    return log_step, jnp.minimum(steps, length).astype(jnp.float32), length  # padded slots: exponents <= 0
+
+
+def generic_output(layout: ChunkLayout, chunk, state, log_row, log_col):
+    """[T, dv] float32: the outputs of one chunk of `1d`, `none`, `2d_row`, given the state at its start."""
+    q, k, v = chunk
+    dtype = q.dtype
+    scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col)
+    out = dot(scores.astype(dtype), v)
+    log_step, steps, _ = _generic_weights(layout, log_row, log_col)
+    query = q if layout.variant == "none" else (q * jnp.exp(log_step * steps)).astype(dtype)
+    return out + dot(query, state.astype(dtype))
+
+
+def generic_next_state(layout: ChunkLayout, k, v, state, log_row, log_col):
+    """The state after one chunk: decayed by the chunk's length, plus its keys' k v^T."""
+    if layout.variant == "none":
+        return state + dot(k, v, (0, 0))
+    log_step, steps, length = _generic_weights(layout, log_row, log_col)
+    key_weight = jnp.exp(log_step * (length - steps))
+    return jnp.exp(log_step * length) * state + dot((k * key_weight).astype(k.dtype), v, (0, 0))
+
+
+def generic_step(layout: ChunkLayout, chunk, state, log_row, log_col):
+    """One chunk of the generic kernel (`1d`, `none`, `2d_row`).
+
+    chunk: (q, k [T, d], v [T, dv]); state: [d, dv] float32, the recurrence state at the chunk
+    start (the vertical state for `2d_row`). Returns (out [T, dv] float32, next state).
+    """
+    _, k, v = chunk
+    out = generic_output(layout, chunk, state, log_row, log_col)
+    return out, generic_next_state(layout, k, v, state, log_row, log_col)
+
+
+def column_smoothing(width: int, log_col):
+    """[wp, wp] float32: g_col^|c - c'|, the two-sided row fold of `2d` as a matrix."""
+    c = jax.lax.broadcasted_iota(jnp.int32, (width, width), 0)
+    c_other = jax.lax.broadcasted_iota(jnp.int32, (width, width), 1)
+    return jnp.exp(log_col * jnp.abs(c - c_other).astype(jnp.float32))
+
+
+def rows_step(layout: ChunkLayout, chunk, column_states, log_row, log_col):
+    """R rows of the `2d` kernel.
+
+    chunk: (q_rows, k, v, k_rows, v_rows): per-row lists of [wp, dk] / [wp, dv] tiles and the whole
+    chunk's k [T, dk], v [T, dv]. column_states: [wp, dk * dv] float32, column c's dk x dv state
+    (rows above the chunk, decayed to its first row) flattened in row c. For the query in local row
+    i, column c (a partial sum over this key-dim tile):
+        out = sum_{m < a in the chunk} D(a, m) (q . k_m) v_m  +  g_row^i q^T C[c]
+    and after the chunk (the row fold: a two-sided smoothing along the row, as one matmul)
+        C[c] <- g_row^R C[c] + sum_c' g_col^|c - c'| sum_i g_row^(R - i) k_(i,c') v_(i,c')^T
+    Returns (list of R row outputs [wp, dv] float32, next column states).
+    """
+    q_rows, k, v, k_rows, v_rows = chunk
+    dtype = k.dtype
+    width, rows = layout.row_slots, layout.rows_per_chunk
+    key_dim, value_dim = k.shape[1], v.shape[1]
+    states = column_states.reshape(width, key_dim, value_dim)
+    outs = []
+    for i, q in enumerate(q_rows):
+        scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col, i * width, width)
+        from_states = jnp.sum(q.astype(jnp.float32)[:, :, None] * states, axis=1)
+        outs.append(dot(scores.astype(dtype), v) + jnp.exp(log_row * i) * from_states)
+    row_kv = sum(
+        jnp.exp(log_row * (rows - i)) * (k_row.astype(jnp.float32)[:, :, None] * v_row.astype(jnp.float32)[:, None, :])
+        for i, (k_row, v_row) in enumerate(zip(k_rows, v_rows))
+    )
+    smoothed = dot(column_smoothing(width, log_col).astype(dtype), row_kv.reshape(width, key_dim * value_dim).astype(dtype))
+    return outs, jnp.exp(log_row * rows) * column_states + smoothed
+
+
+def load_chunk(layout: ChunkLayout, q_ref, k_ref, v_ref, start):
+    """The values one step reads, from refs holding the chunk at slot `start` (GPU: the whole
+    sequence; TPU: the chunk's block, start 0)."""
+    t = layout.chunk_tokens
+    whole = pl.ds(start, t)
+    if layout.variant != "2d":
+        return q_ref[whole, :], k_ref[whole, :], v_ref[whole, :]
+    row = lambda ref, i: ref[pl.ds(start + i * layout.row_slots, layout.row_slots), :]
+    rows = range(layout.rows_per_chunk)
+    return ([row(q_ref, i) for i in rows], k_ref[whole, :], v_ref[whole, :],
+            [row(k_ref, i) for i in rows], [row(v_ref, i) for i in rows])
+
+
+def store_chunk(layout: ChunkLayout, out_ref, start, out):
+    if layout.variant != "2d":
+        out_ref[pl.ds(start, layout.chunk_tokens), :] = out.astype(out_ref.dtype)
+        return
+    for i, row_out in enumerate(out):
+        out_ref[pl.ds(start + i * layout.row_slots, layout.row_slots), :] = row_out.astype(out_ref.dtype)
+
+
+def step_of(layout: ChunkLayout):
+    return rows_step if layout.variant == "2d" else generic_step
+
+
+TANGENTS = (None, "row", "col")
+
+
+def step_with_tangent(step, tangent, layout, chunk, carry, log_row, log_col):
+    """step(...) or, for tangent 'row'/'col', its forward-mode derivative along that log decay.
+
+    carry is the state, or (state, d state / d log decay) with a tangent; returns (out, carry)
+    where out is the output, or its derivative with a tangent. The kernels call this on every
+    chunk, so the decay gradients come from the same arithmetic as the forward pass.
+    """
+    if tangent is None:
+        return step(layout, chunk, carry, log_row, log_col)
+    if tangent not in TANGENTS:
+        raise ValueError(f"tangent must be one of {TANGENTS}, got {tangent!r}")
+    state, state_dot = carry
+    one, zero = jnp.ones_like(log_row), jnp.zeros_like(log_row)
+    direction = (one, zero) if tangent == "row" else (zero, one)
+    (_, state), (out_dot, state_dot) = jax.jvp(
+        lambda row, col, s: step(layout, chunk, s, row, col), (log_row, log_col, state), (*direction, state_dot)
+    )
+    return out_dot, (state, state_dot)

@@ -1,0 +1,201 @@
+"""The LASAD Pallas kernels (GPU/Triton and TPU/Mosaic bodies) in interpret mode, against the reference.
+
+Every comparison is with `impl="reference"`, the quadratic oracle, never with another fast path.
+Sizes are small so that interpret mode stays quick on a CPU; the full-size checks run on the GPU
+(benchmarks/kernels.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import Case, make_inputs, rel_error
+from lasadgen_jax.ops import lasad
+from lasadgen_jax.ops.lasad import BlockSizes, lasad_attention, lasad_attention_pallas
+
+BACKENDS = ("gpu", "tpu")
+CASES = {
+    case.name: case
+    for case in [
+        # 3x7: rows not a power of two, padded slots in every 2d/2d_row chunk, prefix keys.
+        Case("grid3x7_prefix2", batch=2, grid=(3, 7), heads=2, d=8, dv=6, prefix=2),
+        # 12x20, d = 64: several chunks for 1d (128 tokens) and 2d_row (6 rows = 120 of 128 slots).
+        Case("grid12x20_d64", batch=1, grid=(12, 20), heads=2, d=64, dv=64, prefix=0),
+        # odd head dims, padded to 64 (GPU) or 128 lanes (TPU).
+        Case("grid4x5_d60_prefix3", batch=1, grid=(4, 5), heads=1, d=60, dv=36, prefix=3),
+        Case("column9x1", batch=2, grid=(9, 1), heads=1, d=4, dv=6, prefix=0),
+        Case("row1x9_prefix1", batch=1, grid=(1, 9), heads=3, d=4, dv=4, prefix=1),
+    ]
+}
+DIFF_ARGS = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")
+# Small tiles so that the test grids span several chunks and tiles.
+SMALL_BLOCKS = BlockSizes(block_tokens=32, dv_block=16, block_tokens_2d=32, d_block_2d=16, dv_block_2d=16)
+
+
+def seed_of(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode()) % 2**16
+
+
+@functools.cache
+def jitted_op(grid, variant, backend, block=BlockSizes()):
+    if backend == "reference":
+        return jax.jit(functools.partial(lasad_attention, grid=grid, variant=variant, impl="reference"))
+    return jax.jit(functools.partial(
+        lasad_attention_pallas, grid=grid, variant=variant, backend=backend, interpret=True, block_sizes=block
+    ))
+
+
+@functools.cache
+def jitted_grads(grid, variant, backend, block=BlockSizes()):
+    op = jitted_op(grid, variant, backend, block)
+
+    def loss(diff, cotangent):
+        return jnp.sum(cotangent.astype(jnp.float32) * op(**diff).astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss))
+
+
+def check_forward(case, variant, backend, dtype, tolerance, block=BlockSizes()):
+    inputs = make_inputs(case, seed=seed_of(case, variant, backend, dtype), dtype=dtype)
+    expected = jitted_op(case.grid, variant, "reference")(**inputs)
+    actual = jitted_op(case.grid, variant, backend, block)(**inputs)
+    chex.assert_shape(actual, (case.batch, case.grid[0] * case.grid[1], case.heads, case.dv))
+    chex.assert_type(actual, dtype)
+    error = rel_error(actual, expected)
+    assert error < tolerance, f"forward: relative error {error:.2e} >= {tolerance}"
+
+
+def check_grads(case, variant, backend, dtype, tolerance, block=BlockSizes()):
+    """Every gradient against the reference's, norm-wise relative error < tolerance.
+
+    Except in bf16 for the log decays: each is one sum over all pairs (a, m) of terms of both signs,
+    and in bf16 its error scales with the terms, not with the (possibly much smaller) sum. There
+    the error is measured against the same gradient taken with every input and the cotangent
+    replaced by its absolute value, an upper bound of the sum of the terms' magnitudes.
+    """
+    seed = seed_of("grads", case, variant, backend, dtype)
+    inputs = make_inputs(case, seed=seed, dtype=dtype)
+    cotangent = jax.random.normal(jax.random.PRNGKey(seed + 1), inputs["v"].shape).astype(dtype)
+    expected = jitted_grads(case.grid, variant, "reference")(inputs, cotangent)
+    actual = jitted_grads(case.grid, variant, backend, block)(inputs, cotangent)
+    decay_scale = None
+    if jnp.dtype(dtype).itemsize < 4:
+        absolute = {name: None if x is None or name.startswith("log_") else jnp.abs(x) for name, x in inputs.items()}
+        absolute.update(log_decay_row=inputs["log_decay_row"], log_decay_col=inputs["log_decay_col"])
+        decay_scale = jitted_grads(case.grid, variant, "reference")(absolute, jnp.abs(cotangent))
+    used_row, used_col = lasad.common.USES_DECAY[variant]
+    for name in DIFF_ARGS:
+        if inputs[name] is None:
+            continue
+        chex.assert_equal_shape([actual[name], inputs[name]])
+        chex.assert_type(actual[name], inputs[name].dtype)
+        if (name == "log_decay_row" and not used_row) or (name == "log_decay_col" and not used_col):
+            np.testing.assert_array_equal(actual[name], 0.0, err_msg=f"{name} is unused by {variant}")
+            continue
+        if decay_scale is not None and name.startswith("log_"):
+            diff = np.linalg.norm(np.asarray(actual[name], np.float64) - np.asarray(expected[name], np.float64))
+            error = diff / np.linalg.norm(np.asarray(decay_scale[name], np.float64))
+        else:
+            error = rel_error(actual[name], expected[name])
+        assert error < tolerance, f"d{name}: relative error {error:.2e} >= {tolerance}"
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", lasad.VARIANTS)
+def test_forward_float32_matches_reference(variant, backend):
+    check_forward(CASES["grid3x7_prefix2"], variant, backend, jnp.float32, 1e-4)
+
+
+@pytest.mark.parametrize(
+    "variant, case_name",
+    [("2d", "grid12x20_d64"), ("2d_row", "grid12x20_d64"), ("1d", "grid12x20_d64"),
+     ("2d", "grid4x5_d60_prefix3"), ("1d", "grid4x5_d60_prefix3"), ("2d", "column9x1"), ("2d", "row1x9_prefix1")],
+)
+def test_forward_shapes_gpu_kernel(variant, case_name):
+    check_forward(CASES[case_name], variant, "gpu", jnp.float32, 1e-4)
+
+
+def test_forward_odd_head_dims_tpu_kernel():
+    check_forward(CASES["grid4x5_d60_prefix3"], "2d", "tpu", jnp.float32, 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["2d", "1d"])
+def test_forward_bfloat16_matches_reference(variant):
+    check_forward(CASES["grid12x20_d64"], variant, "gpu", jnp.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("variant", ["2d_row", "2d"])
+def test_forward_small_tiles_many_chunks(variant):
+    """Tiles smaller than the head dims: several value tiles (and key tiles for 2d) per head."""
+    check_forward(CASES["grid12x20_d64"], variant, "gpu", jnp.float32, 1e-4, block=SMALL_BLOCKS)
+
+
+def test_two_pass_gpu_kernel_forward_and_gradients():
+    """The GPU generic kernel's two-pass form (chunk states first, then all chunks in parallel)."""
+    two_pass = BlockSizes(block_tokens=32, parallel_chunks=2)
+    case = Case("grid6x20_prefix1", batch=1, grid=(6, 20), heads=2, d=16, dv=32, prefix=1)
+    check_forward(case, "2d_row", "gpu", jnp.float32, 1e-4, block=two_pass)
+    check_forward(case, "1d", "gpu", jnp.float32, 1e-4, block=two_pass)
+    check_grads(case, "1d", "gpu", jnp.float32, 1e-4, block=two_pass)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize(
+    "variant, backend",
+    [("2d", "gpu"), ("2d_row", "gpu"), ("1d", "gpu"), ("none", "gpu"), ("2d", "tpu"), ("2d_row", "tpu")],
+)
+def test_gradients_float32_match_reference(variant, backend):
+    check_grads(CASES["grid3x7_prefix2"], variant, backend, jnp.float32, 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["2d", "2d_row"])
+def test_gradients_bfloat16_match_reference(variant):
+    check_grads(CASES["grid3x7_prefix2"], variant, "gpu", jnp.bfloat16, 2e-2)
+
+
+def test_gradients_odd_head_dims():
+    check_grads(CASES["grid4x5_d60_prefix3"], "2d", "gpu", jnp.float32, 1e-4)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_pallas_impl_on_cpu_raises_instead_of_falling_back():
+    case = CASES["grid3x7_prefix2"]
+    inputs = make_inputs(case, seed=0)
+    with pytest.raises(ValueError, match="needs a GPU or TPU"):
+        lasad_attention(**inputs, grid=case.grid, variant="2d", impl="pallas")
+    assert lasad.resolve_impl("auto") == "chunked"
+
+
+def test_unknown_backend_raises():
+    case = CASES["grid3x7_prefix2"]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lasad_attention_pallas(**make_inputs(case, seed=0), grid=case.grid, variant="1d", backend="cuda")
+
+
+@pytest.mark.parametrize("field, value", [("block_tokens", 48), ("dv_block", 8), ("num_warps", 0)])
+def test_block_sizes_validate_themselves(field, value):
+    with pytest.raises(ValueError, match=field):
+        BlockSizes(**{field: value})
+
+
+def test_2d_column_states_over_budget_raise():
+    """A 2d tile whose column states cannot stay on chip is an error, not a silent slow path."""
+    case = Case("wide", batch=1, grid=(2, 200), heads=1, d=64, dv=64, prefix=0)
+    too_big = BlockSizes(d_block_2d=64, dv_block_2d=64)
+    with pytest.raises(ValueError, match="on-chip budget"):
+        lasad_attention_pallas(**make_inputs(case, seed=0), grid=case.grid, variant="2d", backend="gpu",
+                               interpret=True, block_sizes=too_big)
