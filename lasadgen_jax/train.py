@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -420,7 +421,7 @@ class PreemptionFlag:
         self.previous = None
 
     def __enter__(self):
-        if threading_is_main():
+        if threading.current_thread() is threading.main_thread():   # signals reach the main thread only
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -430,12 +431,6 @@ class PreemptionFlag:
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # ============================================================================= logging and samples
