@@ -30,7 +30,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from lasadgen_jax import sharding
@@ -347,6 +346,32 @@ def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_sh
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    """What the loop (and the benchmark) needs besides data: model graph, optimizer, shardings, step."""
+
+    graphdef: object
+    rng_state_template: object
+    tx: object
+    schedule: object
+    abstract_state: dict
+    state_shardings: dict
+    train_step: object
+
+    def initial_state(self, model_config: ModelConfig, seed: int) -> dict:
+        return create_train_state(model_config, self.tx, seed, self.state_shardings)
+
+
+def setup_training(config, model_config: ModelConfig, mesh, num_steps: int) -> TrainingSetup:
+    tx, schedule = make_optimizer(config.optimizer, num_steps)
+    graphdef, _, rng_state_template = abstract_model(model_config)
+    rng_state_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rng_state_template)
+    abstract_state = abstract_train_state(model_config, tx)
+    state_shardings = train_state_shardings(abstract_state, tx, mesh, config.sharding_rules)
+    train_step = make_train_step(graphdef, rng_state_template, tx, schedule, config, state_shardings, mesh)
+    return TrainingSetup(graphdef, rng_state_template, tx, schedule, abstract_state, state_shardings, train_step)
+
+
 def train_flops_per_token(model_config: ModelConfig, block_tokens: int = 128) -> float:
     """Model FLOPs per trained token (forward + backward = 3x forward), for the MFU estimate.
 
@@ -556,12 +581,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
     is_main = jax.process_index() == 0
 
     # ---- model, optimizer, shardings
-    tx, schedule = make_optimizer(config.optimizer, num_steps)
-    graphdef, _, rng_state_template = abstract_model(model_config)
-    rng_state_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rng_state_template)
-    abstract_state = abstract_train_state(model_config, tx)
-    state_shardings = train_state_shardings(abstract_state, tx, mesh, config.sharding_rules)
-    train_step = make_train_step(graphdef, rng_state_template, tx, schedule, config, state_shardings, mesh)
+    setup = setup_training(config, model_config, mesh, num_steps)
+    graphdef, rng_state_template = setup.graphdef, setup.rng_state_template
+    abstract_state, state_shardings, train_step = setup.abstract_state, setup.state_shardings, setup.train_step
 
     # ---- data and checkpoint
     iterator = open_data(config, tokens_dir, model_config)
@@ -575,7 +597,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
             print(f"resuming from {manager.directory}/{start_step} (step {start_step} of {num_steps})", flush=True)
     else:
         start_step = 0
-        state = create_train_state(model_config, tx, config.seed, state_shardings)
+        state = setup.initial_state(model_config, config.seed)
     if int(state["step"]) != start_step:
         raise ValueError(f"checkpoint {start_step} holds train-state step {int(state['step'])}")
 

@@ -120,17 +120,12 @@ def test_meshes_of_8_fake_devices_match_one_device(tokens_dir, tmp_path):
 
 
 def step_parts(config, **model_overrides):
-    """(jitted train step, initial state, mesh) of a config on one device, outside the loop."""
+    """(jitted train step, initial state) of a config on one device, outside the loop."""
     config.model.update(**model_overrides)
     model_config = train.model_config_from(config)
     mesh = train.sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
-    tx, schedule = train.make_optimizer(config.optimizer, config.num_steps)
-    graphdef, _, rng_template = train.abstract_model(model_config)
-    rng_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rng_template)
-    abstract = train.abstract_train_state(model_config, tx)
-    shardings = train.train_state_shardings(abstract, tx, mesh, config.sharding_rules)
-    step = train.make_train_step(graphdef, rng_template, tx, schedule, config, shardings, mesh)
-    state = train.create_train_state(model_config, tx, config.seed, shardings)
+    setup = train.setup_training(config, model_config, mesh, config.num_steps)
+    step, state = setup.train_step, setup.initial_state(model_config, config.seed)
     return step, state
 
 

@@ -59,10 +59,9 @@ def run_meshes(workdir: str, tokens_dir: str) -> dict:
         train.train(config, os.path.join(workdir, name), devices=devices)
         # The shardings the trainer gives the parameters, as the test checks them against the rules.
         model_config = train.model_config_from(config)
-        tx, _ = train.make_optimizer(config.optimizer, 2)
-        abstract = train.abstract_train_state(model_config, tx)
         mesh = train.sharding.make_mesh(config.mesh.to_dict(), devices)
-        shardings = train.train_state_shardings(abstract, tx, mesh, config.sharding_rules)
+        setup = train.setup_training(config, model_config, mesh, 2)
+        abstract, shardings = setup.abstract_state, setup.state_shardings
         restored = train.restore_checkpoint(train.checkpoint_manager(os.path.join(workdir, name), config), 2,
                                             abstract, shardings, train.open_data(config, tokens_dir, model_config))
         w1 = restored["params"]["blocks"][0]["ffn"]["w1"]["kernel"]
