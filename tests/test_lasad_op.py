@@ -88,8 +88,40 @@ def test_forward_bfloat16_matches_reference(variant, impl, case_name):
     assert rel_error(actual, expected) < 2e-2
 
 
-def test_auto_resolves_to_chunked_on_cpu():
-    assert lasad.resolve_impl("auto") == "chunked"
+# What impl="auto" must resolve to (docs/lasad.md §6, benchmarks/RESULTS.md issue 6): written out
+# here, not read from AUTO_IMPL, so that a change of the table is a visible change of this test.
+AUTO_EXPECTED = {
+    "cpu": {"2d": "chunked", "2d_row": "chunked", "1d": "chunked", "none": "chunked"},
+    "gpu": {"2d": "chunked", "2d_row": "pallas", "1d": "pallas", "none": "chunked"},
+    "tpu": {"2d": "chunked", "2d_row": "chunked", "1d": "chunked", "none": "chunked"},
+}
+
+
+@pytest.mark.parametrize("variant", lasad.VARIANTS)
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_auto_resolves_by_backend_and_variant(backend, variant):
+    assert lasad.auto_impl(backend, variant) == AUTO_EXPECTED[backend][variant]
+    assert lasad.resolve_impl("auto", variant, backend) == AUTO_EXPECTED[backend][variant]
+
+
+@pytest.mark.parametrize("variant", lasad.VARIANTS)
+def test_auto_resolves_to_chunked_on_this_cpu(variant):
+    assert jax.default_backend() == "cpu"
+    assert lasad.resolve_impl("auto", variant) == "chunked"
+
+
+def test_explicit_impl_is_never_replaced():
+    for impl in lasad.IMPLS:
+        if impl != "auto":
+            assert lasad.resolve_impl(impl, "2d", "gpu") == impl
+    assert lasad.resolve_impl("auto") == "auto"  # no variant: only checked
+
+
+def test_auto_on_an_unknown_backend_raises():
+    with pytest.raises(ValueError, match="knows the backends"):
+        lasad.auto_impl("metal", "2d")
+    with pytest.raises(ValueError, match="variant"):
+        lasad.auto_impl("gpu", "3d")
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -18,8 +18,10 @@ from lasadgen_jax.ops.lasad.recurrent import decode_step, fold_prefix, init_stat
 
 __all__ = [
     "BlockSizes",
+    "AUTO_IMPL",
     "IMPLS",
     "VARIANTS",
+    "auto_impl",
     "decode_step",
     "fold_prefix",
     "init_state",
@@ -30,6 +32,27 @@ __all__ = [
 
 IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "pallas")
 
+# What impl="auto" runs, by backend and variant: a fixed table, decided by the H200 run of
+# benchmarks/kernels.py (benchmarks/RESULTS.md, issue 6, 2026-11-29; B*N = 32768 tokens, H = 16,
+# d = dv = 64, bf16, N = 256 ... 16384). The Pallas kernel where its forward+backward beat the
+# pure-XLA `chunked` algorithm of the same variant at every size measured, `chunked` elsewhere:
+AUTO_IMPL = {
+    **{("cpu", variant): "chunked" for variant in VARIANTS},  # no kernel on CPU
+    # Generic kernel, forward+backward 3.0-4.1x faster than chunked at every size measured.
+    ("gpu", "1d"): "pallas",
+    # Generic kernel, forward+backward 3.2-3.9x faster than chunked at every size measured.
+    ("gpu", "2d_row"): "pallas",
+    # The generic kernel as well, but `none` was never timed on the GPU (only checked): not yet.
+    ("gpu", "none"): "chunked",
+    # 2d kernel: forward+backward 3.5x / 2.8x slower than chunked at N = 256 / 1024 (2.2x faster
+    # at 4096): its decay-gradient (tangent) calls dominate the backward. The configs' grids
+    # are 16x16 and 24x24, where the kernel loses, so chunked stays.
+    ("gpu", "2d"): "chunked",
+    # The Mosaic TPU kernels have run in interpret mode only, never through Mosaic's compiler on a
+    # TPU nor timed: a default must not rest on them. impl="pallas" asks for them explicitly.
+    **{("tpu", variant): "chunked" for variant in VARIANTS},
+}
+
 # Algorithms differentiated by recomputation (autodiff.py); `reference` uses plain autodiff.
 _CELL_ALGORITHMS = {
     "recurrent": autodiff.with_recompute_vjp(recurrent.recurrent_cells),
@@ -38,17 +61,29 @@ _CELL_ALGORITHMS = {
 }
 
 
-def resolve_impl(impl: str) -> str:
+def auto_impl(backend: str, variant: str) -> str:
+    """The algorithm impl='auto' runs for `variant` on `backend` ('cpu', 'gpu' or 'tpu'): the
+    AUTO_IMPL entry, whose comments say why. Depends on nothing else (not on sizes or dtypes)."""
+    common.check_variant(variant)
+    if (backend, variant) not in AUTO_IMPL:
+        raise ValueError(f"impl='auto' knows the backends ('cpu', 'gpu', 'tpu'), got {backend!r}")
+    return AUTO_IMPL[backend, variant]
+
+
+def resolve_impl(impl: str, variant: str | None = None, backend: str | None = None) -> str:
     """The one place that maps `impl` to an algorithm.
 
-    `auto` is `chunked` on every backend for now: the Pallas kernels are not yet faster than it
-    on the H200 for every variant (benchmarks/RESULTS.md). `pallas` raises on CPU.
+    Any impl but 'auto' is returned as given (`pallas` raises later, on CPU). 'auto' becomes
+    `auto_impl(backend, variant)`, backend defaulting to jax's default backend: on the GPU the
+    kernel for `1d` and `2d_row`, `chunked` for `2d` and `none`; `chunked` on CPU and TPU.
+    Without a variant only `impl` is checked and returned unchanged (how callers validate a
+    config before the variant matters).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "chunked"
-    return impl
+    if impl != "auto" or variant is None:
+        return impl
+    return auto_impl(pallas.backend_name(jax.default_backend()) if backend is None else backend, variant)
 
 
 def lasad_attention(
@@ -77,12 +112,13 @@ def lasad_attention(
       log_decay_row, log_decay_col: [heads] log decays (<= 0), as far as the variant uses them.
       prefix_k, prefix_v: optional [batch, P, heads, d|dv] condition keys/values, never decayed.
       impl: 'auto', 'reference', 'recurrent', 'scan', 'chunked' or 'pallas' (the GPU or TPU kernel
-        of jax's default backend; an error on CPU).
+        of jax's default backend; an error on CPU). 'auto' is a fixed choice by backend and
+        variant (AUTO_IMPL): the kernel on GPU for '1d' and '2d_row', else 'chunked'.
 
     Returns:
       [batch, h*w, heads, dv] in q's dtype; computed with float32 states and accumulation.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, variant)
     if impl == "pallas":
         cells = pallas.pallas_cells(pallas.default_backend(), False, BlockSizes())
     else:

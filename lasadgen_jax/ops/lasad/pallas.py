@@ -29,15 +29,21 @@ from lasadgen_jax.ops.lasad import common, pallas_gpu, pallas_tpu
 from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout, next_power_of_two
 
 BACKENDS = ("gpu", "tpu")
+PLATFORMS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+
+
+def backend_name(platform: str) -> str:
+    """'cpu', 'gpu' or 'tpu' for a jax platform name; raises for any other platform."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"LASAD knows the platforms {sorted(PLATFORMS)}, got {platform!r}; pass impl explicitly")
+    return PLATFORMS[platform]
 
 
 def default_backend() -> str:
     """The kernel backend of jax's default device; raises on CPU (no silent fallback)."""
     platform = jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    if platform == "tpu":
-        return "tpu"
+    if platform in PLATFORMS and backend_name(platform) in BACKENDS:
+        return backend_name(platform)
     raise ValueError(
         f"impl='pallas' needs a GPU or TPU, but jax's default backend is {platform!r}; use "
         "impl='chunked' (or 'auto'), or lasad_attention_pallas(..., backend=..., interpret=True) to "
