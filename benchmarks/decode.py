@@ -89,15 +89,16 @@ def main(argv=None):
             model.eval()
             labels = jnp.arange(args.batch, dtype=jnp.int32) % model.config.num_classes
             graphdef, params = nnx.split(model)
-            config = sample.SamplingConfig()
-            compiled = sample._generate.lower(graphdef, params, labels, jax.random.PRNGKey(0), config).compile()
+            config = sample.compiled_sampling_config(sample.SamplingConfig())
+            scale = jnp.float32(1.0)
+            compiled = sample._generate.lower(graphdef, params, labels, jax.random.PRNGKey(0), scale, config).compile()
             stats = compiled.memory_analysis()
             compiled_mb = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes) / 1e6
-            compiled(params, labels, jax.random.PRNGKey(0)).block_until_ready()
+            compiled(params, labels, jax.random.PRNGKey(0), scale).block_until_ready()
             times = []
             for repeat in range(args.repeats):
                 start = time.perf_counter()
-                compiled(params, labels, jax.random.PRNGKey(repeat + 1)).block_until_ready()
+                compiled(params, labels, jax.random.PRNGKey(repeat + 1), scale).block_until_ready()
                 times.append(time.perf_counter() - start)
             seconds = min(times)
             steps = side * side

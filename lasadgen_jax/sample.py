@@ -66,10 +66,12 @@ def guided_logits(cond, uncond, scale):
     return uncond + scale * (cond - uncond)
 
 
-def cfg_scale_at(cell, num_tokens: int, config: SamplingConfig):
+def cfg_scale_at(cell, num_tokens: int, config: SamplingConfig, scale=None):
+    """The guidance scale at `cell` (`scale` overrides config.cfg_scale, e.g. with a traced value)."""
+    scale = config.cfg_scale if scale is None else scale
     if config.cfg_schedule == "constant" or num_tokens == 1:
-        return jnp.float32(config.cfg_scale)
-    return 1.0 + (config.cfg_scale - 1.0) * cell / (num_tokens - 1)
+        return jnp.asarray(scale, jnp.float32)
+    return 1.0 + (scale - 1.0) * cell / (num_tokens - 1)
 
 
 def filter_logits(logits, top_k: int, top_p: float):
@@ -97,8 +99,15 @@ def pick_tokens(key, logits, config: SamplingConfig):
 # ----------------------------------------------------------------------------- the token loop
 
 
+def compiled_sampling_config(config: SamplingConfig) -> SamplingConfig:
+    """The static part of `config` that _generate compiles for: the guidance scale is a traced argument
+    (a CFG sweep compiles once), so only whether it guides stays; 0.0 stands for "some scale != 1"."""
+    return dataclasses.replace(config, cfg_scale=0.0 if config.guided else 1.0)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _generate(graphdef, params, labels, key, config: SamplingConfig):
+def _generate(graphdef, params, labels, key, cfg_scale, config: SamplingConfig):
+    """`config` is compiled_sampling_config(...): its cfg_scale is not read, `cfg_scale` (traced) is."""
     model = nnx.merge(graphdef, params)
     num_tokens = model.config.num_tokens
     batch = labels.shape[0]
@@ -107,7 +116,7 @@ def _generate(graphdef, params, labels, key, config: SamplingConfig):
 
     def choose(logits, cell, key):
         if config.guided:
-            logits = guided_logits(logits[:batch], logits[batch:], cfg_scale_at(cell, num_tokens, config))
+            logits = guided_logits(logits[:batch], logits[batch:], cfg_scale_at(cell, num_tokens, config, cfg_scale))
         return pick_tokens(key, logits, config)
 
     keys = jax.random.split(key, num_tokens)
@@ -143,7 +152,8 @@ def generate(model: LASADGen, labels, key, config: SamplingConfig = SamplingConf
     labels = jnp.asarray(labels)
     model.check_labels(labels, allow_null=True)
     graphdef, params = nnx.split(model)
-    tokens = _generate(graphdef, params, labels.astype(jnp.int32), key, config)
+    tokens = _generate(graphdef, params, labels.astype(jnp.int32), key, jnp.float32(config.cfg_scale),
+                       compiled_sampling_config(config))
     return tokens.reshape(labels.shape[0], *model.config.grid)
 
 
@@ -196,13 +206,18 @@ def token_grid_picture(tokens, vocab_size: int, columns: int, cell_pixels: int =
     return tile(palette[np.asarray(tokens)].repeat(cell_pixels, axis=1).repeat(cell_pixels, axis=2), columns)
 
 
+@nnx.jit
+def _decode_codes(tokenizer, codes):
+    """Module level, so that repeated decodes of one shape compile once."""
+    return tokenizer.decode(codes)
+
+
 def decode_to_uint8(tokenizer, tokens, batch_size: int) -> np.ndarray:
     """Token grids [n, h, w] -> uint8 RGB images [n, H, W, 3] (grey tokenizers repeated to RGB)."""
     from lasadgen_jax.tokenizer.evaluation import to_uint8
 
-    decode = nnx.jit(lambda model, codes: model.decode(codes))
     images = np.concatenate([
-        to_uint8(decode(tokenizer, jnp.asarray(tokens[start : start + batch_size])))
+        to_uint8(_decode_codes(tokenizer, jnp.asarray(tokens[start : start + batch_size])))
         for start in range(0, len(tokens), batch_size)
     ])
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images

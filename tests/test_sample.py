@@ -53,6 +53,25 @@ def test_greedy_tokens_are_the_argmax_of_the_parallel_forward(attention, grid):
     np.testing.assert_array_equal(np.argmax(model(flat, labels), axis=-1), flat)
 
 
+@pytest.mark.parametrize("attention", ["2d", "softmax"])
+def test_guided_greedy_tokens_follow_the_guided_parallel_logits_and_a_sweep_compiles_once(attention):
+    """Greedy with CFG s: each token is argmax(u + s (c - u)) of the parallel forward on the sampled
+    grid; a second scale reuses the compiled sampler (the scale is traced, not static)."""
+    model = tiny_model(attention, grid=(3, 4))
+    model.eval()
+    labels = jnp.array([0, 2], jnp.int32)
+    null = jnp.full_like(labels, model.class_embedder.null_class)
+    compiled_before = None
+    for scale in (2.5, 4.0):
+        tokens = sample.generate(model, labels, jax.random.PRNGKey(0), sample.SamplingConfig(cfg_scale=scale, temperature=0.0))
+        flat = tokens.reshape(2, 12)
+        guided = sample.guided_logits(model(flat, labels), model(flat, null), scale)
+        np.testing.assert_array_equal(np.argmax(guided, axis=-1), flat)
+        if compiled_before is None:
+            compiled_before = sample._generate._cache_size()
+    assert sample._generate._cache_size() == compiled_before
+
+
 def test_top_k_one_equals_greedy():
     model = tiny_model("2d")
     labels = jnp.array([1, 3], jnp.int32)
