@@ -2,8 +2,11 @@
 
     python -m lasadgen_jax.tokenizer.train --config=configs/vq_small.py --workdir=workdirs/vq_small
     python -m lasadgen_jax.tokenizer.train --config=configs/vq_small.py:smoke --workdir=/tmp/vq_smoke
+    python -m lasadgen_jax.tokenizer.train --config=configs/vq_small.py:grid16 --workdir=workdirs/vq_grid16
 
-`:smoke` shrinks everything for a seconds-long run (tests). Any field can be overridden with
+`:smoke` shrinks everything for a seconds-long run (tests). `:grid16` drops one downsampling level:
+32x32 -> a 16x16 grid, the token count of ImageNet 256 with VQ-16 (the attention ablation,
+benchmarks/ablation.py). Any field can be overridden with
 `--config.field=value`; the config is locked, so a misspelt field is an error.
 """
 
@@ -60,8 +63,10 @@ def get_config(profile: str = "default") -> ml_collections.ConfigDict:
         config.checkpoint_every = 2
         config.optimizer.warmup_steps = 1
         config.reconstruction_images = 16
+    elif profile == "grid16":
+        config.model.channel_multipliers = (1, 2)
     elif profile != "default":
-        raise ValueError(f"unknown vq_small profile {profile!r}; known: default, smoke")
+        raise ValueError(f"unknown vq_small profile {profile!r}; known: default, smoke, grid16")
 
     config.lock()
     return config
