@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
@@ -99,30 +100,79 @@ def check_eval_config(evaluation: ml_collections.ConfigDict, tokenizer_configure
                          "python -m lasadgen_jax.evaluate on the exported params_ema instead")
 
 
-def maybe_initialize_distributed(distributed: ml_collections.ConfigDict) -> None:
-    """jax.distributed.initialize() when the config asks for it, or ('auto') when the environment is
-    one of several processes: a coordinator address, a SLURM job of several tasks, a multi-host TPU."""
+# config.distributed key -> the environment variable that supplies it when the config leaves it unset.
+DISTRIBUTED_ENVIRONMENT = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+                           "process_id": "JAX_PROCESS_ID"}
+
+
+def distributed_arguments(distributed: ml_collections.ConfigDict, environ) -> dict | None:
+    """The arguments of jax.distributed.initialize, or None for a run of one process.
+
+    Each of coordinator_address, num_processes and process_id comes from config.distributed, else from
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (launch/gpu/run_multinode.py sets
+    them); whatever is still None, jax fills in from the cluster (SLURM, Open MPI, Cloud TPU metadata).
+    'auto' initializes when one of these names a coordinator or several processes, or when the
+    environment is a SLURM job step of several tasks, an Open MPI job or a multi-host TPU.
+    """
     mode = distributed.initialize
     if mode not in ("auto", "yes", "no"):
         raise ValueError(f"config.distributed.initialize must be 'auto', 'yes' or 'no', got {mode!r}")
-    environment_says = (
-        "JAX_COORDINATOR_ADDRESS" in os.environ
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if mode == "no":
+        return None
+    arguments = {}
+    for key, variable in DISTRIBUTED_ENVIRONMENT.items():
+        value = distributed[key]
+        if value is None and environ.get(variable, "") != "":
+            value = environ[variable]
+            if key != "coordinator_address":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ValueError(f"environment variable {variable}={value!r} is not an integer") from None
+        arguments[key] = value
+    num_processes, process_id = arguments["num_processes"], arguments["process_id"]
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"config.distributed.num_processes (or JAX_NUM_PROCESSES) must be >= 1, got {num_processes}")
+    if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+        raise ValueError(f"config.distributed.process_id (or JAX_PROCESS_ID) {process_id} is not in "
+                         f"[0, num_processes={num_processes})")
+    cluster = (
+        (int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ)
+        or int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in environ.get("TPU_WORKER_HOSTNAMES", "")
     )
-    if mode == "no" or (mode == "auto" and not environment_says and distributed.coordinator_address is None):
+    if mode == "auto" and arguments["coordinator_address"] is None and (num_processes or 1) == 1 and not cluster:
+        return None
+    return arguments
+
+
+def maybe_initialize_distributed(distributed: ml_collections.ConfigDict) -> None:
+    """jax.distributed.initialize() when the config or the environment asks for it (distributed_arguments)."""
+    arguments = distributed_arguments(distributed, os.environ)
+    if arguments is None or jax.distributed.is_initialized():
         return
-    if jax.distributed.is_initialized():
-        return
-    jax.distributed.initialize(coordinator_address=distributed.coordinator_address,
-                               num_processes=distributed.num_processes, process_id=distributed.process_id)
+    try:
+        jax.distributed.initialize(**arguments)
+    except ValueError as error:
+        raise ValueError(f"jax.distributed.initialize({arguments}): {error}. Set config.distributed.coordinator_address, "
+                         f"num_processes and process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                         f"JAX_PROCESS_ID), or run under SLURM / Open MPI / a Cloud TPU VM") from None
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across processes (nothing in a run of one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 # ============================================================================= workdir
 
 
 def claim_workdir(workdir: str, model_config: ModelConfig, config: ml_collections.ConfigDict) -> None:
-    """Refuse a workdir that belongs to another model (or to something else); mark it as this run's."""
+    """Refuse a workdir that belongs to another model (or to something else); mark it as this run's.
+    Every process checks; process 0 writes run.json once all of them have looked."""
     run_file = os.path.join(workdir, RUN_FILE)
     wanted = {field: _jsonable(getattr(model_config, field)) for field in CHECKPOINT_FIELDS}
     if os.path.isfile(run_file):
@@ -140,6 +190,7 @@ def claim_workdir(workdir: str, model_config: ModelConfig, config: ml_collection
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise ValueError(f"--workdir {workdir!r} has checkpoints/ but no {RUN_FILE}: not a run of this trainer; "
                          f"refusing to write into it")
+    sync_processes("lasadgen_jax.train: workdir checked")   # else process 0's checkpoints/ could alarm another
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         manifests.write_json_atomically(run_file, {"kind": RUN_KIND, "model_identity": wanted,
@@ -430,6 +481,7 @@ def restore_checkpoint(manager, step: int, abstract_state: dict, state_shardings
     import grain
 
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
+    check_data_state_processes(epath.Path(manager.directory) / str(step) / "data", step)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                  data=grain.checkpoint.CheckpointRestore(iterator)))
@@ -438,15 +490,40 @@ def restore_checkpoint(manager, step: int, abstract_state: dict, state_shardings
     return restored["state"]
 
 
-class PreemptionFlag:
-    """Set by SIGTERM; the loop saves a checkpoint at the next step boundary and returns."""
+def check_data_state_processes(data_directory: epath.Path, step: int) -> None:
+    """Refuse (clearly) a checkpoint whose data iterator positions come from another number of processes.
 
-    def __init__(self):
+    grain saves one position per process (process_I-of-N.json). Each process reads the records i with
+    i % N == I, so a position means nothing to a run of another process count: the parameters would
+    restore (Orbax reshards them onto any mesh), the data order cannot continue exactly.
+    """
+    index, count = jax.process_index(), jax.process_count()
+    if not data_directory.is_dir() or (data_directory / f"process_{index}-of-{count}.json").exists():
+        return
+    written = sorted(path.name for path in data_directory.glob("process_*-of-*.json"))
+    counts = sorted({name.rsplit("-of-", 1)[1].removesuffix(".json") for name in written})
+    raise ValueError(f"checkpoint {step} in {data_directory.parent.parent}: its data iterator positions were saved by "
+                     f"{' or '.join(counts) or 'no'} process(es) ({', '.join(written[:4])}), this run has {count}. Each "
+                     f"process reads its own slice of the records, so the run resumes exactly only with the same "
+                     f"number of processes (hosts); the mesh and device count may change.")
+
+
+class PreemptionFlag:
+    """Set by SIGTERM; the loop saves a checkpoint at the next step boundary and returns.
+
+    Only in a run of one process. With several, each process would stop at whatever step its own
+    signal found it, and the others would wait forever in that step's collectives; there the signal is
+    left to JAX's preemption service (started by jax.distributed.initialize), which agrees on one
+    step for all processes: `manager.reached_preemption(step)`.
+    """
+
+    def __init__(self, install: bool = True):
         self.raised = False
         self.previous = None
+        self.install = install
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():   # signals reach the main thread only
+        if self.install and threading.current_thread() is threading.main_thread():   # signals reach the main thread only
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -621,13 +698,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
               f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} device(s); global batch "
               f"{config.batch_size} x {model_config.num_tokens} tokens; {num_steps} steps; workdir {workdir}",
               flush=True)
+        if jax.process_count() > 1 and not jax.distributed.is_initialized():
+            print("warning: several processes but no jax.distributed.initialize (config.distributed.initialize="
+                  "'no'?): without JAX's preemption service a SIGTERM ends the run without a checkpoint", flush=True)
 
     # ---- the loop
     progress = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", disable=not is_main,
                     dynamic_ncols=True, file=sys.stderr)
     pending, interval_start, interval_steps = [], time.time(), 0
     step, preempted, last_metrics = start_step, False, {}
-    with PreemptionFlag() as preemption:
+    with PreemptionFlag(install=jax.process_count() == 1) as preemption:
         while step < num_steps:
             tokens, labels = global_batch(next(iterator), mesh)
             state, metrics = train_step(state, tokens, labels)
