@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from lasadgen_jax import sharding
 from lasadgen_jax.data import manifest as manifests
-from lasadgen_jax.metric_writer import MetricWriter
+from lasadgen_jax.metric_writer import MetricWriter, is_remote
 from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
 
 RUN_FILE = "run.json"
@@ -170,14 +170,49 @@ def sync_processes(name: str) -> None:
 # ============================================================================= workdir
 
 
+def check_locations(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The workdir may be a gs:// URI (checkpoints, run.json, metrics, samples, params_ema go through
+    etils.epath and Orbax); the inputs read with plain file operations must be local or mounted."""
+    local_only = {"config.data.tokens_dir": config.data.tokens_dir, "config.tokenizer_dir": config.tokenizer_dir,
+                  "config.eval.reference": config.eval.reference, "config.eval.inception": config.eval.inception}
+    remote = {key: value for key, value in local_only.items() if value is not None and is_remote(value)}
+    if remote:
+        raise ValueError(f"{remote}: these are read from a local (or mounted, e.g. gcsfuse) directory; copy them "
+                         f"to every host first (launch/tpu/tpu.py --tokens does so for the tokens)")
+    if not is_remote(workdir):
+        return
+    if config.data.prepare is not None:
+        raise ValueError(f"--workdir {workdir!r}: the demo's data preparation (config.data.prepare) writes into a "
+                         f"local workdir only")
+    if config.eval.every_steps:
+        raise ValueError(f"--workdir {workdir!r}: periodic evaluation (config.eval.every_steps) caches reference "
+                         f"statistics in a local workdir only")
+    import fsspec   # what etils.epath uses for gs:// when TensorFlow is absent
+
+    try:
+        fsspec.get_filesystem_class(workdir.split("://", 1)[0])
+    except (ImportError, ValueError) as error:
+        raise ValueError(f"--workdir {workdir!r}: {error} (gs:// needs `pip install gcsfs`)") from None
+
+
+def write_bytes_atomically(path: epath.Path, data: bytes) -> None:
+    """Locally: a temporary file renamed into place. On object stores (gs://) a write is atomic already."""
+    if is_remote(path):
+        path.write_bytes(data)
+        return
+    temporary = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
 def claim_workdir(workdir: str, model_config: ModelConfig, config: ml_collections.ConfigDict) -> None:
     """Refuse a workdir that belongs to another model (or to something else); mark it as this run's.
     Every process checks; process 0 writes run.json once all of them have looked."""
-    run_file = os.path.join(workdir, RUN_FILE)
+    directory = epath.Path(workdir)
+    run_file = directory / RUN_FILE
     wanted = {field: _jsonable(getattr(model_config, field)) for field in CHECKPOINT_FIELDS}
-    if os.path.isfile(run_file):
-        with open(run_file) as f:
-            run = json.load(f)
+    if run_file.is_file():
+        run = json.loads(run_file.read_text())
         if run.get("kind") != RUN_KIND:
             raise ValueError(f"--workdir {workdir!r}: {run_file} is not a {RUN_KIND} run; use another workdir")
         held = run.get("model_identity", {})
@@ -187,14 +222,14 @@ def claim_workdir(workdir: str, model_config: ModelConfig, config: ml_collection
                              f"(field: (workdir's, config's) = {differ}); nothing was overwritten. "
                              f"Use a fresh workdir or the workdir's model config.")
         return
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if (directory / "checkpoints").is_dir():
         raise ValueError(f"--workdir {workdir!r} has checkpoints/ but no {RUN_FILE}: not a run of this trainer; "
                          f"refusing to write into it")
     sync_processes("lasadgen_jax.train: workdir checked")   # else process 0's checkpoints/ could alarm another
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        manifests.write_json_atomically(run_file, {"kind": RUN_KIND, "model_identity": wanted,
-                                                   "config": json.loads(config.to_json_best_effort())})
+        directory.mkdir(parents=True, exist_ok=True)
+        run = {"kind": RUN_KIND, "model_identity": wanted, "config": json.loads(config.to_json_best_effort())}
+        write_bytes_atomically(run_file, json.dumps(run, indent=1, sort_keys=True).encode())
 
 
 def _jsonable(value):
@@ -464,8 +499,12 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=config.checkpoint.every_steps, max_to_keep=config.checkpoint.keep,
         enable_async_checkpointing=config.checkpoint.async_save, create=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
-                                 item_names=("state", "data"))
+    return ocp.CheckpointManager(workdir_path(workdir, "checkpoints"), options=options, item_names=("state", "data"))
+
+
+def workdir_path(workdir: str, name: str) -> epath.Path:
+    """WORKDIR/name for Orbax: absolute when local, the URI itself on gs://."""
+    return epath.Path(workdir) / name if is_remote(workdir) else epath.Path(os.path.abspath(os.path.join(workdir, name)))
 
 
 def save_checkpoint(manager, step: int, state: dict, iterator, force: bool = False) -> bool:
@@ -562,14 +601,18 @@ def sample_grid(graphdef, rng_state_template, ema_params, config, model_config: 
 def write_sample_grid(picture: np.ndarray, workdir: str, step: int, writer: MetricWriter) -> str | None:
     if jax.process_index() != 0:
         return None
+    import io
+
     from PIL import Image
 
-    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(picture).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    directory = epath.Path(workdir) / "samples"
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    path = directory / f"step_{step:07d}.png"
+    write_bytes_atomically(path, buffer.getvalue())
     writer.write_image(step, "samples/ema", picture)
-    return path
+    return str(path)
 
 
 EVAL_SCALARS = ("fid", "sfid", "inception_score", "precision", "recall")
@@ -605,17 +648,14 @@ def evaluate_ema(evaluator: dict, graphdef, rng_state_template, ema_params, toke
                                batch_size=config.eval.batch_size, metrics=evaluator["metrics"], progress=False)
 
 
-def export_params(graphdef, rng_state_template, params, path: str) -> None:
-    """The (EMA) parameters in the format of lasadgen_jax.sample.save_params, for `sample --ckpt`."""
-    from lasadgen_jax.sample import save_params
-
+def export_params(graphdef, rng_state_template, params, workdir: str) -> None:
+    """The (EMA) parameters as WORKDIR/params_ema, for `sample --ckpt`: the format of
+    lasadgen_jax.sample.save_params (an Orbax StandardCheckpointer of the nnx.Param state), written
+    here so that a gs:// workdir works and all processes take part (force: replaces an earlier export)."""
     model = nnx.merge(graphdef, params, seeded_rng_state(rng_state_template, jax.random.key(0)))
-    if os.path.exists(path):
-        import shutil
-
-        if jax.process_index() == 0:
-            shutil.rmtree(path)
-    save_params(model, path)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(workdir_path(workdir, "params_ema"), nnx.state(model, nnx.Param), force=True)
+    checkpointer.wait_until_finished()
 
 
 # ============================================================================= the loop
@@ -648,6 +688,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
     check_sample_config(config.sample, model_config)
     check_eval_config(config.eval, config.tokenizer_dir is not None or config.data.prepare is not None)
     workdir = resolve_workdir(workdir, config)
+    check_locations(config, workdir)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     if config.data.tokens_dir is not None:
         check_tokens_fit_model(config.data.tokens_dir, model_config)   # before anything is written
@@ -760,13 +801,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
         if manager.latest_step() != step:
             save_checkpoint(manager, step, state, iterator, force=True)
         manager.wait_until_finished()
-        export_params(graphdef, rng_state_template, state["ema_params"], os.path.join(workdir, "params_ema"))
+        export_params(graphdef, rng_state_template, state["ema_params"], workdir)
     manager.close()
     writer.close()
     summary = {"workdir": workdir, "start_step": start_step, "step": step, "num_steps": num_steps,
                "preempted": preempted, "last_metrics": last_metrics}
     if is_main and not preempted:
-        samples = sorted(os.listdir(os.path.join(workdir, "samples"))) if os.path.isdir(os.path.join(workdir, "samples")) else []
+        samples_dir = epath.Path(workdir) / "samples"
+        samples = sorted(path.name for path in samples_dir.iterdir()) if samples_dir.is_dir() else []
         print(f"done: {step} steps; EMA params in {workdir}/params_ema (python -m lasadgen_jax.sample "
               f"--ckpt={workdir}/params_ema); metrics in {workdir}/metrics.jsonl and {workdir}/tensorboard"
               + (f"; samples in {workdir}/samples/{samples[-1]}" if samples else ""), flush=True)
