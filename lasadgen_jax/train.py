@@ -78,6 +78,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          "lasadgen_jax.data.extract) and config.data.prepare ('fashion_mnist': the demo's own)")
 
 
+def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+    """Every (micro-)batch is split over the mesh's data x fsdp devices: it must divide evenly."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % (config.grad_accum_steps * shards):
+        raise ValueError(f"config.batch_size {config.batch_size} must be divisible by config.grad_accum_steps "
+                         f"({config.grad_accum_steps}) x the mesh's data x fsdp ({mesh.shape['data']} x "
+                         f"{mesh.shape['fsdp']}): each micro-batch is split over those devices")
+
+
 def check_sample_config(sample: ml_collections.ConfigDict, model_config: ModelConfig) -> None:
     bad = [c for c in sample.classes if not 0 <= c < model_config.num_classes]
     if bad or sample.per_class < 1:
@@ -690,6 +699,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
     workdir = resolve_workdir(workdir, config)
     check_locations(config, workdir)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    check_batch_fits_mesh(config, mesh)
     if config.data.tokens_dir is not None:
         check_tokens_fit_model(config.data.tokens_dir, model_config)   # before anything is written
     claim_workdir(workdir, model_config, config)

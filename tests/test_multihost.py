@@ -213,6 +213,17 @@ def test_two_processes_extract_disjoint_shards_and_process_0_writes_the_manifest
     assert [shard["records"] for shard in manifest["shards"]] == [2, 2, 2]
 
 
+def test_batch_that_the_mesh_does_not_split_evenly_is_refused(tokens_dir):
+    from types import SimpleNamespace
+
+    config = multihost_config(tokens_dir, 4)
+    config.batch_size, config.grad_accum_steps = 24, 2
+    train.check_batch_fits_mesh(config, SimpleNamespace(shape={"data": 4, "fsdp": 3, "tensor": 2}))
+    with pytest.raises(ValueError, match=r"config.batch_size 24 must be divisible by config.grad_accum_steps \(2\) "
+                                         r"x the mesh's data x fsdp \(8 x 1\)"):
+        train.check_batch_fits_mesh(config, SimpleNamespace(shape={"data": 8, "fsdp": 1, "tensor": 1}))
+
+
 # ----------------------------------------------------------------------------- initialize's arguments
 
 
