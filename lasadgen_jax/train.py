@@ -7,7 +7,9 @@ The workdir holds run.json (the model config that owns it), checkpoints/ (Orbax;
 the data iterator's position, saved together), metrics.jsonl, tensorboard/, samples/ (PNG grids from
 the EMA parameters) and, at the end, params_ema/ (what `python -m lasadgen_jax.sample --ckpt` reads).
 Starting again in the same workdir resumes from the latest checkpoint at exactly the next batch;
-SIGTERM (preemption) saves a checkpoint and exits cleanly.
+SIGTERM (preemption) saves a checkpoint and exits cleanly (with several processes, at one step that
+JAX's preemption service agrees on). The workdir may be gs://... (etils.epath and Orbax; README,
+"Scaling out"); launch/ starts the processes of a multi-host run.
 
 Sections: config -> workdir -> data -> model and optimizer -> train step -> checkpoints ->
 logging and samples -> the loop.
@@ -163,9 +165,9 @@ def maybe_initialize_distributed(distributed: ml_collections.ConfigDict) -> None
     try:
         jax.distributed.initialize(**arguments)
     except ValueError as error:
-        raise ValueError(f"jax.distributed.initialize({arguments}): {error}. Set config.distributed.coordinator_address, "
-                         f"num_processes and process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
-                         f"JAX_PROCESS_ID), or run under SLURM / Open MPI / a Cloud TPU VM") from None
+        raise ValueError(f"jax.distributed.initialize({arguments}): {error}. Set config.distributed."
+                         f"coordinator_address, num_processes and process_id (or JAX_COORDINATOR_ADDRESS, "
+                         f"JAX_NUM_PROCESSES, JAX_PROCESS_ID), or run under SLURM / Open MPI / a Cloud TPU VM") from None
 
 
 def sync_processes(name: str) -> None:
@@ -513,7 +515,9 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 def workdir_path(workdir: str, name: str) -> epath.Path:
     """WORKDIR/name for Orbax: absolute when local, the URI itself on gs://."""
-    return epath.Path(workdir) / name if is_remote(workdir) else epath.Path(os.path.abspath(os.path.join(workdir, name)))
+    if is_remote(workdir):
+        return epath.Path(workdir) / name
+    return epath.Path(os.path.abspath(os.path.join(workdir, name)))
 
 
 def save_checkpoint(manager, step: int, state: dict, iterator, force: bool = False) -> bool:
@@ -550,10 +554,10 @@ def check_data_state_processes(data_directory: epath.Path, step: int) -> None:
         return
     written = sorted(path.name for path in data_directory.glob("process_*-of-*.json"))
     counts = sorted({name.rsplit("-of-", 1)[1].removesuffix(".json") for name in written})
-    raise ValueError(f"checkpoint {step} in {data_directory.parent.parent}: its data iterator positions were saved by "
-                     f"{' or '.join(counts) or 'no'} process(es) ({', '.join(written[:4])}), this run has {count}. Each "
-                     f"process reads its own slice of the records, so the run resumes exactly only with the same "
-                     f"number of processes (hosts); the mesh and device count may change.")
+    raise ValueError(f"checkpoint {step} in {data_directory.parent.parent}: its data iterator positions were saved "
+                     f"by {' or '.join(counts) or 'no'} process(es) ({', '.join(written[:4])}), this run has {count}. "
+                     f"Each process reads its own slice of the records, so the run resumes exactly only with the "
+                     f"same number of processes (hosts); the mesh and device count may change.")
 
 
 class PreemptionFlag:
@@ -571,7 +575,8 @@ class PreemptionFlag:
         self.install = install
 
     def __enter__(self):
-        if self.install and threading.current_thread() is threading.main_thread():   # signals reach the main thread only
+        # Signals reach the main thread only.
+        if self.install and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 

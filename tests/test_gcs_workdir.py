@@ -8,6 +8,7 @@ checkpoints and params_ema (tensorstore's own GCS driver) are not covered: that 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -137,10 +138,7 @@ def test_locations_that_cannot_be_remote_are_refused_by_name(tokens_dir):
 
 
 def test_gs_workdir_without_gcsfs_says_what_to_install(tokens_dir):
-    try:
-        import gcsfs  # noqa: F401
+    if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed")
-    except ImportError:
-        pass
     with pytest.raises(ValueError, match="pip install gcsfs"):
         train.check_locations(tiny_config(tokens_dir, 4), "gs://bucket/run")

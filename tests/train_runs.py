@@ -175,10 +175,12 @@ if __name__ == "__main__":
     elif mode == "meshes":
         print("RESULT " + json.dumps(run_meshes(sys.argv[2], sys.argv[3])))
     elif mode == "host":
+        import jax
+
         from lasadgen_jax import train
 
         summary = train.train(multihost_config(sys.argv[3], int(sys.argv[4])), sys.argv[2])
-        print("RESULT " + json.dumps({"process_index": __import__("jax").process_index(), **summary}), flush=True)
+        print("RESULT " + json.dumps({"process_index": jax.process_index(), **summary}), flush=True)
     elif mode == "hosts_in_one":
         from lasadgen_jax import train
 
