@@ -7,7 +7,9 @@ The workdir holds run.json (the model config that owns it), checkpoints/ (Orbax;
 the data iterator's position, saved together), metrics.jsonl, tensorboard/, samples/ (PNG grids from
 the EMA parameters) and, at the end, params_ema/ (what `python -m lasadgen_jax.sample --ckpt` reads).
 Starting again in the same workdir resumes from the latest checkpoint at exactly the next batch;
-SIGTERM (preemption) saves a checkpoint and exits cleanly.
+SIGTERM (preemption) saves a checkpoint and exits cleanly (with several processes, at one step that
+JAX's preemption service agrees on). The workdir may be gs://... (etils.epath and Orbax; README,
+"Scaling out"); launch/ starts the processes of a multi-host run.
 
 Sections: config -> workdir -> data -> model and optimizer -> train step -> checkpoints ->
 logging and samples -> the loop.
@@ -29,12 +31,13 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
 from lasadgen_jax import sharding
 from lasadgen_jax.data import manifest as manifests
-from lasadgen_jax.metric_writer import MetricWriter
+from lasadgen_jax.metric_writer import MetricWriter, is_remote
 from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
 
 RUN_FILE = "run.json"
@@ -77,6 +80,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          "lasadgen_jax.data.extract) and config.data.prepare ('fashion_mnist': the demo's own)")
 
 
+def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+    """Every (micro-)batch is split over the mesh's data x fsdp devices: it must divide evenly."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % (config.grad_accum_steps * shards):
+        raise ValueError(f"config.batch_size {config.batch_size} must be divisible by config.grad_accum_steps "
+                         f"({config.grad_accum_steps}) x the mesh's data x fsdp ({mesh.shape['data']} x "
+                         f"{mesh.shape['fsdp']}): each micro-batch is split over those devices")
+
+
 def check_sample_config(sample: ml_collections.ConfigDict, model_config: ModelConfig) -> None:
     bad = [c for c in sample.classes if not 0 <= c < model_config.num_classes]
     if bad or sample.per_class < 1:
@@ -99,35 +111,119 @@ def check_eval_config(evaluation: ml_collections.ConfigDict, tokenizer_configure
                          "python -m lasadgen_jax.evaluate on the exported params_ema instead")
 
 
-def maybe_initialize_distributed(distributed: ml_collections.ConfigDict) -> None:
-    """jax.distributed.initialize() when the config asks for it, or ('auto') when the environment is
-    one of several processes: a coordinator address, a SLURM job of several tasks, a multi-host TPU."""
+# config.distributed key -> the environment variable that supplies it when the config leaves it unset.
+DISTRIBUTED_ENVIRONMENT = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+                           "process_id": "JAX_PROCESS_ID"}
+
+
+def distributed_arguments(distributed: ml_collections.ConfigDict, environ) -> dict | None:
+    """The arguments of jax.distributed.initialize, or None for a run of one process.
+
+    Each of coordinator_address, num_processes and process_id comes from config.distributed, else from
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (launch/gpu/run_multinode.py sets
+    them); whatever is still None, jax fills in from the cluster (SLURM, Open MPI, Cloud TPU metadata).
+    'auto' initializes when one of these names a coordinator or several processes, or when the
+    environment is a SLURM job step of several tasks, an Open MPI job or a multi-host TPU.
+    """
     mode = distributed.initialize
     if mode not in ("auto", "yes", "no"):
         raise ValueError(f"config.distributed.initialize must be 'auto', 'yes' or 'no', got {mode!r}")
-    environment_says = (
-        "JAX_COORDINATOR_ADDRESS" in os.environ
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if mode == "no":
+        return None
+    arguments = {}
+    for key, variable in DISTRIBUTED_ENVIRONMENT.items():
+        value = distributed[key]
+        if value is None and environ.get(variable, "") != "":
+            value = environ[variable]
+            if key != "coordinator_address":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ValueError(f"environment variable {variable}={value!r} is not an integer") from None
+        arguments[key] = value
+    num_processes, process_id = arguments["num_processes"], arguments["process_id"]
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"config.distributed.num_processes (or JAX_NUM_PROCESSES) must be >= 1, got {num_processes}")
+    if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+        raise ValueError(f"config.distributed.process_id (or JAX_PROCESS_ID) {process_id} is not in "
+                         f"[0, num_processes={num_processes})")
+    cluster = (
+        (int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ)
+        or int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in environ.get("TPU_WORKER_HOSTNAMES", "")
     )
-    if mode == "no" or (mode == "auto" and not environment_says and distributed.coordinator_address is None):
+    if mode == "auto" and arguments["coordinator_address"] is None and (num_processes or 1) == 1 and not cluster:
+        return None
+    return arguments
+
+
+def maybe_initialize_distributed(distributed: ml_collections.ConfigDict) -> None:
+    """jax.distributed.initialize() when the config or the environment asks for it (distributed_arguments)."""
+    arguments = distributed_arguments(distributed, os.environ)
+    if arguments is None or jax.distributed.is_initialized():
         return
-    if jax.distributed.is_initialized():
-        return
-    jax.distributed.initialize(coordinator_address=distributed.coordinator_address,
-                               num_processes=distributed.num_processes, process_id=distributed.process_id)
+    try:
+        jax.distributed.initialize(**arguments)
+    except ValueError as error:
+        raise ValueError(f"jax.distributed.initialize({arguments}): {error}. Set config.distributed."
+                         f"coordinator_address, num_processes and process_id (or JAX_COORDINATOR_ADDRESS, "
+                         f"JAX_NUM_PROCESSES, JAX_PROCESS_ID), or run under SLURM / Open MPI / a Cloud TPU VM") from None
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across processes (nothing in a run of one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 # ============================================================================= workdir
 
 
+def check_locations(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The workdir may be a gs:// URI (checkpoints, run.json, metrics, samples, params_ema go through
+    etils.epath and Orbax); the inputs read with plain file operations must be local or mounted."""
+    local_only = {"config.data.tokens_dir": config.data.tokens_dir, "config.tokenizer_dir": config.tokenizer_dir,
+                  "config.eval.reference": config.eval.reference, "config.eval.inception": config.eval.inception}
+    remote = {key: value for key, value in local_only.items() if value is not None and is_remote(value)}
+    if remote:
+        raise ValueError(f"{remote}: these are read from a local (or mounted, e.g. gcsfuse) directory; copy them "
+                         f"to every host first (launch/tpu/tpu.py --tokens does so for the tokens)")
+    if not is_remote(workdir):
+        return
+    if config.data.prepare is not None:
+        raise ValueError(f"--workdir {workdir!r}: the demo's data preparation (config.data.prepare) writes into a "
+                         f"local workdir only")
+    if config.eval.every_steps:
+        raise ValueError(f"--workdir {workdir!r}: periodic evaluation (config.eval.every_steps) caches reference "
+                         f"statistics in a local workdir only")
+    import fsspec   # what etils.epath uses for gs:// when TensorFlow is absent
+
+    try:
+        fsspec.get_filesystem_class(workdir.split("://", 1)[0])
+    except (ImportError, ValueError) as error:
+        raise ValueError(f"--workdir {workdir!r}: {error} (gs:// needs `pip install gcsfs`)") from None
+
+
+def write_bytes_atomically(path: epath.Path, data: bytes) -> None:
+    """Locally: a temporary file renamed into place. On object stores (gs://) a write is atomic already."""
+    if is_remote(path):
+        path.write_bytes(data)
+        return
+    temporary = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
 def claim_workdir(workdir: str, model_config: ModelConfig, config: ml_collections.ConfigDict) -> None:
-    """Refuse a workdir that belongs to another model (or to something else); mark it as this run's."""
-    run_file = os.path.join(workdir, RUN_FILE)
+    """Refuse a workdir that belongs to another model (or to something else); mark it as this run's.
+    Every process checks; process 0 writes run.json once all of them have looked."""
+    directory = epath.Path(workdir)
+    run_file = directory / RUN_FILE
     wanted = {field: _jsonable(getattr(model_config, field)) for field in CHECKPOINT_FIELDS}
-    if os.path.isfile(run_file):
-        with open(run_file) as f:
-            run = json.load(f)
+    if run_file.is_file():
+        run = json.loads(run_file.read_text())
         if run.get("kind") != RUN_KIND:
             raise ValueError(f"--workdir {workdir!r}: {run_file} is not a {RUN_KIND} run; use another workdir")
         held = run.get("model_identity", {})
@@ -137,13 +233,14 @@ def claim_workdir(workdir: str, model_config: ModelConfig, config: ml_collection
                              f"(field: (workdir's, config's) = {differ}); nothing was overwritten. "
                              f"Use a fresh workdir or the workdir's model config.")
         return
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if (directory / "checkpoints").is_dir():
         raise ValueError(f"--workdir {workdir!r} has checkpoints/ but no {RUN_FILE}: not a run of this trainer; "
                          f"refusing to write into it")
+    sync_processes("lasadgen_jax.train: workdir checked")   # else process 0's checkpoints/ could alarm another
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        manifests.write_json_atomically(run_file, {"kind": RUN_KIND, "model_identity": wanted,
-                                                   "config": json.loads(config.to_json_best_effort())})
+        directory.mkdir(parents=True, exist_ok=True)
+        run = {"kind": RUN_KIND, "model_identity": wanted, "config": json.loads(config.to_json_best_effort())}
+        write_bytes_atomically(run_file, json.dumps(run, indent=1, sort_keys=True).encode())
 
 
 def _jsonable(value):
@@ -413,8 +510,14 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=config.checkpoint.every_steps, max_to_keep=config.checkpoint.keep,
         enable_async_checkpointing=config.checkpoint.async_save, create=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
-                                 item_names=("state", "data"))
+    return ocp.CheckpointManager(workdir_path(workdir, "checkpoints"), options=options, item_names=("state", "data"))
+
+
+def workdir_path(workdir: str, name: str) -> epath.Path:
+    """WORKDIR/name for Orbax: absolute when local, the URI itself on gs://."""
+    if is_remote(workdir):
+        return epath.Path(workdir) / name
+    return epath.Path(os.path.abspath(os.path.join(workdir, name)))
 
 
 def save_checkpoint(manager, step: int, state: dict, iterator, force: bool = False) -> bool:
@@ -430,6 +533,7 @@ def restore_checkpoint(manager, step: int, abstract_state: dict, state_shardings
     import grain
 
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
+    check_data_state_processes(epath.Path(manager.directory) / str(step) / "data", step)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                  data=grain.checkpoint.CheckpointRestore(iterator)))
@@ -438,15 +542,41 @@ def restore_checkpoint(manager, step: int, abstract_state: dict, state_shardings
     return restored["state"]
 
 
-class PreemptionFlag:
-    """Set by SIGTERM; the loop saves a checkpoint at the next step boundary and returns."""
+def check_data_state_processes(data_directory: epath.Path, step: int) -> None:
+    """Refuse (clearly) a checkpoint whose data iterator positions come from another number of processes.
 
-    def __init__(self):
+    grain saves one position per process (process_I-of-N.json). Each process reads the records i with
+    i % N == I, so a position means nothing to a run of another process count: the parameters would
+    restore (Orbax reshards them onto any mesh), the data order cannot continue exactly.
+    """
+    index, count = jax.process_index(), jax.process_count()
+    if not data_directory.is_dir() or (data_directory / f"process_{index}-of-{count}.json").exists():
+        return
+    written = sorted(path.name for path in data_directory.glob("process_*-of-*.json"))
+    counts = sorted({name.rsplit("-of-", 1)[1].removesuffix(".json") for name in written})
+    raise ValueError(f"checkpoint {step} in {data_directory.parent.parent}: its data iterator positions were saved "
+                     f"by {' or '.join(counts) or 'no'} process(es) ({', '.join(written[:4])}), this run has {count}. "
+                     f"Each process reads its own slice of the records, so the run resumes exactly only with the "
+                     f"same number of processes (hosts); the mesh and device count may change.")
+
+
+class PreemptionFlag:
+    """Set by SIGTERM; the loop saves a checkpoint at the next step boundary and returns.
+
+    Only in a run of one process. With several, each process would stop at whatever step its own
+    signal found it, and the others would wait forever in that step's collectives; there the signal is
+    left to JAX's preemption service (started by jax.distributed.initialize), which agrees on one
+    step for all processes: `manager.reached_preemption(step)`.
+    """
+
+    def __init__(self, install: bool = True):
         self.raised = False
         self.previous = None
+        self.install = install
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():   # signals reach the main thread only
+        # Signals reach the main thread only.
+        if self.install and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -485,14 +615,18 @@ def sample_grid(graphdef, rng_state_template, ema_params, config, model_config: 
 def write_sample_grid(picture: np.ndarray, workdir: str, step: int, writer: MetricWriter) -> str | None:
     if jax.process_index() != 0:
         return None
+    import io
+
     from PIL import Image
 
-    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(picture).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    directory = epath.Path(workdir) / "samples"
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    path = directory / f"step_{step:07d}.png"
+    write_bytes_atomically(path, buffer.getvalue())
     writer.write_image(step, "samples/ema", picture)
-    return path
+    return str(path)
 
 
 EVAL_SCALARS = ("fid", "sfid", "inception_score", "precision", "recall")
@@ -528,17 +662,14 @@ def evaluate_ema(evaluator: dict, graphdef, rng_state_template, ema_params, toke
                                batch_size=config.eval.batch_size, metrics=evaluator["metrics"], progress=False)
 
 
-def export_params(graphdef, rng_state_template, params, path: str) -> None:
-    """The (EMA) parameters in the format of lasadgen_jax.sample.save_params, for `sample --ckpt`."""
-    from lasadgen_jax.sample import save_params
-
+def export_params(graphdef, rng_state_template, params, workdir: str) -> None:
+    """The (EMA) parameters as WORKDIR/params_ema, for `sample --ckpt`: the format of
+    lasadgen_jax.sample.save_params (an Orbax StandardCheckpointer of the nnx.Param state), written
+    here so that a gs:// workdir works and all processes take part (force: replaces an earlier export)."""
     model = nnx.merge(graphdef, params, seeded_rng_state(rng_state_template, jax.random.key(0)))
-    if os.path.exists(path):
-        import shutil
-
-        if jax.process_index() == 0:
-            shutil.rmtree(path)
-    save_params(model, path)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(workdir_path(workdir, "params_ema"), nnx.state(model, nnx.Param), force=True)
+    checkpointer.wait_until_finished()
 
 
 # ============================================================================= the loop
@@ -571,7 +702,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
     check_sample_config(config.sample, model_config)
     check_eval_config(config.eval, config.tokenizer_dir is not None or config.data.prepare is not None)
     workdir = resolve_workdir(workdir, config)
+    check_locations(config, workdir)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    check_batch_fits_mesh(config, mesh)
     if config.data.tokens_dir is not None:
         check_tokens_fit_model(config.data.tokens_dir, model_config)   # before anything is written
     claim_workdir(workdir, model_config, config)
@@ -621,13 +754,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
               f"mesh {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} device(s); global batch "
               f"{config.batch_size} x {model_config.num_tokens} tokens; {num_steps} steps; workdir {workdir}",
               flush=True)
+        if jax.process_count() > 1 and not jax.distributed.is_initialized():
+            print("warning: several processes but no jax.distributed.initialize (config.distributed.initialize="
+                  "'no'?): without JAX's preemption service a SIGTERM ends the run without a checkpoint", flush=True)
 
     # ---- the loop
     progress = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", disable=not is_main,
                     dynamic_ncols=True, file=sys.stderr)
     pending, interval_start, interval_steps = [], time.time(), 0
     step, preempted, last_metrics = start_step, False, {}
-    with PreemptionFlag() as preemption:
+    with PreemptionFlag(install=jax.process_count() == 1) as preemption:
         while step < num_steps:
             tokens, labels = global_batch(next(iterator), mesh)
             state, metrics = train_step(state, tokens, labels)
@@ -680,13 +816,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
         if manager.latest_step() != step:
             save_checkpoint(manager, step, state, iterator, force=True)
         manager.wait_until_finished()
-        export_params(graphdef, rng_state_template, state["ema_params"], os.path.join(workdir, "params_ema"))
+        export_params(graphdef, rng_state_template, state["ema_params"], workdir)
     manager.close()
     writer.close()
     summary = {"workdir": workdir, "start_step": start_step, "step": step, "num_steps": num_steps,
                "preempted": preempted, "last_metrics": last_metrics}
     if is_main and not preempted:
-        samples = sorted(os.listdir(os.path.join(workdir, "samples"))) if os.path.isdir(os.path.join(workdir, "samples")) else []
+        samples_dir = epath.Path(workdir) / "samples"
+        samples = sorted(path.name for path in samples_dir.iterdir()) if samples_dir.is_dir() else []
         print(f"done: {step} steps; EMA params in {workdir}/params_ema (python -m lasadgen_jax.sample "
               f"--ckpt={workdir}/params_ema); metrics in {workdir}/metrics.jsonl and {workdir}/tensorboard"
               + (f"; samples in {workdir}/samples/{samples[-1]}" if samples else ""), flush=True)

@@ -6,7 +6,9 @@
 
 The images [0, N) are cut into shards of --shard-size; process p of P (jax.process_index /
 process_count, or --process-index / --process-count) writes the shards k with k % P == p, so hosts
-never share a shard. A shard is written to a temporary file and renamed, then its sidecar JSON
+never share a shard. Run it on every host (`--distributed`, as the trainer: jax.distributed.initialize
+from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM, Open MPI or a Cloud TPU VM), or
+give each host --process-index and --process-count. A shard is written to a temporary file and renamed, then its sidecar JSON
 (spec + counts) is renamed into place: a shard with a sidecar is finished and a re-run skips it.
 Images that cannot be decoded are skipped and counted, never fatal. When every shard is finished,
 `manifest.json` lists them (see lasadgen_jax.data.manifest; records: lasadgen_jax.data.records).
@@ -181,11 +183,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=8, help="threads decoding and cropping images")
     parser.add_argument("--process-index", type=int, default=None, help="default: jax.process_index()")
     parser.add_argument("--process-count", type=int, default=None, help="default: jax.process_count()")
+    parser.add_argument("--distributed", default="auto", choices=("auto", "yes", "no"),
+                        help="jax.distributed.initialize (as config.distributed.initialize of the trainer); "
+                             "unused with --process-index")
     parser.add_argument("--tfds-data-dir", default=None)
     parser.add_argument("--max-images", type=int, default=None, help="only the source's first N images")
     args = parser.parse_args(argv)
     if (args.process_index is None) != (args.process_count is None):
         parser.error("--process-index and --process-count go together")
+    if args.process_index is None:   # several hosts, each told its place by jax.distributed
+        import ml_collections
+
+        from lasadgen_jax.train import maybe_initialize_distributed
+
+        maybe_initialize_distributed(ml_collections.ConfigDict(dict(
+            initialize=args.distributed, coordinator_address=None, num_processes=None, process_id=None)))
     summary = extract(args.tokenizer, args.source, args.out, split=args.split, image_size=args.image_size,
                       crops=args.crops, shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
                       process_index=args.process_index, process_count=args.process_count,
