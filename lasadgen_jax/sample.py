@@ -160,12 +160,15 @@ def generate(model: LASADGen, labels, key, config: SamplingConfig = SamplingConf
 # ----------------------------------------------------------------------------- params on disk
 
 
-def save_params(model: LASADGen, path: str):
-    """Writes the model's parameters as an Orbax checkpoint at `path` (a new directory)."""
+def save_params(model: LASADGen, path, force: bool = False):
+    """Writes the model's parameters as an Orbax checkpoint at `path`: a new directory, or with
+    `force` a replaced one; a local path or a URI such as gs://... (every process calls this)."""
     import orbax.checkpoint as ocp
+    from etils import epath
 
+    target = epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(path), nnx.state(model, nnx.Param))
+    checkpointer.save(target, nnx.state(model, nnx.Param), force=force)
     checkpointer.wait_until_finished()
 
 

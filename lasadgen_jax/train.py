@@ -663,13 +663,12 @@ def evaluate_ema(evaluator: dict, graphdef, rng_state_template, ema_params, toke
 
 
 def export_params(graphdef, rng_state_template, params, workdir: str) -> None:
-    """The (EMA) parameters as WORKDIR/params_ema, for `sample --ckpt`: the format of
-    lasadgen_jax.sample.save_params (an Orbax StandardCheckpointer of the nnx.Param state), written
-    here so that a gs:// workdir works and all processes take part (force: replaces an earlier export)."""
+    """The (EMA) parameters as WORKDIR/params_ema (sample.save_params), for `sample --ckpt`; every
+    process takes part, and an earlier export is replaced."""
+    from lasadgen_jax.sample import save_params
+
     model = nnx.merge(graphdef, params, seeded_rng_state(rng_state_template, jax.random.key(0)))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(workdir_path(workdir, "params_ema"), nnx.state(model, nnx.Param), force=True)
-    checkpointer.wait_until_finished()
+    save_params(model, workdir_path(workdir, "params_ema"), force=True)
 
 
 # ============================================================================= the loop
