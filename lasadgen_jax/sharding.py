@@ -139,3 +139,37 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (example) dimension split over data x fsdp."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+# ----------------------------------------------------------------------------- ops XLA cannot partition
+
+
+def per_device_heads(fn, mesh, batch: int, heads: int):
+    """`fn(q, k, v, log_decay_row, log_decay_col, prefix_k, prefix_v)` run on each device's part under
+    jax.shard_map: batch split over data x fsdp, heads over tensor (when tensor divides them).
+
+    For the Pallas kernels: XLA cannot partition a custom call, so without this every device would
+    gather the whole batch and compute all of it. q/k/v/prefix are [batch, seq, heads, d], the log
+    decays [heads] (or None); the output is [batch, seq, heads, dv] with the layout of q.
+    """
+    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
+    shards = math.prod(mesh.shape[axis] for axis in batch_axes)
+    if batch % shards:
+        raise ValueError(f"the LASAD kernel on mesh {dict(mesh.shape)}: batch {batch} is not divisible by the "
+                         f"mesh's data x fsdp ({shards})")
+    tensor = mesh.shape.get("tensor", 1)
+    head_axis = "tensor" if tensor > 1 and heads % tensor == 0 else None
+    rows = PartitionSpec(batch_axes or None, None, head_axis, None)
+    per_head = PartitionSpec(head_axis)
+
+    def call(q, k, v, log_decay_row=None, log_decay_col=None, prefix_k=None, prefix_v=None):
+        arrays = {"q": q, "k": k, "v": v, "log_decay_row": log_decay_row, "log_decay_col": log_decay_col,
+                  "prefix_k": prefix_k, "prefix_v": prefix_v}
+        given = {name: value for name, value in arrays.items() if value is not None}
+        specs = {name: per_head if name.startswith("log_decay") else rows for name in given}
+        # check_vma=False: a pallas_call's outputs carry no varying-axes type for shard_map to check.
+        local = jax.shard_map(lambda parts: fn(**parts), mesh=mesh, in_specs=(specs,), out_specs=rows,
+                              check_vma=False)
+        return local(given)
+
+    return call

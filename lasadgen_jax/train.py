@@ -439,8 +439,16 @@ def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_sh
         return new_state, metrics
 
     replicated = sharding.replicated(mesh)
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, batch_sharding),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, batch_sharding),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+    def train_step_on_mesh(state, tokens, labels):
+        """The jitted step, traced with `mesh` as the current mesh: the model's Pallas kernels then run
+        per device under shard_map (models/lasad_attention.py) instead of on a gathered batch."""
+        with jax.set_mesh(mesh):
+            return jitted(state, tokens, labels)
+
+    return train_step_on_mesh
 
 
 @dataclasses.dataclass(frozen=True)

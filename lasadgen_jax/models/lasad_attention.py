@@ -10,11 +10,14 @@ a KV cache.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lasadgen_jax import sharding
 from lasadgen_jax.models import alignment, rope
 from lasadgen_jax.ops import lasad
 
@@ -106,6 +109,20 @@ class LASADAttention(nnx.Module):
 
     # ------------------------------------------------------------------ training / parallel forward
 
+    def _lasad(self, grid):
+        """lasad_attention for this layer. Inside a mesh of several devices (jax.set_mesh: the trainer's
+        step) the Pallas kernel runs per device under shard_map (sharding.per_device_heads), since
+        XLA cannot partition it; every other algorithm is left to XLA's partitioner."""
+        op = functools.partial(lasad.lasad_attention, grid=grid, variant=self.variant, impl=self.impl)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1 or lasad.resolve_impl(self.impl, self.variant) != "pallas":
+            return op
+
+        def per_device(q, *args, **kwargs):
+            return sharding.per_device_heads(op, mesh, q.shape[0], self.num_heads)(q, *args, **kwargs)
+
+        return per_device
+
     def __call__(self, x, *, grid, num_prefix: int):
         """x: [batch, num_prefix + h*w - 1, dim] -> [batch, same, dim]."""
         h, w = alignment.check_sequence(x, self.dim, grid, num_prefix)
@@ -116,10 +133,9 @@ class LASADAttention(nnx.Module):
         prefix_k, prefix_v = k[:, :num_prefix], v[:, :num_prefix]
         pad_last_cell = lambda t: jnp.pad(t[:, num_prefix:], ((0, 0), (0, 1), (0, 0), (0, 0)))  # cell N-1's key is never read
         log_decay_row, log_decay_col = self.log_decays()
-        cell_out = lasad.lasad_attention(
-            q[:, num_prefix - 1:], pad_last_cell(k), pad_last_cell(v),
-            grid=(h, w), variant=self.variant, log_decay_row=log_decay_row, log_decay_col=log_decay_col,
-            prefix_k=prefix_k, prefix_v=prefix_v, impl=self.impl,
+        cell_out = self._lasad((h, w))(
+            q[:, num_prefix - 1:], pad_last_cell(k), pad_last_cell(v), log_decay_row=log_decay_row,
+            log_decay_col=log_decay_col, prefix_k=prefix_k, prefix_v=prefix_v,
         )
         prefix_out = self._prefix_causal(q[:, : num_prefix - 1], prefix_k[:, : num_prefix - 1], prefix_v[:, : num_prefix - 1])
         attended = jnp.concatenate([prefix_out, cell_out.astype(jnp.float32)], axis=1)

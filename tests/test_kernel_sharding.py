@@ -1,0 +1,114 @@
+"""The Pallas kernels under a mesh of several devices: run per device under shard_map, same numbers.
+
+XLA cannot partition a Pallas custom call, so on a multi-device mesh the trainer's step sets the
+mesh (jax.set_mesh) and LASADAttention runs the kernel per device (sharding.per_device_heads):
+batch over data x fsdp, heads over tensor. These checks run in a subprocess with 8 fake CPU devices,
+the kernels in Pallas interpret mode (the GPU/Triton body), against the unsharded computation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r'''
+import functools, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from flax import nnx
+from lasadgen_jax import sharding
+from lasadgen_jax.ops import lasad
+from lasadgen_jax.ops.lasad.reference import lasad_reference
+
+mode, variant = sys.argv[1], sys.argv[2]
+mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+rel = lambda a, b: float(jnp.linalg.norm(jnp.ravel(a) - jnp.ravel(b)) / jnp.linalg.norm(jnp.ravel(b)))
+
+if mode == "op":
+    grid, batch, heads, d, prefix = (3, 5), 4, 4, 16, 1
+    keys = jax.random.split(jax.random.PRNGKey(0), 7)
+    inputs = dict(q=jax.random.normal(keys[0], (batch, 15, heads, d)) * d**-0.5,
+                  k=jax.random.normal(keys[1], (batch, 15, heads, d)),
+                  v=jax.random.normal(keys[2], (batch, 15, heads, d)),
+                  log_decay_row=jax.random.uniform(keys[3], (heads,), minval=-0.7, maxval=-0.05),
+                  log_decay_col=jax.random.uniform(keys[4], (heads,), minval=-0.7, maxval=-0.05),
+                  prefix_k=jax.random.normal(keys[5], (batch, prefix, heads, d)),
+                  prefix_v=jax.random.normal(keys[6], (batch, prefix, heads, d)))
+    kernel = functools.partial(lasad.lasad_attention_pallas, grid=grid, variant=variant, backend="gpu", interpret=True)
+    sharded = sharding.per_device_heads(kernel, mesh, batch, heads)
+    loss = lambda f: (lambda x: jnp.sum(f(**x) ** 2))
+    reference = functools.partial(lasad_reference, grid=grid, variant=variant)
+    rows = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+    placed = {n: jax.device_put(x, rows if x.ndim == 4 else NamedSharding(mesh, P("tensor"))) for n, x in inputs.items()}
+    jaxpr = str(jax.make_jaxpr(lambda x: sharded(**x))(placed))
+    assert "shard_map" in jaxpr, "per_device_heads did not shard_map"
+    out = jax.jit(lambda x: sharded(**x))(placed)
+    assert out.sharding.spec == P(("data", "fsdp"), None, "tensor", None), out.sharding
+    print("forward", rel(out, reference(**inputs)))
+    grads = jax.jit(jax.grad(loss(sharded)))(placed)
+    expected = jax.grad(loss(reference))(inputs)
+    print("grads", max(rel(grads[n], expected[n]) for n in inputs))
+    try:
+        sharding.per_device_heads(kernel, mesh, 2, heads)
+    except ValueError as error:
+        assert "batch 2 is not divisible" in str(error), error
+        print("refused")
+else:  # the model: LASADAttention(impl="pallas") under the trainer's mesh vs impl="chunked" on one device
+    original = lasad.lasad_attention
+
+    def with_interpret(q, k, v, *, impl, **kwargs):   # the GPU kernel body, interpreted on CPU
+        if impl == "pallas":
+            return lasad.lasad_attention_pallas(q, k, v, backend="gpu", interpret=True, **kwargs)
+        return original(q, k, v, impl=impl, **kwargs)
+
+    lasad.lasad_attention = with_interpret
+    lasad.resolve_impl = lambda impl, variant=None, backend=None: impl
+    from lasadgen_jax.models.lasad_attention import LASADAttention
+
+    make = lambda impl: LASADAttention(32, 4, variant=variant, impl=impl, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 15, 32))
+    def loss(model, x):
+        return jnp.sum(model(x, grid=(3, 5), num_prefix=1) ** 2)
+    expected_loss, expected = nnx.value_and_grad(loss)(make("chunked"), x)
+    model = make("pallas")
+    step = nnx.jit(nnx.value_and_grad(loss))
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(lambda m, x: loss(m, x))(model, x))
+        got_loss, got = step(model, jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")))))
+    assert "shard_map" in jaxpr, "the model did not shard_map its kernel"
+    flat_got, flat_expected = nnx.to_flat_state(got), dict(nnx.to_flat_state(expected))
+    print("loss", rel(got_loss, expected_loss))
+    print("grads", max(rel(value[...], flat_expected[path][...]) for path, value in flat_got))
+    without_mesh = str(jax.make_jaxpr(lambda m, x: loss(m, x))(model, x))
+    assert "shard_map" not in without_mesh
+    print("ok")
+'''
+
+
+def run(mode: str, variant: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", SCRIPT, mode, variant], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    values = {}
+    for line in result.stdout.splitlines():
+        name, *value = line.split()
+        values[name] = float(value[0]) if value else True
+    return values
+
+
+@pytest.mark.parametrize("variant", ["2d_row", "2d"])
+def test_kernel_per_device_on_a_2x2x2_mesh_matches_the_reference(variant):
+    values = run("op", variant)
+    assert values["forward"] < 1e-4 and values["grads"] < 1e-4 and values["refused"], values
+
+
+def test_model_runs_its_kernel_per_device_under_the_trainers_mesh():
+    values = run("model", "1d")
+    assert values["loss"] < 1e-4 and values["grads"] < 1e-4 and values["ok"], values
