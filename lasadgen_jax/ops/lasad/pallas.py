@@ -16,6 +16,9 @@ step inside the kernel) and writes o' = d out / d log_decay; then dL/dlog_decay 
 (heads are independent, so one tangent of ones gives every head's derivative). One tangent call
 per decay the variant uses: `1d` one, `2d` and `2d_row` two, `none` none. Nothing of size
 O(N d dv) is stored.
+
+`BlockSizes(backward_2d="sweep")` (opt-in, GPU only) replaces this for `2d` by two calls: dq from
+the forward kernel and dk, dv and the decay gradients from one reverse row sweep (pallas_sweep.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lasadgen_jax.ops.lasad import common, pallas_gpu, pallas_tpu
+from lasadgen_jax.ops.lasad import common, pallas_gpu, pallas_sweep, pallas_tpu
 from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout, next_power_of_two
 
 BACKENDS = ("gpu", "tpu")
@@ -87,12 +90,41 @@ def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend,
     return layout.unpack(out)[..., :dv]
 
 
+def sweep_backward(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, interpret, block):
+    """The `2d` gradients by the sweep (pallas_sweep.py; GPU kernels): (dq, dk, dv, d log_decay_row,
+    d log_decay_col), float32. d_out: the cotangent of the cell output, [B, N, H, dv]."""
+    layout = ChunkLayout.make(grid, "2d", block.block_tokens, block.block_tokens_2d)
+    d_out_in = d_out.astype(q.dtype)  # the op returns q.dtype: d_out holds no more precision
+    dq = run_kernel(d_out_in, v, k, log_decay_row, log_decay_col, grid=grid, variant="2d", backend="gpu",
+                    interpret=interpret, block=block, tangent=None, out_dtype=jnp.float32)
+    decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)  # [H, 2]
+    d, dv = q.shape[-1], v.shape[-1]
+    d_pad, dv_pad = _padded_dim("gpu", d), _padded_dim("gpu", dv)
+    packed = [_pad_last(layout.pack(x), size) for x, size in ((q, d_pad), (k, d_pad), (v, dv_pad), (d_out_in, dv_pad))]
+    dk, dk_col, d_v = pallas_sweep.key_gradients(*packed, decays, layout=layout, block=block, interpret=interpret)
+    dk, dk_col, d_v = layout.unpack(dk)[..., :d], layout.unpack(dk_col)[..., :d], layout.unpack(d_v)[..., :dv]
+    # dL/dlog g_row = sum over pairs (r_a - r_m) P(a, m) = sum_a r_a (q_a . dq_a) - sum_m r_m (k_m . dk_m):
+    # both sums total sum P, so rows are centred on the grid's middle to halve what cancels.
+    h, w = grid
+    rows = (jnp.arange(h * w) // w).astype(jnp.float32) - (h - 1) / 2
+    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    d_row = (jnp.einsum("n,bnhd,bnhd->h", rows, q32, dq, precision=jax.lax.Precision.HIGHEST)
+             - jnp.einsum("n,bnhd,bnhd->h", rows, k32, dk, precision=jax.lax.Precision.HIGHEST))
+    d_col = jnp.einsum("bnhd,bnhd->h", k32, dk_col, precision=jax.lax.Precision.HIGHEST)
+    return dq, dk, d_v, d_row, d_col
+
+
 @functools.lru_cache(maxsize=None)
 def pallas_cells(backend: str, interpret: bool, block: BlockSizes):
     """cells(q, k, v, log_decay_row, log_decay_col, grid, variant) -> [B, N, H, dv] in q.dtype,
     with the custom_vjp described in the module docstring. grid and variant are static."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if block.backward_2d == "sweep" and backend != "gpu":
+        raise ValueError(
+            f"BlockSizes(backward_2d='sweep') has a GPU (Triton) kernel only, not one for backend {backend!r}; "
+            "use backward_2d='refwd'"
+        )
     kernel = functools.partial(run_kernel, backend=backend, interpret=interpret, block=block)
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -104,6 +136,12 @@ def pallas_cells(backend: str, interpret: bool, block: BlockSizes):
 
     def backward(grid, variant, residuals, d_out):
         q, k, v, log_decay_row, log_decay_col = residuals
+        if variant == "2d" and block.backward_2d == "sweep":
+            dq, dk, dv, d_row, d_col = sweep_backward(
+                q, k, v, log_decay_row, log_decay_col, d_out, grid=grid, interpret=interpret, block=block
+            )
+            return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+                    d_row.astype(log_decay_row.dtype), d_col.astype(log_decay_col.dtype))
         run = functools.partial(
             kernel, log_decay_row=log_decay_row, log_decay_col=log_decay_col, grid=grid, variant=variant,
             out_dtype=jnp.float32,

@@ -28,6 +28,9 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+BACKWARDS_2D = ("refwd", "sweep")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes of the kernels; every field a power of two, checked on construction.
@@ -42,6 +45,10 @@ class BlockSizes:
       (0: 4 warps while its states fit STATE_FLOATS_2D, else 8).
     parallel_chunks: from this many chunks on, the GPU generic kernel runs in two passes (a
       sequential pass that writes each chunk's starting state, then every chunk in parallel).
+    backward_2d: the `2d` kernel's backward (not a tile size): "refwd" (the default: the forward
+      kernel re-run on flipped grids plus two decay-tangent calls) or "sweep" (opt-in, GPU only:
+      dq by one forward call, dk, dv and the decay gradients by one reverse row sweep;
+      pallas_sweep.py). Untimed on a GPU so far, hence not the default.
     """
 
     block_tokens: int = 64
@@ -53,9 +60,14 @@ class BlockSizes:
     num_warps_2d: int = 0
     num_stages: int = 1
     parallel_chunks: int = 16
+    backward_2d: str = "refwd"
 
     def __post_init__(self):
+        if self.backward_2d not in BACKWARDS_2D:
+            raise ValueError(f"BlockSizes.backward_2d must be one of {BACKWARDS_2D}, got {self.backward_2d!r}")
         for field in dataclasses.fields(self):
+            if field.name == "backward_2d":
+                continue
             value = getattr(self, field.name)
             auto = field.name in ("d_block_2d", "num_warps_2d") and value == 0
             if not isinstance(value, int) or (not auto and (value < 1 or value & (value - 1))):
