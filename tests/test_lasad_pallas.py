@@ -7,6 +7,7 @@ Sizes are small so that interpret mode stays quick on a CPU; the full-size check
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 
@@ -169,6 +170,58 @@ def test_gradients_odd_head_dims():
     check_grads(CASES["grid4x5_d60_prefix3"], "2d", "gpu", jnp.float32, 1e-4)
 
 
+# ----------------------------------------------------------------------------- the 2d sweep backward
+
+# BlockSizes(backward_2d="sweep") (GPU body in interpret mode): every gradient against the reference.
+# Key and value tiles of 16, so that d or dv of 36 (padded to 64) splits into several tiles whose
+# partial sums must add up; 16 slots per row, so block_tokens_2d 16 / 32 gives 1 / 2 rows per chunk.
+SWEEP_CASES = {
+    case.name: (case, BlockSizes(block_tokens_2d=tokens, d_block_2d=16, dv_block_2d=16, backward_2d="sweep"))
+    for case, tokens in [
+        # 2 chunks of 2 rows, the last with a padded row; batch 2 and prefix keys.
+        (Case("grid3x5_prefix2", batch=2, grid=(3, 5), heads=2, d=16, dv=16, prefix=2), 32),
+        # 4 chunks of 1 row; d = 12 (padded to 16), dv = 36 (3 value tiles of 16 after padding to 64).
+        (Case("grid4x3_d12_dv36_prefix1", batch=1, grid=(4, 3), heads=2, d=12, dv=36, prefix=1), 16),
+        # one row: no row pairs, so dlog_decay_row must come out 0.
+        (Case("row1x6", batch=1, grid=(1, 6), heads=1, d=16, dv=12, prefix=0), 32),
+        # one column: no column distances, so dlog_decay_col must come out 0; 3 chunks, d = 36.
+        (Case("column5x1_d36_prefix1", batch=2, grid=(5, 1), heads=1, d=36, dv=16, prefix=1), 32),
+    ]
+}
+
+
+@pytest.mark.parametrize("case_name", list(SWEEP_CASES))
+def test_sweep_backward_2d_gradients_float32(case_name):
+    case, block = SWEEP_CASES[case_name]
+    check_grads(case, "2d", "gpu", jnp.float32, 1e-4, block=block)
+
+
+@pytest.mark.parametrize("case_name", ["grid3x5_prefix2", "grid4x3_d12_dv36_prefix1"])
+def test_sweep_backward_2d_gradients_bfloat16(case_name):
+    case, block = SWEEP_CASES[case_name]
+    check_grads(case, "2d", "gpu", jnp.bfloat16, 2e-2, block=block)
+
+
+def test_sweep_backward_2d_runs_the_sweep():
+    """The option reaches the backward: its gradient calls the sweep kernel and no tangent kernel
+    (the gradient tests alone would pass through the default backward too)."""
+    case, block = SWEEP_CASES["grid3x5_prefix2"]
+    inputs = make_inputs(case, seed=0)
+    for backward, sweep_calls, tangent_calls in (("sweep", 1, 0), ("refwd", 0, 2)):
+        op = functools.partial(lasad_attention_pallas, grid=case.grid, variant="2d", backend="gpu", interpret=True,
+                               block_sizes=dataclasses.replace(block, backward_2d=backward))
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(op(**x))))(inputs))
+        assert jaxpr.count("name=lasad_2d_sweep_backward") == sweep_calls, backward
+        assert jaxpr.count("name=lasad_2d_d_") == tangent_calls, backward
+
+
+def test_sweep_backward_on_tpu_raises():
+    case, block = SWEEP_CASES["grid3x5_prefix2"]
+    with pytest.raises(ValueError, match="GPU .Triton. kernel only"):
+        lasad_attention_pallas(**make_inputs(case, seed=0), grid=case.grid, variant="2d", backend="tpu",
+                               interpret=True, block_sizes=block)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -186,7 +239,9 @@ def test_unknown_backend_raises():
         lasad_attention_pallas(**make_inputs(case, seed=0), grid=case.grid, variant="1d", backend="cuda")
 
 
-@pytest.mark.parametrize("field, value", [("block_tokens", 48), ("dv_block", 8), ("num_warps", 0)])
+@pytest.mark.parametrize(
+    "field, value", [("block_tokens", 48), ("dv_block", 8), ("num_warps", 0), ("backward_2d", "reverse")]
+)
 def test_block_sizes_validate_themselves(field, value):
     with pytest.raises(ValueError, match=field):
         BlockSizes(**{field: value})
