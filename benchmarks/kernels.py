@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                     # checks, then the table (N = 256 ... 16384)
     python benchmarks/kernels.py --extras --budget 380   # then other tilings, until 380 s
     python benchmarks/kernels.py --sizes 16,32 --variants 1d --skip-check
+    python benchmarks/kernels.py --variants 2d --backward-2d refwd,sweep   # both 2d backwards side by side
 
 1. Ceilings measured in this run: a bf16 8192^3 matmul (TFLOP/s) and a device copy (GB/s).
 2. Checks: every variant's `impl="pallas"` forward and gradients against the quadratic reference
@@ -12,7 +13,8 @@
 3. Table: for each N (square grid, batch = tokens // N), the median forward and forward+backward
    time of cuDNN flash attention (causal), the `chunked` algorithm and the Pallas kernel of each
    variant, as ratios to flash in the same run; GB/s of the forward's compulsory traffic (q, k, v
-   read, out written) against the copy ceiling.
+   read, out written) against the copy ceiling. `--backward-2d` picks the `2d` kernel's backward(s)
+   (`BlockSizes.backward_2d`): `refwd` (the default, row "pallas") and/or `sweep` (row "pallas sweep").
 Exit status 1 if a check fails.
 """
 
@@ -96,30 +98,39 @@ def ceilings():
     return 2 * 8192**3 / seconds / 1e12, 2 * x.nbytes / copy_seconds / 1e9
 
 
-def small_checks(variants) -> bool:
+def kernel_runs(variant, backwards_2d):
+    """(label, block sizes) of each Pallas configuration to run: one, or for `2d` one per backward."""
+    if variant != "2d":
+        return [("pallas", BlockSizes())]
+    return [("pallas" if backward == "refwd" else f"pallas {backward}", BlockSizes(backward_2d=backward))
+            for backward in backwards_2d]
+
+
+def small_checks(variants, backwards_2d) -> bool:
     """impl='pallas' against the reference: float32 (< 1e-4) and bf16 (< 2e-2), forward and grads."""
     ok = True
-    print("| variant | grid | d | dtype | forward | worst gradient | ok |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | kernel | grid | d | dtype | forward | worst gradient | ok |")
+    print("|---|---|---|---|---|---|---|---|")
     for grid, d in (((12, 20), 64),):
         for dtype, tolerance in ((jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)):
             for variant in variants:
                 inputs = random_inputs(2, grid, 3, d, 3, dtype, seed=7)
                 cotangent = jax.random.normal(jax.random.PRNGKey(3), inputs["v"].shape, jnp.float32)
-                results = {}
-                for impl in ("reference", "pallas"):
-                    fwd, both, args = compiled_pair(op(grid, variant, impl), inputs, cotangent)
-                    results[impl] = (fwd(args), both(args)[1])
-                out_error = rel_error(results["pallas"][0], results["reference"][0])
-                grad_error = max(
-                    rel_error(results["pallas"][1][name], results["reference"][1][name])
-                    for name in results["reference"][1]
-                    if np.any(np.asarray(results["reference"][1][name]) != 0)
-                )
-                good = out_error < tolerance and grad_error < tolerance
-                ok &= good
-                print(f"| {variant} | {grid[0]}x{grid[1]} | {d} | {jnp.dtype(dtype).name} | {out_error:.1e} | "
-                      f"{grad_error:.1e} | {'yes' if good else 'NO'} |", flush=True)
+                fwd, both, args = compiled_pair(op(grid, variant, "reference"), inputs, cotangent)
+                expected = (fwd(args), both(args)[1])
+                for label, block in kernel_runs(variant, backwards_2d):
+                    fwd, both, args = compiled_pair(op(grid, variant, "pallas", block), inputs, cotangent)
+                    actual = (fwd(args), both(args)[1])
+                    out_error = rel_error(actual[0], expected[0])
+                    grad_error = max(
+                        rel_error(actual[1][name], expected[1][name])
+                        for name in expected[1]
+                        if np.any(np.asarray(expected[1][name]) != 0)
+                    )
+                    good = out_error < tolerance and grad_error < tolerance
+                    ok &= good
+                    print(f"| {variant} | {label} | {grid[0]}x{grid[1]} | {d} | {jnp.dtype(dtype).name} | "
+                          f"{out_error:.1e} | {grad_error:.1e} | {'yes' if good else 'NO'} |", flush=True)
     return ok
 
 
@@ -131,7 +142,7 @@ def poisoned_forward(inputs, grid, variant, block):
     )
 
 
-def table(args, block_of) -> bool:
+def table(args) -> bool:
     ok = True
     heads, d = args.heads, args.dim
     print("| N | grid | batch | impl | variant | fwd ms | fwd+bwd ms | fwd x flash | fwd+bwd x flash | "
@@ -150,33 +161,37 @@ def table(args, block_of) -> bool:
         traffic = sum(inputs[name].nbytes for name in ("q", "k", "v")) + inputs["v"].nbytes
         for variant in args.variants:
             results, times = {}, {}
-            for impl in ("chunked", "pallas"):
+            runs = [("chunked", "chunked", None), *((label, "pallas", block) for label, block in
+                                                    kernel_runs(variant, args.backward_2d))]
+            for label, impl, block in runs:
                 try:
-                    fwd, both, fargs = compiled_pair(op(grid, variant, impl, block_of(variant)), inputs, cotangent)
-                    results[impl] = (fwd(fargs), both(fargs)[1])
-                    times[impl] = (time_ms(fwd, fargs, args.repeats), time_ms(both, fargs, args.repeats))
+                    fwd, both, fargs = compiled_pair(op(grid, variant, impl, block), inputs, cotangent)
+                    results[label] = (fwd(fargs), both(fargs)[1])
+                    times[label] = (time_ms(fwd, fargs, args.repeats), time_ms(both, fargs, args.repeats))
                 except Exception as error:  # report and go on with the other kernels
                     ok = False
-                    print(f"| {n} | {side}x{side} | {batch} | {impl} | {variant} | FAILED: "
+                    print(f"| {n} | {side}x{side} | {batch} | {label} | {variant} | FAILED: "
                           f"{type(error).__name__}: {str(error)[:300]} |", flush=True)
-            if "pallas" in results and "chunked" in results:
+            for label, _, block in runs[1:]:
+                if label not in results or "chunked" not in results:
+                    continue
                 grad_errors = {
-                    name: rel_error(results["pallas"][1][name], results["chunked"][1][name])
+                    name: rel_error(results[label][1][name], results["chunked"][1][name])
                     for name in results["chunked"][1] if np.any(np.asarray(results["chunked"][1][name]) != 0)
                 }
-                errors = [rel_error(results["pallas"][0], results["chunked"][0]), *grad_errors.values()]
-                poisoned = poisoned_forward(inputs, grid, variant, block_of(variant))
+                errors = [rel_error(results[label][0], results["chunked"][0]), *grad_errors.values()]
+                poisoned = poisoned_forward(inputs, grid, variant, block)
                 written = bool(jnp.all(jnp.isfinite(poisoned.astype(jnp.float32))))
-                same = rel_error(poisoned, results["pallas"][0])
+                same = rel_error(poisoned, results[label][0])
                 good = max(errors) < 2e-2 and written and same < 1e-6
                 ok &= good
-                print(f"  check N={n} {variant}: vs chunked fwd {errors[0]:.1e}, grads "
+                print(f"  check N={n} {variant} {label}: vs chunked fwd {errors[0]:.1e}, grads "
                       f"{', '.join(f'{name} {error:.1e}' for name, error in grad_errors.items())}; "
                       f"poisoned output all written: {written}, equals unpoisoned: {same:.1e} -> "
                       f"{'ok' if good else 'FAILED'}", flush=True)
             for impl, (fwd_ms, both_ms) in times.items():
                 speedup = ("-", "-")
-                if impl == "pallas" and "chunked" in times:
+                if impl != "chunked" and "chunked" in times:
                     speedup = (f"{times['chunked'][0] / fwd_ms:.1f}", f"{times['chunked'][1] / both_ms:.1f}")
                 print(f"| {n} | {side}x{side} | {batch} | {impl} | {variant} | {fwd_ms:.3f} | {both_ms:.3f} | "
                       f"{fwd_ms / flash_ms[0]:.2f} | {both_ms / flash_ms[1]:.2f} | {flash_ms[0] / fwd_ms:.2f} | "
@@ -224,9 +239,14 @@ def main(argv=None):
     parser.add_argument("--extras", action="store_true", help="after the table, time other tilings (forward)")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds after which --extras stops")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--backward-2d", default="refwd",
+                        help="the 2d kernel's backward(s), comma-separated: refwd (default), sweep")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.variants = args.variants.split(",")
+    args.backward_2d = args.backward_2d.split(",")
+    for backward in args.backward_2d:
+        BlockSizes(backward_2d=backward)  # raises for an unknown backward before any GPU time is spent
     if jax.default_backend() != "gpu":
         print(f"this benchmark needs a GPU; jax's default backend is {jax.default_backend()!r}", file=sys.stderr)
         return 1
@@ -239,8 +259,8 @@ def main(argv=None):
     print(f"shapes: H={args.heads}, d=dv={args.dim}, bf16, batch*N = {args.tokens}; median of {args.repeats}")
     ok = True
     if not args.skip_check:
-        ok &= small_checks(args.variants + ["none"])
-    ok &= table(args, lambda variant: BlockSizes())
+        ok &= small_checks(args.variants + ["none"], args.backward_2d)
+    ok &= table(args)
     if args.extras:
         extras(args, start + args.budget)
     print("ALL CHECKS PASSED" if ok else "SOME CHECK FAILED")
