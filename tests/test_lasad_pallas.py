@@ -215,6 +215,23 @@ def test_sweep_backward_2d_runs_the_sweep():
         assert jaxpr.count("name=lasad_2d_d_") == tangent_calls, backward
 
 
+def test_sweep_backward_lowers_to_triton_ir():
+    """Interpret mode runs the kernel body as plain jax; this lowers the gradient for CUDA (on the
+    CPU, through jax.export) so that every op must pass Pallas's Triton lowering. The Triton
+    compiler itself (PTX, registers) runs only on a GPU."""
+    case, block = SWEEP_CASES["grid4x3_d12_dv36_prefix1"]
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
+    op = functools.partial(lasad_attention_pallas, grid=case.grid, variant="2d", backend="gpu", block_sizes=block)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(op(**x).astype(jnp.float32))))
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(
+        grad, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)]
+    )(inputs)
+    module = exported.mlir_module()
+    assert module.count(f"@{triton}") == 2  # the dq forward and the sweep (the primal output is unused)
+    assert 'name = "lasad_2d_sweep_backward"' in module
+
+
 def test_sweep_backward_on_tpu_raises():
     case, block = SWEEP_CASES["grid3x5_prefix2"]
     with pytest.raises(ValueError, match="GPU .Triton. kernel only"):
