@@ -334,7 +334,7 @@ def run(args) -> None:
     import flax
     import jax
 
-    from lasadgen_jax import sharding
+    from lasadgen_jax import sharding, train
     from lasadgen_jax.eval.features import FeatureExtractor
     from lasadgen_jax.eval.reference import reference_from_features
     from lasadgen_jax.models.lasadgen import count_params
@@ -380,7 +380,8 @@ def run(args) -> None:
             config.seed = seed
             if args.smoke:
                 shrink_for_smoke(config)
-            log(f"{variant} seed {seed}: {count_params(load_model_config(config)) / 1e6:.1f}M params, "
+            num_params = count_params(train.model_config_from(config))
+            log(f"{variant} seed {seed}: {num_params / 1e6:.1f}M params, "
                 f"{config.num_steps} steps of {config.batch_size}")
             params, setup, train_stats = train_variant(config, data, mesh, log)
             model = eval_model(setup, params)
@@ -394,7 +395,7 @@ def run(args) -> None:
                 np.save(os.path.join(args.grids_dir, f"samples_{variant}_seed{seed}.npy"), grid)
             results.append(dict(
                 variant=variant, seed=seed, steps=config.num_steps, batch_size=config.batch_size,
-                params=count_params(load_model_config(config)), test_nll_bits_per_token=nll, **train_stats, **scores,
+                params=num_params, test_nll_bits_per_token=nll, **train_stats, **scores,
                 decays=learned_decays(model), run_seconds=round(time.perf_counter() - run_started, 1),
                 device=jax.devices()[0].device_kind, jax=jax.__version__, flax=flax.__version__,
                 lasad_impl=resolved_impl(config), date=datetime.date.today().isoformat()))
@@ -420,12 +421,6 @@ def shrink_for_smoke(config) -> None:
     config.optimizer.warmup_steps = 1
     config.ablation.update(fid_samples=20, sweep_samples=10, cfg_sweep=(2.0,), sample_batch=10, eval_batch=16,
                            log_every=1)
-
-
-def load_model_config(config):
-    from lasadgen_jax import train
-
-    return train.model_config_from(config)
 
 
 # ============================================================================= 3. report

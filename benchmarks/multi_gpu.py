@@ -27,9 +27,9 @@ import sys
 import tempfile
 import time
 
-for _name in ("NCCL_NVLS_ENABLE", "NVSHMEM_DISABLE_NVLS"):
-    os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
-os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+for _name, _value in NVLINK_MULTICAST_OFF.items():
+    os.environ.setdefault(_name, _value)
 
 import jax  # noqa: E402  (after the NCCL environment)
 import numpy as np  # noqa: E402
@@ -139,8 +139,7 @@ def main() -> int:
     header = {"date": datetime.date.today().isoformat(), "device": devices[0].device_kind, "devices": n,
               "jax": jax.__version__, "size": args.size, "attention": args.attention, "grid": args.grid,
               "per_device_batch": args.per_device_batch, "steps": args.steps,
-              "nccl": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "NVSHMEM_DISABLE_NVLS",
-                                                      "TORCH_SYMM_MEM_DISABLE_MULTICAST")}}
+              "nccl": {name: os.environ.get(name) for name in NVLINK_MULTICAST_OFF}}
     print(json.dumps(header), flush=True)
     global_batch = args.per_device_batch * n
 
