@@ -412,7 +412,8 @@ def resolved_impl(config) -> str | None:
 
     if config.model.attention == "softmax":
         return None
-    return lasad.resolve_impl(config.model.lasad_impl, config.model.attention)
+    grid = config.model.grid
+    return lasad.resolve_impl(config.model.lasad_impl, config.model.attention, tokens=grid[0] * grid[1])
 
 
 def shrink_for_smoke(config) -> None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lasadgen_jax.ops import lasad
-from lasadgen_jax.ops.lasad import BlockSizes, pallas
+from lasadgen_jax.ops.lasad import BlockSizes, ParallelBlocks, pallas, pallas_parallel
 
 DIFF = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")
 
@@ -60,6 +60,8 @@ def rel_error(actual, expected):
 
 
 def op(grid, variant, impl, block=None):
+    if impl == "pallas_parallel" and block is not None:
+        return lambda x: lasad.lasad_attention_parallel(**x, grid=grid, variant=variant, blocks=block)
     if impl == "pallas" and block is not None:
         return lambda x: lasad.lasad_attention_pallas(**x, grid=grid, variant=variant, backend="gpu", block_sizes=block)
     return lambda x: lasad.lasad_attention(**x, grid=grid, variant=variant, impl=impl)
@@ -98,16 +100,22 @@ def ceilings():
     return 2 * 8192**3 / seconds / 1e12, 2 * x.nbytes / copy_seconds / 1e9
 
 
-def kernel_runs(variant, backwards_2d):
-    """(label, block sizes) of each Pallas configuration to run: one, or for `2d` one per backward."""
-    if variant != "2d":
-        return [("pallas", BlockSizes())]
-    return [("pallas" if backward == "refwd" else f"pallas {backward}", BlockSizes(backward_2d=backward))
-            for backward in backwards_2d]
+def kernel_runs(variant, backwards_2d, impls=("pallas",)):
+    """(label, impl, block sizes) of each Pallas configuration to run: for impl 'pallas' one, or
+    for `2d` one per backward; for 'pallas_parallel' the fused parallel-form kernel."""
+    runs = []
+    if "pallas" in impls and variant != "2d":
+        runs.append(("pallas", "pallas", BlockSizes()))
+    if "pallas" in impls and variant == "2d":
+        runs += [("pallas" if backward == "refwd" else f"pallas {backward}", "pallas", BlockSizes(backward_2d=backward))
+                 for backward in backwards_2d]
+    if "pallas_parallel" in impls:
+        runs.append(("pallas parallel", "pallas_parallel", ParallelBlocks()))
+    return runs
 
 
-def small_checks(variants, backwards_2d) -> bool:
-    """impl='pallas' against the reference: float32 (< 1e-4) and bf16 (< 2e-2), forward and grads."""
+def small_checks(variants, backwards_2d, impls) -> bool:
+    """The kernels against the reference: float32 (< 1e-4) and bf16 (< 2e-2), forward and grads."""
     ok = True
     print("| variant | kernel | grid | d | dtype | forward | worst gradient | ok |")
     print("|---|---|---|---|---|---|---|---|")
@@ -118,8 +126,8 @@ def small_checks(variants, backwards_2d) -> bool:
                 cotangent = jax.random.normal(jax.random.PRNGKey(3), inputs["v"].shape, jnp.float32)
                 fwd, both, args = compiled_pair(op(grid, variant, "reference"), inputs, cotangent)
                 expected = (fwd(args), both(args)[1])
-                for label, block in kernel_runs(variant, backwards_2d):
-                    fwd, both, args = compiled_pair(op(grid, variant, "pallas", block), inputs, cotangent)
+                for label, impl, block in kernel_runs(variant, backwards_2d, impls):
+                    fwd, both, args = compiled_pair(op(grid, variant, impl, block), inputs, cotangent)
                     actual = (fwd(args), both(args)[1])
                     out_error = rel_error(actual[0], expected[0])
                     grad_error = max(
@@ -135,6 +143,10 @@ def small_checks(variants, backwards_2d) -> bool:
 
 
 def poisoned_forward(inputs, grid, variant, block):
+    if isinstance(block, ParallelBlocks):
+        decays = jnp.stack([inputs["log_decay_row"], inputs["log_decay_col"]], axis=1)
+        return pallas_parallel.forward(inputs["q"], inputs["k"], inputs["v"], decays, grid=grid, variant=variant,
+                                       blocks=block, interpret=False, poison=True)
     return pallas.run_kernel(
         inputs["q"], inputs["k"], inputs["v"], inputs["log_decay_row"], inputs["log_decay_col"], grid=grid,
         variant=variant, backend="gpu", interpret=False, block=block, tangent=None, out_dtype=inputs["q"].dtype,
@@ -161,8 +173,7 @@ def table(args) -> bool:
         traffic = sum(inputs[name].nbytes for name in ("q", "k", "v")) + inputs["v"].nbytes
         for variant in args.variants:
             results, times = {}, {}
-            runs = [("chunked", "chunked", None), *((label, "pallas", block) for label, block in
-                                                    kernel_runs(variant, args.backward_2d))]
+            runs = [("chunked", "chunked", None), *kernel_runs(variant, args.backward_2d, args.impls)]
             for label, impl, block in runs:
                 try:
                     fwd, both, fargs = compiled_pair(op(grid, variant, impl, block), inputs, cotangent)
@@ -239,12 +250,19 @@ def main(argv=None):
     parser.add_argument("--extras", action="store_true", help="after the table, time other tilings (forward)")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds after which --extras stops")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--impls", default="pallas",
+                        help="LASAD kernels to time next to flash and chunked, comma-separated: pallas, pallas_parallel")
     parser.add_argument("--backward-2d", default="refwd",
                         help="the 2d kernel's backward(s), comma-separated: refwd (default), sweep")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.variants = args.variants.split(",")
     args.backward_2d = args.backward_2d.split(",")
+    args.impls = args.impls.split(",")
+    for impl in args.impls:
+        if impl not in ("pallas", "pallas_parallel"):
+            print(f"--impls: unknown kernel {impl!r} (pallas, pallas_parallel)", file=sys.stderr)
+            return 2
     for backward in args.backward_2d:
         BlockSizes(backward_2d=backward)  # raises for an unknown backward before any GPU time is spent
     if jax.default_backend() != "gpu":
@@ -259,7 +277,7 @@ def main(argv=None):
     print(f"shapes: H={args.heads}, d=dv={args.dim}, bf16, batch*N = {args.tokens}; median of {args.repeats}")
     ok = True
     if not args.skip_check:
-        ok &= small_checks(args.variants + ["none"], args.backward_2d)
+        ok &= small_checks(args.variants + ["none"], args.backward_2d, args.impls)
     ok &= table(args)
     if args.extras:
         extras(args, start + args.budget)

@@ -25,7 +25,7 @@ from lasadgen_jax import sharding
 from lasadgen_jax.ops import lasad
 from lasadgen_jax.ops.lasad.reference import lasad_reference
 
-mode, variant = sys.argv[1], sys.argv[2]
+mode, variant, kernel_impl = sys.argv[1], sys.argv[2], sys.argv[3]
 mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
 rel = lambda a, b: float(jnp.linalg.norm(jnp.ravel(a) - jnp.ravel(b)) / jnp.linalg.norm(jnp.ravel(b)))
 
@@ -39,7 +39,11 @@ if mode == "op":
                   log_decay_col=jax.random.uniform(keys[4], (heads,), minval=-0.7, maxval=-0.05),
                   prefix_k=jax.random.normal(keys[5], (batch, prefix, heads, d)),
                   prefix_v=jax.random.normal(keys[6], (batch, prefix, heads, d)))
-    kernel = functools.partial(lasad.lasad_attention_pallas, grid=grid, variant=variant, backend="gpu", interpret=True)
+    if kernel_impl == "pallas":
+        kernel = functools.partial(lasad.lasad_attention_pallas, grid=grid, variant=variant, backend="gpu", interpret=True)
+    else:  # 16-token tiles: the 15 cells span one tile, with the padded end
+        kernel = functools.partial(lasad.lasad_attention_parallel, grid=grid, variant=variant, interpret=True,
+                                   blocks=lasad.ParallelBlocks(block=16))
     sharded = sharding.per_device_heads(kernel, mesh, batch, heads)
     loss = lambda f: (lambda x: jnp.sum(f(**x) ** 2))
     reference = functools.partial(lasad_reference, grid=grid, variant=variant)
@@ -58,16 +62,18 @@ if mode == "op":
     except ValueError as error:
         assert "batch 2 is not divisible" in str(error), error
         print("refused")
-else:  # the model: LASADAttention(impl="pallas") under the trainer's mesh vs impl="chunked" on one device
+else:  # the model: LASADAttention(impl=kernel_impl) under the trainer's mesh vs impl="chunked" on one device
     original = lasad.lasad_attention
 
     def with_interpret(q, k, v, *, impl, **kwargs):   # the GPU kernel body, interpreted on CPU
         if impl == "pallas":
             return lasad.lasad_attention_pallas(q, k, v, backend="gpu", interpret=True, **kwargs)
+        if impl == "pallas_parallel":
+            return lasad.lasad_attention_parallel(q, k, v, interpret=True, **kwargs)
         return original(q, k, v, impl=impl, **kwargs)
 
     lasad.lasad_attention = with_interpret
-    lasad.resolve_impl = lambda impl, variant=None, backend=None: impl
+    lasad.resolve_impl = lambda impl, variant=None, backend=None, tokens=None: impl
     from lasadgen_jax.models.lasad_attention import LASADAttention
 
     make = lambda impl: LASADAttention(32, 4, variant=variant, impl=impl, rngs=nnx.Rngs(0))
@@ -75,7 +81,7 @@ else:  # the model: LASADAttention(impl="pallas") under the trainer's mesh vs im
     def loss(model, x):
         return jnp.sum(model(x, grid=(3, 5), num_prefix=1) ** 2)
     expected_loss, expected = nnx.value_and_grad(loss)(make("chunked"), x)
-    model = make("pallas")
+    model = make(kernel_impl)
     step = nnx.jit(nnx.value_and_grad(loss))
     with jax.set_mesh(mesh):
         jaxpr = str(jax.make_jaxpr(lambda m, x: loss(m, x))(model, x))
@@ -90,10 +96,10 @@ else:  # the model: LASADAttention(impl="pallas") under the trainer's mesh vs im
 '''
 
 
-def run(mode: str, variant: str) -> dict:
+def run(mode: str, variant: str, kernel_impl: str = "pallas") -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", SCRIPT, mode, variant], env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", SCRIPT, mode, variant, kernel_impl], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     values = {}
@@ -103,12 +109,13 @@ def run(mode: str, variant: str) -> dict:
     return values
 
 
-@pytest.mark.parametrize("variant", ["2d_row", "2d"])
-def test_kernel_per_device_on_a_2x2x2_mesh_matches_the_reference(variant):
-    values = run("op", variant)
+@pytest.mark.parametrize("variant, kernel_impl", [("2d_row", "pallas"), ("2d", "pallas"), ("2d", "pallas_parallel")])
+def test_kernel_per_device_on_a_2x2x2_mesh_matches_the_reference(variant, kernel_impl):
+    values = run("op", variant, kernel_impl)
     assert values["forward"] < 1e-4 and values["grads"] < 1e-4 and values["refused"], values
 
 
-def test_model_runs_its_kernel_per_device_under_the_trainers_mesh():
-    values = run("model", "1d")
+@pytest.mark.parametrize("variant, kernel_impl", [("1d", "pallas"), ("2d", "pallas_parallel")])
+def test_model_runs_its_kernel_per_device_under_the_trainers_mesh(variant, kernel_impl):
+    values = run("model", variant, kernel_impl)
     assert values["loss"] < 1e-4 and values["grads"] < 1e-4 and values["ok"], values

@@ -88,40 +88,55 @@ def test_forward_bfloat16_matches_reference(variant, impl, case_name):
     assert rel_error(actual, expected) < 2e-2
 
 
-# What impl="auto" must resolve to (docs/lasad.md §6, benchmarks/RESULTS.md issue 6): written out
-# here, not read from AUTO_IMPL, so that a change of the table is a visible change of this test.
+# What impl="auto" must resolve to (docs/lasad.md §6, benchmarks/RESULTS.md issue 6), by backend,
+# variant and sequence length: written out here, not read from AUTO_IMPL, so that a change of the
+# table is a visible change of this test.
 AUTO_EXPECTED = {
-    "cpu": {"2d": "chunked", "2d_row": "chunked", "1d": "chunked", "none": "chunked"},
-    "gpu": {"2d": "chunked", "2d_row": "pallas", "1d": "pallas", "none": "chunked"},
-    "tpu": {"2d": "chunked", "2d_row": "chunked", "1d": "chunked", "none": "chunked"},
+    "cpu": {variant: {1: "chunked", 256: "chunked", 4096: "chunked", 16384: "chunked"} for variant in lasad.VARIANTS},
+    "gpu": {
+        "2d": {1: "pallas_parallel", 256: "pallas_parallel", 576: "pallas_parallel", 4096: "pallas_parallel",
+               4097: "chunked", 16384: "chunked"},
+        "none": {1: "pallas_parallel", 256: "pallas_parallel", 4096: "pallas_parallel", 16384: "chunked"},
+        "1d": {1: "pallas_parallel", 256: "pallas_parallel", 257: "pallas", 576: "pallas", 16384: "pallas"},
+        "2d_row": {1: "pallas_parallel", 256: "pallas_parallel", 257: "pallas", 576: "pallas", 16384: "pallas"},
+    },
+    "tpu": {variant: {1: "chunked", 256: "chunked", 4096: "chunked", 16384: "chunked"} for variant in lasad.VARIANTS},
 }
 
 
 @pytest.mark.parametrize("variant", lasad.VARIANTS)
 @pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
-def test_auto_resolves_by_backend_and_variant(backend, variant):
-    assert lasad.auto_impl(backend, variant) == AUTO_EXPECTED[backend][variant]
-    assert lasad.resolve_impl("auto", variant, backend) == AUTO_EXPECTED[backend][variant]
+def test_auto_resolves_by_backend_variant_and_length(backend, variant):
+    for tokens, expected in AUTO_EXPECTED[backend][variant].items():
+        assert lasad.auto_impl(backend, variant, tokens) == expected, tokens
+        assert lasad.resolve_impl("auto", variant, backend, tokens=tokens) == expected, tokens
 
 
 @pytest.mark.parametrize("variant", lasad.VARIANTS)
 def test_auto_resolves_to_chunked_on_this_cpu(variant):
     assert jax.default_backend() == "cpu"
-    assert lasad.resolve_impl("auto", variant) == "chunked"
+    assert lasad.resolve_impl("auto", variant, tokens=256) == "chunked"
+
+
+def test_auto_needs_the_sequence_length():
+    with pytest.raises(ValueError, match="tokens"):
+        lasad.resolve_impl("auto", "2d", "gpu")
+    with pytest.raises(ValueError, match="sequence length"):
+        lasad.auto_impl("gpu", "2d", 0)
 
 
 def test_explicit_impl_is_never_replaced():
     for impl in lasad.IMPLS:
         if impl != "auto":
-            assert lasad.resolve_impl(impl, "2d", "gpu") == impl
+            assert lasad.resolve_impl(impl, "2d", "gpu", tokens=256) == impl
     assert lasad.resolve_impl("auto") == "auto"  # no variant: only checked
 
 
 def test_auto_on_an_unknown_backend_raises():
     with pytest.raises(ValueError, match="knows the backends"):
-        lasad.auto_impl("metal", "2d")
+        lasad.auto_impl("metal", "2d", 256)
     with pytest.raises(ValueError, match="variant"):
-        lasad.auto_impl("gpu", "3d")
+        lasad.auto_impl("gpu", "3d", 256)
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -1,4 +1,5 @@
-"""The LASAD Pallas kernels (GPU/Triton and TPU/Mosaic bodies) in interpret mode, against the reference.
+"""The LASAD Pallas kernels (GPU/Triton and TPU/Mosaic bodies, and the fused parallel-form GPU
+kernel, backend "parallel" here) in interpret mode, against the reference.
 
 Every comparison is with `impl="reference"`, the quadratic oracle, never with another fast path.
 Sizes are small so that interpret mode stays quick on a CPU; the full-size checks run on the GPU
@@ -19,7 +20,8 @@ import pytest
 
 from helpers import Case, make_inputs, rel_error
 from lasadgen_jax.ops import lasad
-from lasadgen_jax.ops.lasad import BlockSizes, lasad_attention, lasad_attention_pallas
+from lasadgen_jax.ops.lasad import (BlockSizes, ParallelBlocks, lasad_attention, lasad_attention_pallas,
+                                    lasad_attention_parallel)
 
 BACKENDS = ("gpu", "tpu")
 CASES = {
@@ -48,6 +50,10 @@ def seed_of(*parts) -> int:
 def jitted_op(grid, variant, backend, block=BlockSizes()):
     if backend == "reference":
         return jax.jit(functools.partial(lasad_attention, grid=grid, variant=variant, impl="reference"))
+    if backend == "parallel":
+        blocks = block if isinstance(block, ParallelBlocks) else ParallelBlocks()
+        return jax.jit(functools.partial(lasad_attention_parallel, grid=grid, variant=variant, interpret=True,
+                                         blocks=blocks))
     return jax.jit(functools.partial(
         lasad_attention_pallas, grid=grid, variant=variant, backend=backend, interpret=True, block_sizes=block
     ))
@@ -239,6 +245,78 @@ def test_sweep_backward_on_tpu_raises():
                                interpret=True, block_sizes=block)
 
 
+# ----------------------------------------------------------------------------- the parallel-form kernel
+
+# The fused parallel-form GPU kernel (pallas_parallel.py), its body interpreted on CPU. Tiles of 16
+# tokens, so that even the 3x7 grid spans two query and two key tiles (the diagonal tile's mask,
+# the walk over earlier tiles and the zero-padded end of the sequence all take part).
+TILES_16 = ParallelBlocks(block=16)
+
+
+@pytest.mark.parametrize("variant", lasad.VARIANTS)
+def test_parallel_kernel_forward_float32(variant):
+    check_forward(CASES["grid3x7_prefix2"], variant, "parallel", jnp.float32, 1e-4, block=TILES_16)
+
+
+@pytest.mark.parametrize(
+    "variant, case_name, block",
+    [("2d", "grid12x20_d64", ParallelBlocks()), ("2d_row", "grid12x20_d64", ParallelBlocks()),
+     ("1d", "grid12x20_d64", TILES_16), ("2d", "grid4x5_d60_prefix3", TILES_16),
+     ("2d_row", "column9x1", TILES_16), ("2d", "row1x9_prefix1", TILES_16)],
+)
+def test_parallel_kernel_forward_shapes(variant, case_name, block):
+    check_forward(CASES[case_name], variant, "parallel", jnp.float32, 1e-4, block=block)
+
+
+@pytest.mark.parametrize("variant", ["2d", "1d"])
+def test_parallel_kernel_forward_bfloat16(variant):
+    check_forward(CASES["grid12x20_d64"], variant, "parallel", jnp.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("variant", lasad.VARIANTS)
+def test_parallel_kernel_gradients_float32(variant):
+    check_grads(CASES["grid3x7_prefix2"], variant, "parallel", jnp.float32, 1e-4, block=TILES_16)
+
+
+@pytest.mark.parametrize("variant", ["2d", "2d_row"])
+def test_parallel_kernel_gradients_bfloat16(variant):
+    check_grads(CASES["grid3x7_prefix2"], variant, "parallel", jnp.bfloat16, 2e-2, block=TILES_16)
+
+
+@pytest.mark.parametrize("variant, case_name", [("2d", "grid4x5_d60_prefix3"), ("1d", "column9x1"),
+                                                ("2d_row", "row1x9_prefix1")])
+def test_parallel_kernel_gradients_shapes(variant, case_name):
+    check_grads(CASES[case_name], variant, "parallel", jnp.float32, 1e-4, block=TILES_16)
+
+
+def test_parallel_kernel_lowers_to_triton_ir():
+    """The forward and both backward kernels pass Pallas's Triton lowering (jax.export for CUDA on
+    the CPU; the Triton compiler itself runs only on a GPU)."""
+    case = CASES["grid4x5_d60_prefix3"]
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
+    op = functools.partial(lasad_attention_parallel, grid=case.grid, variant="2d")
+    both = jax.jit(jax.value_and_grad(lambda x: jnp.sum(op(**x).astype(jnp.float32))))
+    triton = "__gpu$xla.gpu.triton"
+    module = jax.export.export(
+        both, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)]
+    )(inputs).mlir_module()
+    assert module.count(f"@{triton}") == 3
+    for name in ("lasad_parallel_2d", "lasad_parallel_2d_dkdv", "lasad_parallel_2d_dq"):
+        assert f'name = "{name}"' in module, name
+
+
+def test_parallel_impl_on_cpu_raises_instead_of_falling_back():
+    case = CASES["grid3x7_prefix2"]
+    with pytest.raises(ValueError, match="GPU .Triton. kernel only"):
+        lasad_attention(**make_inputs(case, seed=0), grid=case.grid, variant="2d", impl="pallas_parallel")
+
+
+@pytest.mark.parametrize("field, value", [("block", 8), ("block", 48), ("num_warps", 3), ("num_stages", 0)])
+def test_parallel_blocks_validate_themselves(field, value):
+    with pytest.raises(ValueError, match=f"ParallelBlocks.{field}"):
+        ParallelBlocks(**{field: value})
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -247,7 +325,7 @@ def test_pallas_impl_on_cpu_raises_instead_of_falling_back():
     inputs = make_inputs(case, seed=0)
     with pytest.raises(ValueError, match="needs a GPU or TPU"):
         lasad_attention(**inputs, grid=case.grid, variant="2d", impl="pallas")
-    assert lasad.resolve_impl("auto", "2d") == "chunked"
+    assert lasad.resolve_impl("auto", "2d", tokens=256) == "chunked"
 
 
 def test_unknown_backend_raises():

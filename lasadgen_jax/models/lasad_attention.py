@@ -111,11 +111,12 @@ class LASADAttention(nnx.Module):
 
     def _lasad(self, grid):
         """lasad_attention for this layer. Inside a mesh of several devices (jax.set_mesh: the trainer's
-        step) the Pallas kernel runs per device under shard_map (sharding.per_device_heads), since
+        step) a Pallas kernel runs per device under shard_map (sharding.per_device_heads), since
         XLA cannot partition it; every other algorithm is left to XLA's partitioner."""
         op = functools.partial(lasad.lasad_attention, grid=grid, variant=self.variant, impl=self.impl)
         mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or mesh.size == 1 or lasad.resolve_impl(self.impl, self.variant) != "pallas":
+        kernel = lasad.resolve_impl(self.impl, self.variant, tokens=grid[0] * grid[1]) in ("pallas", "pallas_parallel")
+        if mesh.empty or mesh.size == 1 or not kernel:
             return op
 
         def per_device(q, *args, **kwargs):

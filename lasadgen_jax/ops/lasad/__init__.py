@@ -11,15 +11,17 @@ import functools
 
 import jax
 
-from lasadgen_jax.ops.lasad import autodiff, chunked, common, pallas, recurrent, reference, scan
+from lasadgen_jax.ops.lasad import autodiff, chunked, common, pallas, pallas_parallel, recurrent, reference, scan
 from lasadgen_jax.ops.lasad.common import VARIANTS
 from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes
+from lasadgen_jax.ops.lasad.pallas_parallel import ParallelBlocks
 from lasadgen_jax.ops.lasad.recurrent import decode_step, fold_prefix, init_state
 
 __all__ = [
     "BlockSizes",
     "AUTO_IMPL",
     "IMPLS",
+    "ParallelBlocks",
     "VARIANTS",
     "auto_impl",
     "decode_step",
@@ -27,30 +29,35 @@ __all__ = [
     "init_state",
     "lasad_attention",
     "lasad_attention_pallas",
+    "lasad_attention_parallel",
     "resolve_impl",
 ]
 
-IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "pallas")
+IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "pallas", "pallas_parallel")
 
-# What impl="auto" runs, by backend and variant: a fixed table, decided by the H200 run of
-# benchmarks/kernels.py (benchmarks/RESULTS.md, issue 6, 2026-11-29; B*N = 32768 tokens, H = 16,
-# d = dv = 64, bf16, N = 256 ... 16384). The Pallas kernel where its forward+backward beat the
-# pure-XLA `chunked` algorithm of the same variant at every size measured, `chunked` elsewhere:
+# What impl="auto" runs, by backend, variant and sequence length N = h*w: a fixed table, decided by
+# the H200 runs of benchmarks/kernels.py (benchmarks/RESULTS.md, issue 6, 2026-11-29; B*N = 32768
+# tokens, H = 16, d = dv = 64, bf16). Each entry: (largest N, algorithm) steps, the first that
+# holds wins, None = any N. A step's bound is the largest N where its choice was measured to win:
+# between measured sizes the table takes the choice measured at the smaller one.
 AUTO_IMPL = {
-    **{("cpu", variant): "chunked" for variant in VARIANTS},  # no kernel on CPU
-    # Generic kernel, forward+backward 3.0-4.1x faster than chunked at every size measured.
-    ("gpu", "1d"): "pallas",
-    # Generic kernel, forward+backward 3.2-3.9x faster than chunked at every size measured.
-    ("gpu", "2d_row"): "pallas",
-    # The generic kernel as well, but `none` was never timed on the GPU (only checked): not yet.
-    ("gpu", "none"): "chunked",
-    # 2d kernel: forward+backward 3.5x / 2.8x slower than chunked at N = 256 / 1024 (2.2x faster
-    # at 4096): its decay-gradient (tangent) calls dominate the backward. The configs' grids
-    # are 16x16 and 24x24, where the kernel loses, so chunked stays.
-    ("gpu", "2d"): "chunked",
+    **{("cpu", variant): ((None, "chunked"),) for variant in VARIANTS},  # no kernel on CPU
+    # N = 256: the parallel-form kernel's forward+backward 0.89 ms against the generic kernel's
+    # 1.38 (flash 0.76). N = 1024: the generic kernel wins, 1.72 against 1.89 ms; above, the
+    # generic kernel is 3.0-4.1x faster than chunked at every N measured (up to 16384).
+    ("gpu", "1d"): ((256, "pallas_parallel"), (None, "pallas")),
+    # As 1d: N = 256 parallel 0.98 ms against generic 1.68; N = 1024 generic 1.96 against 2.26.
+    ("gpu", "2d_row"): ((256, "pallas_parallel"), (None, "pallas")),
+    # Parallel kernel 4.5x / 2.6x / 1.3x faster than chunked at N = 256 / 1024 / 4096. The generic
+    # kernel was never timed for `none`; above 4096 nothing was measured, so chunked.
+    ("gpu", "none"): ((4096, "pallas_parallel"), (None, "chunked")),
+    # Parallel kernel 37x / 28x / 20x faster than chunked at N = 256 / 1024 / 4096 (and 124x / 30x
+    # faster than the 2d chunked kernel at 256 / 1024). Above 4096 unmeasured: its quadratic work
+    # grows 4x per doubling of the side, so chunked until a run says otherwise.
+    ("gpu", "2d"): ((4096, "pallas_parallel"), (None, "chunked")),
     # The Mosaic TPU kernels have run in interpret mode only, never through Mosaic's compiler on a
     # TPU nor timed: a default must not rest on them. impl="pallas" asks for them explicitly.
-    **{("tpu", variant): "chunked" for variant in VARIANTS},
+    **{("tpu", variant): ((None, "chunked"),) for variant in VARIANTS},
 }
 
 # Algorithms differentiated by recomputation (autodiff.py); `reference` uses plain autodiff.
@@ -61,29 +68,37 @@ _CELL_ALGORITHMS = {
 }
 
 
-def auto_impl(backend: str, variant: str) -> str:
-    """The algorithm impl='auto' runs for `variant` on `backend` ('cpu', 'gpu' or 'tpu'): the
-    AUTO_IMPL entry, whose comments say why. Depends on nothing else (not on sizes or dtypes)."""
+def auto_impl(backend: str, variant: str, tokens: int) -> str:
+    """The algorithm impl='auto' runs for `variant` on `backend` ('cpu', 'gpu' or 'tpu') at
+    sequence length `tokens` (h*w): the AUTO_IMPL entry, whose comments say why. Not dtype-dependent."""
     common.check_variant(variant)
     if (backend, variant) not in AUTO_IMPL:
         raise ValueError(f"impl='auto' knows the backends ('cpu', 'gpu', 'tpu'), got {backend!r}")
-    return AUTO_IMPL[backend, variant]
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"impl='auto' needs the sequence length (h*w) as a positive int, got {tokens!r}")
+    for largest, impl in AUTO_IMPL[backend, variant]:
+        if largest is None or tokens <= largest:
+            return impl
+    raise AssertionError(f"AUTO_IMPL[{backend!r}, {variant!r}] has no catch-all step")
 
 
-def resolve_impl(impl: str, variant: str | None = None, backend: str | None = None) -> str:
+def resolve_impl(impl: str, variant: str | None = None, backend: str | None = None, tokens: int | None = None) -> str:
     """The one place that maps `impl` to an algorithm.
 
-    Any impl but 'auto' is returned as given (`pallas` raises later, on CPU). 'auto' becomes
-    `auto_impl(backend, variant)`, backend defaulting to jax's default backend: on the GPU the
-    kernel for `1d` and `2d_row`, `chunked` for `2d` and `none`; `chunked` on CPU and TPU.
-    Without a variant only `impl` is checked and returned unchanged (how callers validate a
-    config before the variant matters).
+    Any impl but 'auto' is returned as given (the kernels raise later, on CPU). 'auto' becomes
+    `auto_impl(backend, variant, tokens)`, backend defaulting to jax's default backend: on the GPU
+    a Pallas kernel (which one depends on N), `chunked` for `2d`/`none` beyond 4096 tokens;
+    `chunked` on CPU and TPU. Without a variant only `impl` is checked and returned unchanged
+    (how callers validate a config before the variant matters); with one, tokens is required.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto" or variant is None:
         return impl
-    return auto_impl(pallas.backend_name(jax.default_backend()) if backend is None else backend, variant)
+    if tokens is None:
+        raise ValueError("resolve_impl('auto', variant) needs tokens= (the sequence length h*w)")
+    backend = pallas.backend_name(jax.default_backend()) if backend is None else backend
+    return auto_impl(backend, variant, tokens)
 
 
 def lasad_attention(
@@ -111,16 +126,26 @@ def lasad_attention(
         '1d' (g^(a-m), g from log_decay_col) or 'none' (no decay).
       log_decay_row, log_decay_col: [heads] log decays (<= 0), as far as the variant uses them.
       prefix_k, prefix_v: optional [batch, P, heads, d|dv] condition keys/values, never decayed.
-      impl: 'auto', 'reference', 'recurrent', 'scan', 'chunked' or 'pallas' (the GPU or TPU kernel
-        of jax's default backend; an error on CPU). 'auto' is a fixed choice by backend and
-        variant (AUTO_IMPL): the kernel on GPU for '1d' and '2d_row', else 'chunked'.
+      impl: 'auto', 'reference', 'recurrent', 'scan', 'chunked', 'pallas' (the chunked GPU or TPU
+        kernel of jax's default backend; an error on CPU) or 'pallas_parallel' (the fused
+        parallel-form GPU kernel, O(N^2 d): fastest at short sequences). 'auto' is a fixed choice by
+        backend, variant and N (AUTO_IMPL): a kernel on GPU, 'chunked' on CPU and TPU.
 
     Returns:
       [batch, h*w, heads, dv] in q's dtype; computed with float32 states and accumulation.
     """
-    impl = resolve_impl(impl, variant)
+    h, w = common.check_grid(grid)
+    impl = resolve_impl(impl, variant, tokens=h * w)
     if impl == "pallas":
         cells = pallas.pallas_cells(pallas.default_backend(), False, BlockSizes())
+    elif impl == "pallas_parallel":
+        if pallas.PLATFORMS.get(jax.default_backend()) != "gpu":
+            raise ValueError(
+                "impl='pallas_parallel' has a GPU (Triton) kernel only, but jax's default backend is "
+                f"{jax.default_backend()!r}; use impl='chunked' (or 'auto'), or lasad_attention_parallel(..., "
+                "interpret=True) to run the kernel in interpret mode"
+            )
+        cells = pallas_parallel.parallel_cells(False, ParallelBlocks())
     else:
         cells = None if impl == "reference" else _CELL_ALGORITHMS[impl]
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
@@ -144,6 +169,26 @@ def lasad_attention_pallas(
     """`lasad_attention` through an explicit Pallas kernel: backend 'gpu' (Triton) or 'tpu'
     (Mosaic TPU), optionally in interpret mode (how the tests run the kernels on CPU)."""
     cells = pallas.pallas_cells(backend, bool(interpret), block_sizes)
+    return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
+
+
+def lasad_attention_parallel(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    grid: tuple[int, int],
+    variant: str,
+    log_decay_row: jax.Array | None = None,
+    log_decay_col: jax.Array | None = None,
+    prefix_k: jax.Array | None = None,
+    prefix_v: jax.Array | None = None,
+    interpret: bool = False,
+    blocks: ParallelBlocks = ParallelBlocks(),
+) -> jax.Array:
+    """`lasad_attention` through the fused parallel-form GPU kernel (pallas_parallel.py) with
+    explicit tiles, optionally in interpret mode (how the tests run it on CPU)."""
+    cells = pallas_parallel.parallel_cells(bool(interpret), blocks)
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
 
 

@@ -90,7 +90,7 @@ def _two_pass(q, k, v, decays, *, layout, block, out_dtype, interpret, poison):
     out_block = min(64, dv)  # the whole value dim: the chunks already give the parallelism
     chunk_spec = lambda width: pl.BlockSpec((None, t, None, width), lambda b, h, c, j: (b, c, h, 0))
     value_spec = pl.BlockSpec((None, t, None, out_block), lambda b, h, c, j: (b, c, h, j))
-    return _call(
+    return call_with_poison(
         functools.partial(_output_pass_kernel, layout=layout), (decays, q, k, v, states),
         out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), out_dtype),
         out_spec=value_spec,
@@ -122,7 +122,7 @@ def tiles_2d(layout: ChunkLayout, block: BlockSizes, d: int, dv: int) -> tuple[i
     return d_block, dv_block, num_warps
 
 
-def _call(kernel, inputs, *, out_shape, out_spec, poison: bool, **kwargs):
+def call_with_poison(kernel, inputs, *, out_shape, out_spec, poison: bool, **kwargs):
     """pallas_call; with poison=True the output buffer starts as NaN (aliased in), so an element
     the kernel fails to write shows up as NaN (the full-size GPU checks use this)."""
     in_specs = kwargs.pop("in_specs")
@@ -154,7 +154,7 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, o
         spec = lambda width: pl.BlockSpec((None, length, None, width), lambda b, h, j: (b, 0, h, 0))
         value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j: (b, 0, h, j))
         kernel = functools.partial(_kernel, layout=layout, tangent=tangent, state_shape=(d, dv_block))
-        return _call(
+        return call_with_poison(
             kernel, (decays, q, k, v),
             out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), out_dtype),
             out_spec=value_spec,
@@ -173,7 +173,7 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, o
     value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j, i: (b, 0, h, j))
     partial_dtype = out_dtype if key_tiles == 1 else jnp.float32
     kernel = functools.partial(_kernel, layout=layout, tangent=tangent, state_shape=(layout.row_slots, d_block * dv_block))
-    out = _call(
+    out = call_with_poison(
         kernel, (decays, q, k, v),
         out_shape=jax.ShapeDtypeStruct((key_tiles, batch, length, heads, dv), partial_dtype),
         out_spec=pl.BlockSpec((None, None, length, None, dv_block), lambda b, h, j, i: (i, b, 0, h, j)),
