@@ -48,7 +48,8 @@ class BlockSizes:
     backward_2d: the `2d` kernel's backward (not a tile size): "refwd" (the default: the forward
       kernel re-run on flipped grids plus two decay-tangent calls) or "sweep" (opt-in, GPU only:
       dq by one forward call, dk, dv and the decay gradients by one reverse row sweep;
-      pallas_sweep.py). Untimed on a GPU so far, hence not the default.
+      pallas_sweep.py). Faster than "refwd" on the H200 at N = 256 and 1024 (benchmarks/RESULTS.md)
+      but GPU-only, and `auto` runs the parallel-form kernel for `2d` there, so not the default.
     """
 
     block_tokens: int = 64
