@@ -1,5 +1,6 @@
-"""The LASAD Pallas kernels (GPU/Triton and TPU/Mosaic bodies, and the fused parallel-form GPU
-kernel, backend "parallel" here) in interpret mode, against the reference.
+"""The LASAD Pallas kernels (GPU/Triton and TPU/Mosaic bodies of the chunked kernels, and of the
+fused parallel-form kernel: backends "parallel_gpu", "parallel_tpu" here) in interpret mode,
+against the reference.
 
 Every comparison is with `impl="reference"`, the quadratic oracle, never with another fast path.
 Sizes are small so that interpret mode stays quick on a CPU; the full-size checks run on the GPU
@@ -50,10 +51,10 @@ def seed_of(*parts) -> int:
 def jitted_op(grid, variant, backend, block=BlockSizes()):
     if backend == "reference":
         return jax.jit(functools.partial(lasad_attention, grid=grid, variant=variant, impl="reference"))
-    if backend == "parallel":
+    if backend.startswith("parallel_"):
         blocks = block if isinstance(block, ParallelBlocks) else ParallelBlocks()
         return jax.jit(functools.partial(lasad_attention_parallel, grid=grid, variant=variant, interpret=True,
-                                         blocks=blocks))
+                                         backend=backend.removeprefix("parallel_"), blocks=blocks))
     return jax.jit(functools.partial(
         lasad_attention_pallas, grid=grid, variant=variant, backend=backend, interpret=True, block_sizes=block
     ))
@@ -247,46 +248,55 @@ def test_sweep_backward_on_tpu_raises():
 
 # ----------------------------------------------------------------------------- the parallel-form kernel
 
-# The fused parallel-form GPU kernel (pallas_parallel.py), its body interpreted on CPU. Tiles of 16
-# tokens, so that even the 3x7 grid spans two query and two key tiles (the diagonal tile's mask,
-# the walk over earlier tiles and the zero-padded end of the sequence all take part).
+# The fused parallel-form kernel (pallas_parallel.py), its bodies interpreted on CPU. GPU tiles of
+# 16 tokens, so that even the 3x7 grid spans two query and two key tiles (the diagonal tile's
+# mask, the walk over earlier tiles and the zero-padded end of the sequence all take part). The
+# TPU body's tiles are 128 tokens: the 12x20 grid (240 tokens) spans two.
 TILES_16 = ParallelBlocks(block=16)
+PARALLEL = ("parallel_gpu", "parallel_tpu")
 
 
+@pytest.mark.parametrize("backend", PARALLEL)
 @pytest.mark.parametrize("variant", lasad.VARIANTS)
-def test_parallel_kernel_forward_float32(variant):
-    check_forward(CASES["grid3x7_prefix2"], variant, "parallel", jnp.float32, 1e-4, block=TILES_16)
+def test_parallel_kernel_forward_float32(variant, backend):
+    check_forward(CASES["grid3x7_prefix2"], variant, backend, jnp.float32, 1e-4, block=TILES_16)
 
 
 @pytest.mark.parametrize(
-    "variant, case_name, block",
-    [("2d", "grid12x20_d64", ParallelBlocks()), ("2d_row", "grid12x20_d64", ParallelBlocks()),
-     ("1d", "grid12x20_d64", TILES_16), ("2d", "grid4x5_d60_prefix3", TILES_16),
-     ("2d_row", "column9x1", TILES_16), ("2d", "row1x9_prefix1", TILES_16)],
+    "variant, case_name, backend, block",
+    [("2d", "grid12x20_d64", "parallel_gpu", ParallelBlocks()), ("2d_row", "grid12x20_d64", "parallel_gpu", ParallelBlocks()),
+     ("1d", "grid12x20_d64", "parallel_gpu", TILES_16), ("2d", "grid4x5_d60_prefix3", "parallel_gpu", TILES_16),
+     ("2d_row", "column9x1", "parallel_gpu", TILES_16), ("2d", "row1x9_prefix1", "parallel_gpu", TILES_16),
+     ("2d", "grid12x20_d64", "parallel_tpu", None), ("1d", "grid12x20_d64", "parallel_tpu", None),
+     ("2d", "grid4x5_d60_prefix3", "parallel_tpu", None)],
 )
-def test_parallel_kernel_forward_shapes(variant, case_name, block):
-    check_forward(CASES[case_name], variant, "parallel", jnp.float32, 1e-4, block=block)
+def test_parallel_kernel_forward_shapes(variant, case_name, backend, block):
+    check_forward(CASES[case_name], variant, backend, jnp.float32, 1e-4, block=block)
 
 
-@pytest.mark.parametrize("variant", ["2d", "1d"])
-def test_parallel_kernel_forward_bfloat16(variant):
-    check_forward(CASES["grid12x20_d64"], variant, "parallel", jnp.bfloat16, 2e-2)
+@pytest.mark.parametrize("variant, backend", [("2d", "parallel_gpu"), ("1d", "parallel_gpu"), ("2d", "parallel_tpu")])
+def test_parallel_kernel_forward_bfloat16(variant, backend):
+    check_forward(CASES["grid12x20_d64"], variant, backend, jnp.bfloat16, 2e-2)
 
 
+@pytest.mark.parametrize("backend", PARALLEL)
 @pytest.mark.parametrize("variant", lasad.VARIANTS)
-def test_parallel_kernel_gradients_float32(variant):
-    check_grads(CASES["grid3x7_prefix2"], variant, "parallel", jnp.float32, 1e-4, block=TILES_16)
+def test_parallel_kernel_gradients_float32(variant, backend):
+    check_grads(CASES["grid3x7_prefix2"], variant, backend, jnp.float32, 1e-4, block=TILES_16)
 
 
 @pytest.mark.parametrize("variant", ["2d", "2d_row"])
 def test_parallel_kernel_gradients_bfloat16(variant):
-    check_grads(CASES["grid3x7_prefix2"], variant, "parallel", jnp.bfloat16, 2e-2, block=TILES_16)
+    check_grads(CASES["grid3x7_prefix2"], variant, "parallel_gpu", jnp.bfloat16, 2e-2, block=TILES_16)
 
 
-@pytest.mark.parametrize("variant, case_name", [("2d", "grid4x5_d60_prefix3"), ("1d", "column9x1"),
-                                                ("2d_row", "row1x9_prefix1")])
-def test_parallel_kernel_gradients_shapes(variant, case_name):
-    check_grads(CASES[case_name], variant, "parallel", jnp.float32, 1e-4, block=TILES_16)
+@pytest.mark.parametrize("variant, case_name, backend", [
+    ("2d", "grid4x5_d60_prefix3", "parallel_gpu"), ("1d", "column9x1", "parallel_gpu"),
+    ("2d_row", "row1x9_prefix1", "parallel_gpu"), ("2d", "grid12x20_d64", "parallel_tpu"),
+    ("2d_row", "grid12x20_d64", "parallel_tpu"),
+])
+def test_parallel_kernel_gradients_shapes(variant, case_name, backend):
+    check_grads(CASES[case_name], variant, backend, jnp.float32, 1e-4, block=TILES_16)
 
 
 def test_parallel_kernel_lowers_to_triton_ir():
@@ -305,9 +315,20 @@ def test_parallel_kernel_lowers_to_triton_ir():
         assert f'name = "{name}"' in module, name
 
 
+def test_parallel_kernel_lowers_to_mosaic_tpu():
+    """The TPU body's three kernels pass Pallas's Mosaic TPU lowering (jax.export for TPU on the
+    CPU; Mosaic's own compiler runs only on a TPU), at the configs' 16x16 grid with d = 64."""
+    case = Case("grid16x16_d64", batch=2, grid=(16, 16), heads=2, d=64, dv=64, prefix=0)
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
+    op = functools.partial(lasad_attention_parallel, grid=case.grid, variant="2d", backend="tpu")
+    both = jax.jit(jax.value_and_grad(lambda x: jnp.sum(op(**x).astype(jnp.float32))))
+    module = jax.export.export(both, platforms=["tpu"])(inputs).mlir_module()
+    assert module.count("tpu_custom_call") == 3
+
+
 def test_parallel_impl_on_cpu_raises_instead_of_falling_back():
     case = CASES["grid3x7_prefix2"]
-    with pytest.raises(ValueError, match="GPU .Triton. kernel only"):
+    with pytest.raises(ValueError, match="pallas_parallel' needs a GPU or TPU"):
         lasad_attention(**make_inputs(case, seed=0), grid=case.grid, variant="2d", impl="pallas_parallel")
 
 

@@ -139,13 +139,13 @@ def lasad_attention(
     if impl == "pallas":
         cells = pallas.pallas_cells(pallas.default_backend(), False, BlockSizes())
     elif impl == "pallas_parallel":
-        if pallas.PLATFORMS.get(jax.default_backend()) != "gpu":
+        if pallas.PLATFORMS.get(jax.default_backend()) not in pallas_parallel.BACKENDS:
             raise ValueError(
-                "impl='pallas_parallel' has a GPU (Triton) kernel only, but jax's default backend is "
-                f"{jax.default_backend()!r}; use impl='chunked' (or 'auto'), or lasad_attention_parallel(..., "
-                "interpret=True) to run the kernel in interpret mode"
+                f"impl='pallas_parallel' needs a GPU or TPU, but jax's default backend is {jax.default_backend()!r}; "
+                "use impl='chunked' (or 'auto'), or lasad_attention_parallel(..., interpret=True) to run the "
+                "kernel in interpret mode"
             )
-        cells = pallas_parallel.parallel_cells(False, ParallelBlocks())
+        cells = pallas_parallel.parallel_cells(pallas.default_backend(), False, ParallelBlocks())
     else:
         cells = None if impl == "reference" else _CELL_ALGORITHMS[impl]
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
@@ -183,12 +183,14 @@ def lasad_attention_parallel(
     log_decay_col: jax.Array | None = None,
     prefix_k: jax.Array | None = None,
     prefix_v: jax.Array | None = None,
+    backend: str = "gpu",
     interpret: bool = False,
     blocks: ParallelBlocks = ParallelBlocks(),
 ) -> jax.Array:
-    """`lasad_attention` through the fused parallel-form GPU kernel (pallas_parallel.py) with
-    explicit tiles, optionally in interpret mode (how the tests run it on CPU)."""
-    cells = pallas_parallel.parallel_cells(bool(interpret), blocks)
+    """`lasad_attention` through the fused parallel-form kernel (pallas_parallel.py) of an explicit
+    backend ('gpu': Triton, with `blocks`; 'tpu': Mosaic TPU, 128-token tiles), optionally in
+    interpret mode (how the tests run it on CPU)."""
+    cells = pallas_parallel.parallel_cells(backend, bool(interpret), blocks)
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
 
 

@@ -1,4 +1,5 @@
-"""LASAD in its parallel form as one fused GPU kernel (Triton lowering): `impl="pallas_parallel"`.
+"""LASAD in its parallel form as one fused kernel: `impl="pallas_parallel"` (GPU: Triton lowering;
+TPU: Mosaic TPU).
 
     o_a = sum_{m<a} D(a, m) (q_a . k_m) v_m        (no prefix: lasad_attention adds it)
 
@@ -18,6 +19,12 @@ With S = q k^T, dP = dO v^T and W = D * S, the gradients are
 
 the last summed per key inside the kernel and over keys outside it. Nothing of size N^2 or
 N d dv goes to HBM. Decays and accumulation are float32; matmul inputs keep the input dtype.
+
+GPU programs walk their tiles in a loop (`fori_loop`, the Triton way). TPU programs see one
+(query tile, key tile) pair per grid step: the walked axis is the last grid axis, "arbitrary",
+with the accumulators in VMEM scratch; tiles past the diagonal are skipped (`pl.when`) and their
+index maps clamped so that they fetch nothing new. TPU tiles are 128 tokens (`TPU_BLOCK`) and
+head dims are padded to 128 lanes; inputs go heads-major, [B, H, L, e].
 """
 
 from __future__ import annotations
@@ -28,16 +35,21 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from lasadgen_jax.ops.lasad import common, pallas_gpu
 from lasadgen_jax.ops.lasad.pallas_chunk import dot, next_power_of_two
 
+BACKENDS = ("gpu", "tpu")
+TPU_BLOCK = 128  # tokens per TPU tile (query and key); a multiple of Mosaic's (8, 128) tiling
+LANES = 128
+
 
 @dataclasses.dataclass(frozen=True)
 class ParallelBlocks:
-    """Tiles of the parallel kernel: `block` queries x `block` keys per step (a power of two >= 16),
-    Triton's num_warps and num_stages."""
+    """Tiles of the GPU parallel kernel: `block` queries x `block` keys per step (a power of two
+    >= 16), Triton's num_warps and num_stages. The TPU kernel always uses TPU_BLOCK-token tiles."""
 
     block: int = 64
     num_warps: int = 4
@@ -158,6 +170,80 @@ def _query_grads_kernel(decay_ref, k_ref, v_ref, do_ref, dq_ref, *, variant, wid
     dq_ref[...] = acc.astype(dq_ref.dtype)
 
 
+# ----------------------------------------------------------------------------- TPU kernels
+
+
+def _tpu_forward_kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, acc_ref, *, variant, width):
+    """Grid step (b, h, query tile i, key tile j): acc += (D * q k^T) v for j <= i."""
+    head, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(j <= i)
+    def _():
+        decay, _, _ = _decay(variant, width, _positions(i * TPU_BLOCK, TPU_BLOCK, 0),
+                             _positions(j * TPU_BLOCK, TPU_BLOCK, 1), decay_ref[head, 0], decay_ref[head, 1])
+        weights = dot(q_ref[...], k_ref[...], (1, 1)) * decay
+        acc_ref[...] += dot(weights.astype(v_ref.dtype), v_ref[...])
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def _tpu_key_grads_kernel(decay_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref, drow_ref, dcol_ref,
+                          dk_acc, dv_acc, drow_acc, dcol_acc, *, variant, width):
+    """Grid step (b, h, key tile j, query tile i): dk, dv and the per-key decay sums for i >= j."""
+    head, j, i = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(i == 0)
+    def _():
+        for ref in (dk_acc, dv_acc, drow_acc, dcol_acc):
+            ref[...] = jnp.zeros(ref.shape, jnp.float32)
+
+    @pl.when(i >= j)
+    def _():
+        q, d_out = q_ref[...], do_ref[...]
+        decay, by_row, by_col = _decay(variant, width, _positions(i * TPU_BLOCK, TPU_BLOCK, 0),
+                                       _positions(j * TPU_BLOCK, TPU_BLOCK, 1), decay_ref[head, 0], decay_ref[head, 1])
+        scores, d_scores = dot(q, k_ref[...], (1, 1)), dot(d_out, v_ref[...], (1, 1))
+        dv_acc[...] += dot((decay * scores).astype(d_out.dtype), d_out, (0, 0))
+        d_weights = decay * d_scores
+        dk_acc[...] += dot(d_weights.astype(q.dtype), q, (0, 0))
+        pair = d_weights * scores
+        if by_row is not None:
+            drow_acc[...] += jnp.sum(pair * by_row, axis=0, keepdims=True)
+        if by_col is not None:
+            dcol_acc[...] += jnp.sum(pair * by_col, axis=0, keepdims=True)
+
+    @pl.when(i == pl.num_programs(3) - 1)
+    def _():
+        dk_ref[...], dv_ref[...] = dk_acc[...].astype(dk_ref.dtype), dv_acc[...].astype(dv_ref.dtype)
+        drow_ref[...], dcol_ref[...] = drow_acc[...], dcol_acc[...]
+
+
+def _tpu_query_grads_kernel(decay_ref, k_ref, v_ref, do_ref, dq_ref, acc_ref, *, variant, width):
+    """Grid step (b, h, query tile i, key tile j): dq += (D * dO v^T) k for j <= i."""
+    head, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(j <= i)
+    def _():
+        decay, _, _ = _decay(variant, width, _positions(i * TPU_BLOCK, TPU_BLOCK, 0),
+                             _positions(j * TPU_BLOCK, TPU_BLOCK, 1), decay_ref[head, 0], decay_ref[head, 1])
+        d_weights = dot(do_ref[...], v_ref[...], (1, 1)) * decay
+        acc_ref[...] += dot(d_weights.astype(k_ref.dtype), k_ref[...])
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+
 # ----------------------------------------------------------------------------- calls
 
 
@@ -166,58 +252,94 @@ def _pad(x, length: int, dim: int):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dim - x.shape[3])))
 
 
-def _specs(length, block):
+def _padded_dim(backend: str, size: int) -> int:
+    if backend == "gpu":
+        return next_power_of_two(max(16, size))
+    return -(-size // LANES) * LANES
+
+
+def _prepare(arrays, backend: str, block: int):
+    """Pads the sequence to whole tiles and head dims to what the backend tiles; (padded, length)."""
+    length = -(-arrays[0].shape[1] // block) * block
+    return [_pad(x, length, _padded_dim(backend, x.shape[-1])) for x in arrays], length
+
+
+def _gpu_specs(length, block):
     """BlockSpecs of one tile of tokens and of the whole sequence, for a (batch, head, tile) grid."""
     tile = lambda dim: pl.BlockSpec((None, block, None, dim), lambda b, h, i: (b, i, h, 0))
     whole = lambda dim: pl.BlockSpec((None, length, None, dim), lambda b, h, i: (b, 0, h, 0))
     return tile, whole
 
 
-def _prepare(q, k, v, d_out, blocks: ParallelBlocks):
-    """Pads the sequence to whole tiles and head dims to powers of two >= 16."""
-    length = -(-q.shape[1] // blocks.block) * blocks.block
-    d, dv = next_power_of_two(max(16, q.shape[-1])), next_power_of_two(max(16, v.shape[-1]))
-    padded = [_pad(q, length, d), _pad(k, length, d), _pad(v, length, dv)]
-    if d_out is not None:
-        padded.append(_pad(d_out, length, dv))
-    return padded, length
+def _tile_of(which: str, dim: int):
+    """TPU BlockSpec of a [B, H, L, dim] operand: the grid's own tile (axis 2), the walked tile
+    (axis 3) clamped to the diagonal from below ('min': keys for a query tile) or above ('max')."""
+    index = {
+        "own": lambda b, h, own, walked: (b, h, own, 0),
+        "min": lambda b, h, own, walked: (b, h, jnp.minimum(walked, own), 0),
+        "max": lambda b, h, own, walked: (b, h, jnp.maximum(walked, own), 0),
+    }[which]
+    return pl.BlockSpec((None, None, TPU_BLOCK, dim), index)
 
 
-def forward(q, k, v, decays, *, grid, variant, blocks: ParallelBlocks, interpret: bool, poison: bool = False):
+TPU_SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def forward(q, k, v, decays, *, grid, variant, blocks: ParallelBlocks, interpret: bool, backend: str = "gpu",
+            poison: bool = False):
     """[B, N, H, dv] in q.dtype; q, k [B, N, H, d], v [B, N, H, dv]; decays [H, 2] float32.
-    poison=True (for checks) starts the output buffer as NaN, so an unwritten element shows."""
+    poison=True (GPU, for checks) starts the output buffer as NaN, so an unwritten element shows."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     batch, n, heads, _ = q.shape
-    (q_p, k_p, v_p), length = _prepare(q, k, v, None, blocks)
-    tile, whole = _specs(length, blocks.block)
+    block = blocks.block if backend == "gpu" else TPU_BLOCK
+    (q_p, k_p, v_p), length = _prepare((q, k, v), backend, block)
     d, dv = q_p.shape[-1], v_p.shape[-1]
-    out = pallas_gpu.call_with_poison(
-        functools.partial(_forward_kernel, variant=variant, width=grid[1], block=blocks.block),
-        (decays, q_p, k_p, v_p),
-        out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), q.dtype),
-        out_spec=tile(dv),
-        poison=poison,
-        grid=(batch, heads, length // blocks.block),
-        in_specs=[pl.BlockSpec((None, 2), lambda b, h, i: (h, 0)), tile(d), whole(d), whole(dv)],
-        compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+    kernel_name = f"lasad_parallel_{variant}"
+    if backend == "gpu":
+        tile, whole = _gpu_specs(length, block)
+        out = pallas_gpu.call_with_poison(
+            functools.partial(_forward_kernel, variant=variant, width=grid[1], block=block),
+            (decays, q_p, k_p, v_p),
+            out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), q.dtype),
+            out_spec=tile(dv),
+            poison=poison,
+            grid=(batch, heads, length // block),
+            in_specs=[pl.BlockSpec((None, 2), lambda b, h, i: (h, 0)), tile(d), whole(d), whole(dv)],
+            compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+            interpret=interpret,
+            name=kernel_name,
+        )
+        return out[:, :n, :, : v.shape[-1]]
+    if poison:
+        raise ValueError("poison is implemented for the GPU kernel only")
+    heads_major = lambda x: x.transpose(0, 2, 1, 3)
+    tiles = length // TPU_BLOCK
+    out = pl.pallas_call(
+        functools.partial(_tpu_forward_kernel, variant=variant, width=grid[1]),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, length, dv), q.dtype),
+        grid=(batch, heads, tiles, tiles),
+        in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), _tile_of("own", d), _tile_of("min", d), _tile_of("min", dv)],
+        out_specs=_tile_of("own", dv),
+        scratch_shapes=[pltpu.VMEM((TPU_BLOCK, dv), jnp.float32)],
+        compiler_params=TPU_SEMANTICS,
         interpret=interpret,
-        name=f"lasad_parallel_{variant}",
-    )
-    return out[:, :n, :, : v.shape[-1]]
+        name=kernel_name,
+    )(decays, heads_major(q_p), heads_major(k_p), heads_major(v_p))
+    return heads_major(out)[:, :n, :, : v.shape[-1]]
 
 
-def backward(q, k, v, decays, d_out, *, grid, variant, blocks: ParallelBlocks, interpret: bool):
-    """(dq, dk, dv, d log_decay_row, d log_decay_col): dq, dk, dv in float32, decays [H] float32."""
-    batch, n, heads, _ = q.shape
-    (q_p, k_p, v_p, do_p), length = _prepare(q, k, v, d_out.astype(q.dtype), blocks)
-    tile, whole = _specs(length, blocks.block)
-    d, dv = q_p.shape[-1], v_p.shape[-1]
-    tiles = length // blocks.block
+def _backward_gpu(q_p, k_p, v_p, do_p, decays, *, length, grid, variant, blocks, interpret):
+    batch, _, heads, d = q_p.shape
+    dv, block = v_p.shape[-1], blocks.block
+    tile, whole = _gpu_specs(length, block)
+    tiles = length // block
     decay_spec = pl.BlockSpec((None, 2), lambda b, h, i: (h, 0))
     params = pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    per_key = pl.BlockSpec((None, None, 1, blocks.block), lambda b, h, j: (b, h, 0, j))
+    per_key = pl.BlockSpec((None, None, 1, block), lambda b, h, j: (b, h, 0, j))
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     dk, dv_, d_row, d_col = pl.pallas_call(
-        functools.partial(_key_grads_kernel, variant=variant, width=grid[1], block=blocks.block, num_tiles=tiles),
+        functools.partial(_key_grads_kernel, variant=variant, width=grid[1], block=block, num_tiles=tiles),
         out_shape=[f32(batch, length, heads, d), f32(batch, length, heads, dv), f32(batch, heads, 1, length),
                    f32(batch, heads, 1, length)],
         grid=(batch, heads, tiles),
@@ -228,7 +350,7 @@ def backward(q, k, v, decays, d_out, *, grid, variant, blocks: ParallelBlocks, i
         name=f"lasad_parallel_{variant}_dkdv",
     )(decays, q_p, k_p, v_p, do_p)
     dq = pl.pallas_call(
-        functools.partial(_query_grads_kernel, variant=variant, width=grid[1], block=blocks.block),
+        functools.partial(_query_grads_kernel, variant=variant, width=grid[1], block=block),
         out_shape=f32(batch, length, heads, d),
         grid=(batch, heads, tiles),
         in_specs=[decay_spec, whole(d), whole(dv), tile(dv)],
@@ -237,23 +359,76 @@ def backward(q, k, v, decays, d_out, *, grid, variant, blocks: ParallelBlocks, i
         interpret=interpret,
         name=f"lasad_parallel_{variant}_dq",
     )(decays, k_p, v_p, do_p)
+    return dq, dk, dv_, d_row, d_col
+
+
+def _backward_tpu(q_p, k_p, v_p, do_p, decays, *, length, grid, variant, interpret):
+    heads_major = lambda x: x.transpose(0, 2, 1, 3)
+    q_p, k_p, v_p, do_p = map(heads_major, (q_p, k_p, v_p, do_p))
+    batch, heads, _, d = q_p.shape
+    dv, tiles = v_p.shape[-1], length // TPU_BLOCK
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    smem = pl.BlockSpec(memory_space=pltpu.SMEM)
+    per_key = pl.BlockSpec((None, None, 1, TPU_BLOCK), lambda b, h, own, walked: (b, h, 0, own))
+    dk, dv_, d_row, d_col = pl.pallas_call(
+        functools.partial(_tpu_key_grads_kernel, variant=variant, width=grid[1]),
+        out_shape=[f32(batch, heads, length, d), f32(batch, heads, length, dv), f32(batch, heads, 1, length),
+                   f32(batch, heads, 1, length)],
+        grid=(batch, heads, tiles, tiles),
+        in_specs=[smem, _tile_of("max", d), _tile_of("own", d), _tile_of("own", dv), _tile_of("max", dv)],
+        out_specs=[_tile_of("own", d), _tile_of("own", dv), per_key, per_key],
+        scratch_shapes=[pltpu.VMEM((TPU_BLOCK, d), jnp.float32), pltpu.VMEM((TPU_BLOCK, dv), jnp.float32),
+                        pltpu.VMEM((1, TPU_BLOCK), jnp.float32), pltpu.VMEM((1, TPU_BLOCK), jnp.float32)],
+        compiler_params=TPU_SEMANTICS,
+        interpret=interpret,
+        name=f"lasad_parallel_{variant}_dkdv",
+    )(decays, q_p, k_p, v_p, do_p)
+    dq = pl.pallas_call(
+        functools.partial(_tpu_query_grads_kernel, variant=variant, width=grid[1]),
+        out_shape=f32(batch, heads, length, d),
+        grid=(batch, heads, tiles, tiles),
+        in_specs=[smem, _tile_of("min", d), _tile_of("min", dv), _tile_of("own", dv)],
+        out_specs=_tile_of("own", d),
+        scratch_shapes=[pltpu.VMEM((TPU_BLOCK, d), jnp.float32)],
+        compiler_params=TPU_SEMANTICS,
+        interpret=interpret,
+        name=f"lasad_parallel_{variant}_dq",
+    )(decays, k_p, v_p, do_p)
+    return heads_major(dq), heads_major(dk), heads_major(dv_), d_row, d_col
+
+
+def backward(q, k, v, decays, d_out, *, grid, variant, blocks: ParallelBlocks, interpret: bool, backend: str = "gpu"):
+    """(dq, dk, dv, d log_decay_row, d log_decay_col): dq, dk, dv in float32, decays [H] float32."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    n, heads = q.shape[1], q.shape[2]
+    block = blocks.block if backend == "gpu" else TPU_BLOCK
+    padded, length = _prepare((q, k, v, d_out.astype(q.dtype)), backend, block)
+    kwargs = dict(length=length, grid=grid, variant=variant, interpret=interpret)
+    if backend == "gpu":
+        dq, dk, dv, d_row, d_col = _backward_gpu(*padded, decays, blocks=blocks, **kwargs)
+    else:
+        dq, dk, dv, d_row, d_col = _backward_tpu(*padded, decays, **kwargs)
     cut = lambda x, dim: x[:, :n, :, :dim]
     uses_row, uses_col = common.USES_DECAY[variant]
     decay_grad = lambda x, used: jnp.sum(x, axis=(0, 2, 3)) if used else jnp.zeros((heads,), jnp.float32)
-    return (cut(dq, q.shape[-1]), cut(dk, q.shape[-1]), cut(dv_, v.shape[-1]),
+    return (cut(dq, q.shape[-1]), cut(dk, q.shape[-1]), cut(dv, v.shape[-1]),
             decay_grad(d_row, uses_row), decay_grad(d_col, uses_col))
 
 
 @functools.lru_cache(maxsize=None)
-def parallel_cells(interpret: bool, blocks: ParallelBlocks):
+def parallel_cells(backend: str, interpret: bool, blocks: ParallelBlocks):
     """cells(q, k, v, log_decay_row, log_decay_col, grid, variant) -> [B, N, H, dv] in q.dtype, the
-    fused parallel-form kernel with its two backward kernels; grid and variant static."""
+    fused parallel-form kernel of `backend` ('gpu' or 'tpu') with its two backward kernels; grid
+    and variant static."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     stack = lambda row, col: jnp.stack([row, col], axis=1).astype(jnp.float32)  # [H, 2]
+    options = dict(blocks=blocks, interpret=interpret, backend=backend)
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
     def cells(q, k, v, log_decay_row, log_decay_col, grid, variant):
-        return forward(q, k, v, stack(log_decay_row, log_decay_col), grid=grid, variant=variant, blocks=blocks,
-                       interpret=interpret)
+        return forward(q, k, v, stack(log_decay_row, log_decay_col), grid=grid, variant=variant, **options)
 
     def cells_forward(q, k, v, log_decay_row, log_decay_col, grid, variant):
         out = cells(q, k, v, log_decay_row, log_decay_col, grid, variant)
@@ -262,7 +437,7 @@ def parallel_cells(interpret: bool, blocks: ParallelBlocks):
     def cells_backward(grid, variant, residuals, d_out):
         q, k, v, log_decay_row, log_decay_col = residuals
         dq, dk, dv, d_row, d_col = backward(q, k, v, stack(log_decay_row, log_decay_col), d_out, grid=grid,
-                                            variant=variant, blocks=blocks, interpret=interpret)
+                                            variant=variant, **options)
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
                 d_row.astype(log_decay_row.dtype), d_col.astype(log_decay_col.dtype))
 
