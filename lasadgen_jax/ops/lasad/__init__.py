@@ -55,8 +55,9 @@ AUTO_IMPL = {
     # faster than the 2d chunked kernel at 256 / 1024). Above 4096 unmeasured: its quadratic work
     # grows 4x per doubling of the side, so chunked until a run says otherwise.
     ("gpu", "2d"): ((4096, "pallas_parallel"), (None, "chunked")),
-    # The Mosaic TPU kernels have run in interpret mode only, never through Mosaic's compiler on a
-    # TPU nor timed: a default must not rest on them. impl="pallas" asks for them explicitly.
+    # The Mosaic TPU kernels (chunked and parallel-form) have run in interpret mode only, never
+    # through Mosaic's compiler on a TPU nor timed: a default must not rest on them.
+    # impl="pallas" / "pallas_parallel" ask for them explicitly.
     **{("tpu", variant): ((None, "chunked"),) for variant in VARIANTS},
 }
 
