@@ -25,7 +25,7 @@ import numpy as np
 
 from lasadgen_jax.ops import lasad
 
-IMPLS = ("reference", "recurrent", "scan", "chunked")
+IMPLS = ("reference", "recurrent", "scan", "chunked", "parallel")
 
 
 def random_inputs(batch, grid, heads, d, prefix, dtype, seed=0):

@@ -15,7 +15,7 @@ from helpers import Case, make_inputs, rel_error
 from lasadgen_jax.ops import lasad
 from lasadgen_jax.ops.lasad import lasad_attention
 
-FAST_IMPLS = ("recurrent", "scan", "chunked")
+FAST_IMPLS = ("recurrent", "scan", "chunked", "parallel")
 CASES = [
     Case("grid3x7_prefix2", batch=2, grid=(3, 7), heads=2, d=8, dv=6, prefix=2),
     Case("grid12x20_batch1", batch=1, grid=(12, 20), heads=2, d=8, dv=8, prefix=0),

@@ -11,7 +11,8 @@ import functools
 
 import jax
 
-from lasadgen_jax.ops.lasad import autodiff, chunked, common, pallas, pallas_parallel, recurrent, reference, scan
+from lasadgen_jax.ops.lasad import (autodiff, chunked, common, pallas, pallas_parallel, parallel, recurrent,
+                                    reference, scan)
 from lasadgen_jax.ops.lasad.common import VARIANTS
 from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes
 from lasadgen_jax.ops.lasad.pallas_parallel import ParallelBlocks
@@ -33,7 +34,7 @@ __all__ = [
     "resolve_impl",
 ]
 
-IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "pallas", "pallas_parallel")
+IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "parallel", "pallas", "pallas_parallel")
 
 # What impl="auto" runs, by backend, variant and sequence length N = h*w: a fixed table, decided by
 # the H200 runs of benchmarks/kernels.py (benchmarks/RESULTS.md, issue 6, 2026-11-29; B*N = 32768
@@ -61,11 +62,13 @@ AUTO_IMPL = {
     **{("tpu", variant): ((None, "chunked"),) for variant in VARIANTS},
 }
 
-# Algorithms differentiated by recomputation (autodiff.py); `reference` uses plain autodiff.
+# The pure-XLA algorithms: by recomputation (autodiff.py), `parallel` by its own backward;
+# `reference` uses plain autodiff.
 _CELL_ALGORITHMS = {
     "recurrent": autodiff.with_recompute_vjp(recurrent.recurrent_cells),
     "scan": autodiff.with_recompute_vjp(scan.scan_cells),
     "chunked": autodiff.with_recompute_vjp(chunked.chunked_cells),
+    "parallel": parallel.parallel_cells,  # its own custom_vjp (parallel.py)
 }
 
 
@@ -127,7 +130,8 @@ def lasad_attention(
         '1d' (g^(a-m), g from log_decay_col) or 'none' (no decay).
       log_decay_row, log_decay_col: [heads] log decays (<= 0), as far as the variant uses them.
       prefix_k, prefix_v: optional [batch, P, heads, d|dv] condition keys/values, never decayed.
-      impl: 'auto', 'reference', 'recurrent', 'scan', 'chunked', 'pallas' (the chunked GPU or TPU
+      impl: 'auto', 'reference', 'recurrent', 'scan', 'chunked', 'parallel' (the quadratic form in
+        XLA: O(N^2 d), fast at short sequences), 'pallas' (the chunked GPU or TPU
         kernel of jax's default backend; an error on CPU) or 'pallas_parallel' (the fused
         parallel-form GPU kernel, O(N^2 d): fastest at short sequences). 'auto' is a fixed choice by
         backend, variant and N (AUTO_IMPL): a kernel on GPU, 'chunked' on CPU and TPU.
