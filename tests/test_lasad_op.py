@@ -92,7 +92,11 @@ def test_forward_bfloat16_matches_reference(variant, impl, case_name):
 # variant and sequence length: written out here, not read from AUTO_IMPL, so that a change of the
 # table is a visible change of this test.
 AUTO_EXPECTED = {
-    "cpu": {variant: {1: "chunked", 256: "chunked", 4096: "chunked", 16384: "chunked"} for variant in lasad.VARIANTS},
+    "cpu": {
+        "2d": {1: "parallel", 64: "parallel", 256: "parallel", 576: "parallel", 577: "chunked", 4096: "chunked"},
+        **{variant: {1: "parallel", 64: "parallel", 65: "chunked", 256: "chunked", 4096: "chunked"}
+           for variant in ("2d_row", "1d", "none")},
+    },
     "gpu": {
         "2d": {1: "pallas_parallel", 256: "pallas_parallel", 576: "pallas_parallel", 4096: "pallas_parallel",
                4097: "chunked", 16384: "chunked"},
@@ -113,9 +117,10 @@ def test_auto_resolves_by_backend_variant_and_length(backend, variant):
 
 
 @pytest.mark.parametrize("variant", lasad.VARIANTS)
-def test_auto_resolves_to_chunked_on_this_cpu(variant):
+def test_auto_resolves_on_this_cpu_by_length(variant):
     assert jax.default_backend() == "cpu"
-    assert lasad.resolve_impl("auto", variant, tokens=256) == "chunked"
+    assert lasad.resolve_impl("auto", variant, tokens=64) == "parallel"
+    assert lasad.resolve_impl("auto", variant, tokens=4096) == "chunked"
 
 
 def test_auto_needs_the_sequence_length():

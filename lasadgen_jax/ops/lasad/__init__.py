@@ -42,7 +42,12 @@ IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "parallel", "palla
 # holds wins, None = any N. A step's bound is the largest N where its choice was measured to win:
 # between measured sizes the table takes the choice measured at the smaller one.
 AUTO_IMPL = {
-    **{("cpu", variant): ((None, "chunked"),) for variant in VARIANTS},  # no kernel on CPU
+    # CPU (no kernels; benchmarks/lasad_ops.py on 2 cores, batch 32, 4 heads, d = 48, float32): the
+    # XLA `parallel` form's forward+backward against `chunked`: `2d` 3.3x / 2.2x / 1.6x faster at
+    # N = 64 / 256 / 576 and even at 1024; `1d`, `2d_row`, `none` 1.9x / 2.3x / 1.6x faster at 64,
+    # even or slower from 256 on.
+    ("cpu", "2d"): ((576, "parallel"), (None, "chunked")),
+    **{("cpu", variant): ((64, "parallel"), (None, "chunked")) for variant in ("2d_row", "1d", "none")},
     # N = 256: the parallel-form kernel's forward+backward 0.89 ms against the generic kernel's
     # 1.38 (flash 0.76). N = 1024: the generic kernel wins, 1.72 against 1.89 ms; above, the
     # generic kernel is 3.0-4.1x faster than chunked at every N measured (up to 16384).
@@ -91,8 +96,8 @@ def resolve_impl(impl: str, variant: str | None = None, backend: str | None = No
 
     Any impl but 'auto' is returned as given (the kernels raise later, on CPU). 'auto' becomes
     `auto_impl(backend, variant, tokens)`, backend defaulting to jax's default backend: on the GPU
-    a Pallas kernel (which one depends on N), `chunked` for `2d`/`none` beyond 4096 tokens;
-    `chunked` on CPU and TPU. Without a variant only `impl` is checked and returned unchanged
+    a Pallas kernel (which one depends on N), `chunked` for `2d`/`none` beyond 4096 tokens; on
+    CPU `parallel` at short N, else `chunked`; `chunked` on TPU. Without a variant only `impl` is checked and returned unchanged
     (how callers validate a config before the variant matters); with one, tokens is required.
     """
     if impl not in IMPLS:
@@ -134,7 +139,8 @@ def lasad_attention(
         XLA: O(N^2 d), fast at short sequences), 'pallas' (the chunked GPU or TPU
         kernel of jax's default backend; an error on CPU) or 'pallas_parallel' (the fused
         parallel-form GPU kernel, O(N^2 d): fastest at short sequences). 'auto' is a fixed choice by
-        backend, variant and N (AUTO_IMPL): a kernel on GPU, 'chunked' on CPU and TPU.
+        backend, variant and N (AUTO_IMPL): a kernel on GPU; on CPU 'parallel' at short N, else
+        'chunked'; 'chunked' on TPU.
 
     Returns:
       [batch, h*w, heads, dv] in q's dtype; computed with float32 states and accumulation.
