@@ -1,7 +1,7 @@
 """The LASAD Pallas kernels on a GPU: correctness at full size, then time against cuDNN flash attention.
 
     python benchmarks/kernels.py                     # checks, then the table (N = 256 ... 16384)
-    python benchmarks/kernels.py --extras --budget 380   # then other tilings, until 380 s
+    python benchmarks/kernels.py --extras --budget 380   # then other tilings (fwd, fwd+bwd), until 380 s
     python benchmarks/kernels.py --sizes 16,32 --variants 1d --skip-check
     python benchmarks/kernels.py --variants 2d --backward-2d refwd,sweep   # both 2d backwards side by side
 
@@ -210,32 +210,38 @@ def table(args) -> bool:
     return ok
 
 
-EXTRAS = [  # (variant, label, block sizes): other tilings, forward only, after the table
-    ("1d", "one pass", BlockSizes(parallel_chunks=1 << 20)),
-    ("1d", "one pass, T=128, dv 64, 8 warps", BlockSizes(block_tokens=128, dv_block=64, num_warps=8, parallel_chunks=1 << 20)),
-    ("1d", "two pass, T=128", BlockSizes(block_tokens=128)),
-    ("2d", "R=1 row per chunk", BlockSizes(block_tokens_2d=16)),
-    ("2d", "R = 128 / wp rows per chunk", BlockSizes(block_tokens_2d=128)),
-    ("2d", "8 warps", BlockSizes(num_warps_2d=8)),
+EXTRAS = [  # (variant, label, impl, block sizes): other tilings after the table, `--extras`
+    ("1d", "one pass", "pallas", BlockSizes(parallel_chunks=1 << 20)),
+    ("1d", "one pass, T=128, dv 64, 8 warps", "pallas",
+     BlockSizes(block_tokens=128, dv_block=64, num_warps=8, parallel_chunks=1 << 20)),
+    ("1d", "two pass, T=128", "pallas", BlockSizes(block_tokens=128)),
+    ("2d", "R=1 row per chunk", "pallas", BlockSizes(block_tokens_2d=16)),
+    ("2d", "R = 128 / wp rows per chunk", "pallas", BlockSizes(block_tokens_2d=128)),
+    ("2d", "8 warps", "pallas", BlockSizes(num_warps_2d=8)),
+    ("2d", "parallel, 32-token tiles", "pallas_parallel", ParallelBlocks(block=32)),
+    ("2d", "parallel, 128-token tiles, 8 warps", "pallas_parallel", ParallelBlocks(block=128, num_warps=8)),
+    ("2d", "parallel, 64-token tiles, 3 stages", "pallas_parallel", ParallelBlocks(num_stages=3)),
+    ("none", "parallel, 128-token tiles, 8 warps", "pallas_parallel", ParallelBlocks(block=128, num_warps=8)),
 ]
 
 
 def extras(args, deadline):
-    print("| N | variant | tiling | fwd ms |")
-    print("|---|---|---|---|")
+    """Each EXTRAS tiling at every size: forward and forward+backward ms (no checks)."""
+    print("| N | variant | tiling | fwd ms | fwd+bwd ms |")
+    print("|---|---|---|---|---|")
     for side in args.sizes:
         grid, n = (side, side), side * side
         inputs = random_inputs(max(1, args.tokens // n), grid, args.heads, args.dim, 0, jnp.bfloat16, seed=1)
-        inputs = {name: value for name, value in inputs.items() if value is not None}
-        for variant, label, block in EXTRAS:
+        cotangent = jax.random.normal(jax.random.PRNGKey(2), inputs["v"].shape, jnp.float32).astype(jnp.bfloat16)
+        for variant, label, impl, block in EXTRAS:
             if time.monotonic() > deadline:
                 print("(time budget spent: remaining tilings not run)")
                 return
             try:
-                fwd = jax.jit(op(grid, variant, "pallas", block)).lower(inputs).compile()
-                result = f"{time_ms(fwd, inputs, args.repeats):.3f}"
+                fwd, both, fargs = compiled_pair(op(grid, variant, impl, block), inputs, cotangent)
+                result = f"{time_ms(fwd, fargs, args.repeats):.3f} | {time_ms(both, fargs, args.repeats):.3f}"
             except Exception as error:
-                result = f"FAILED {type(error).__name__}: {str(error)[:200]}"
+                result = f"FAILED {type(error).__name__}: {str(error)[:200]} | -"
             print(f"| {n} | {variant} | {label} | {result} |", flush=True)
 
 
@@ -247,7 +253,7 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--variants", default="1d,2d_row,2d")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--extras", action="store_true", help="after the table, time other tilings (forward)")
+    parser.add_argument("--extras", action="store_true", help="after the table, time other tilings (fwd, fwd+bwd)")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds after which --extras stops")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--impls", default="pallas",

@@ -336,6 +336,7 @@ def test_parallel_impl_on_cpu_raises_instead_of_falling_back():
 def test_parallel_blocks_validate_themselves(field, value):
     with pytest.raises(ValueError, match=f"ParallelBlocks.{field}"):
         ParallelBlocks(**{field: value})
+    ParallelBlocks(num_stages=3)  # any positive stage count is a valid Triton pipeline depth
 
 
 # ----------------------------------------------------------------------------- errors

@@ -56,10 +56,12 @@ class ParallelBlocks:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block", "num_warps", "num_stages"):
+        for name in ("block", "num_warps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"ParallelBlocks.{name} must be a power of two >= 1, got {value!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"ParallelBlocks.num_stages must be an int >= 1, got {self.num_stages!r}")
         if self.block < 16:
             raise ValueError(f"ParallelBlocks.block must be >= 16 (matrix-unit tiles), got {self.block}")
 
