@@ -52,7 +52,9 @@ def chunked_cells(q, k, v, log_decay_row, log_decay_col, *, grid, variant, block
     causal = local[None, :] < local[:, None]
     # steps: each query's distance from the block start in decay steps (tokens, or rows for 2d).
     if variant in ("2d", "2d_row"):
-        intra_log = common.pairwise_log_decay(variant, log_decay_row, log_decay_col, local // w, local % w)
+        intra_log, _, _ = common.pair_log_decay(
+            variant, w, local[:, None], local[None, :], log_decay_row[:, None, None], log_decay_col[:, None, None]
+        )
         steps, block_length, log_step = (local // w)[None, :], rows, log_decay_row
     else:  # 1d: g^(a - m) with g = exp(log_decay_col); none: no decay at all
         log_step = log_decay_col if variant == "1d" else jnp.zeros_like(log_decay_col)

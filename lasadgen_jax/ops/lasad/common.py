@@ -140,22 +140,31 @@ def mm(subscripts: str, a, b, dtype):
 # ----------------------------------------------------------------------------- decay math
 
 
-def pairwise_log_decay(variant: str, log_decay_row, log_decay_col, rows, cols):
-    """log D(a, m) of `2d` or `2d_row` for every pair of cells (rows[i], cols[i]): [heads, n, n].
+def pair_log_decay(variant: str, width: int, query_pos, key_pos, log_row, log_col):
+    """(log D, d log D / d log g_row, d log D / d log g_col) for query tokens `query_pos` and key
+    tokens `key_pos` (int32 raster indices that broadcast against each other, e.g. [n, 1] and
+    [1, m]) on a grid of `width` columns; None where the variant does not depend on it.
 
-    First axis the query, second the key. Valid where the key comes before the query in raster
-    order; callers mask the rest. Only position differences enter, so block-local cells give true
-    decays as long as the block starts at a row boundary (see chunked.py).
+    log_row, log_col broadcast against the pair shape (scalars in a kernel, [heads, 1, 1] outside).
+    Valid where key < query; callers mask. Only position differences enter, so block-local
+    positions give true decays as long as the block starts at a row boundary (chunked.py). Used
+    by the chunked and parallel forms and inside the kernels of pallas_parallel.py.
     """
-    d_row = (rows[:, None] - rows[None, :]).astype(jnp.float32)
-    d_col = (cols[:, None] - cols[None, :]).astype(jnp.float32)
-    lr = log_decay_row[:, None, None]
-    lc = log_decay_col[:, None, None]
+    if variant == "none":
+        return None, None, None
+    if variant == "1d":  # g^(a - m), g = exp(log_col)
+        distance = (query_pos - key_pos).astype(jnp.float32)
+        return log_col * distance, None, distance
+    d_row = (jax.lax.div(query_pos, width) - jax.lax.div(key_pos, width)).astype(jnp.float32)
+    d_col = (jax.lax.rem(query_pos, width) - jax.lax.rem(key_pos, width)).astype(jnp.float32)
     if variant == "2d":
-        return lr * d_row + lc * jnp.abs(d_col)
+        d_col = jnp.abs(d_col)
+        return log_row * d_row + log_col * d_col, d_row, d_col
     if variant == "2d_row":
-        return jnp.where(d_row == 0, lc * d_col, lr * d_row)
-    raise ValueError(f"pairwise_log_decay is for the 2d variants, got {variant!r}")
+        same_row = d_row == 0.0
+        by_row, by_col = jnp.where(same_row, 0.0, d_row), jnp.where(same_row, d_col, 0.0)
+        return log_row * by_row + log_col * by_col, by_row, by_col
+    raise ValueError(f"unknown variant {variant!r}")
 
 
 def masked_decay(log_decay, causal):

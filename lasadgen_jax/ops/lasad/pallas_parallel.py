@@ -8,7 +8,7 @@ keys, the decay D(a, m) = exp(log D) evaluated on chip from the two tiles' grid 
 N x N weights never leaving the chip. O(N^2 d) work and no states, against O(N d dv) for the
 chunked kernels: at short sequences (the 16x16 and 24x24 token grids of the configs) fewer,
 larger matmuls and no sequential walk win. Every variant uses the same body; only the formula of
-log D and of its derivatives along the two log decays differ (`_log_decay`).
+log D and of its derivatives along the two log decays differ (`common.pair_log_decay`).
 
 Backward, as in flash attention, two kernels: one per key tile (dk, dv and the decay gradients,
 walking the query tiles after it) and one per query tile (dq, walking the key tiles before it).
@@ -72,30 +72,10 @@ def _positions(start, size: int, axis: int):
     return start + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _log_decay(variant: str, width: int, query_pos, key_pos, log_row, log_col):
-    """(log D, d log D / d log g_row, d log D / d log g_col) for a [bq, 1] x [1, bk] tile pair;
-    None where the variant does not depend on it. Valid where key < query (callers mask)."""
-    if variant == "none":
-        return None, None, None
-    if variant == "1d":
-        distance = (query_pos - key_pos).astype(jnp.float32)
-        return log_col * distance, None, distance
-    d_row = (jax.lax.div(query_pos, width) - jax.lax.div(key_pos, width)).astype(jnp.float32)
-    d_col = (jax.lax.rem(query_pos, width) - jax.lax.rem(key_pos, width)).astype(jnp.float32)
-    if variant == "2d":
-        d_col = jnp.abs(d_col)
-        return log_row * d_row + log_col * d_col, d_row, d_col
-    if variant == "2d_row":
-        same_row = d_row == 0.0
-        by_row, by_col = jnp.where(same_row, 0.0, d_row), jnp.where(same_row, d_col, 0.0)
-        return log_row * by_row + log_col * by_col, by_row, by_col
-    raise ValueError(f"unknown variant {variant!r}")
-
-
 def _decay(variant, width, query_pos, key_pos, log_row, log_col):
     """(D with zeros where key >= query, d log D / d log g_row, ... / d log g_col) for one tile pair."""
     causal = key_pos < query_pos
-    log_d, by_row, by_col = _log_decay(variant, width, query_pos, key_pos, log_row, log_col)
+    log_d, by_row, by_col = common.pair_log_decay(variant, width, query_pos, key_pos, log_row, log_col)
     if log_d is None:
         return jnp.where(causal, 1.0, 0.0), None, None
     return jnp.where(causal, jnp.exp(jnp.where(causal, log_d, 0.0)), 0.0), by_row, by_col

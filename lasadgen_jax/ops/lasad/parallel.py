@@ -26,33 +26,23 @@ from lasadgen_jax.ops.lasad import common
 
 
 def pair_terms(variant: str, grid, log_decay_row, log_decay_col):
-    """(D [H, N, N] float32, zero where m >= a; d log D / d log g_row [N, N] or None; ... / d log
-    g_col [N, N] or None), queries on the first axis, keys on the second."""
+    """(D float32, [H, N, N] or [N, N] for `none`, zero where m >= a; d log D / d log g_row [N, N]
+    or None; ... / d log g_col [N, N] or None), queries on the first axis, keys on the second."""
     h, w = grid
-    index = jnp.arange(h * w)
-    causal = index[None, :] < index[:, None]
-    rows, cols = index // w, index % w
-    d_row = (rows[:, None] - rows[None, :]).astype(jnp.float32)
-    d_col = (cols[:, None] - cols[None, :]).astype(jnp.float32)
-    if variant in ("2d", "2d_row"):
-        log_decay = common.pairwise_log_decay(variant, log_decay_row, log_decay_col, rows, cols)
-        if variant == "2d":
-            by_row, by_col = d_row, jnp.abs(d_col)
-        else:
-            same_row = d_row == 0
-            by_row, by_col = jnp.where(same_row, 0.0, d_row), jnp.where(same_row, d_col, 0.0)
-    elif variant == "1d":  # g^(a - m), g = exp(log_decay_col)
-        by_row, by_col = None, (index[:, None] - index[None, :]).astype(jnp.float32)
-        log_decay = log_decay_col[:, None, None] * by_col
-    else:  # none
-        by_row = by_col = None
-        log_decay = jnp.zeros((log_decay_col.shape[0], h * w, h * w), jnp.float32)
+    index = jnp.arange(h * w, dtype=jnp.int32)
+    query_pos, key_pos = index[:, None], index[None, :]
+    causal = key_pos < query_pos
+    log_decay, by_row, by_col = common.pair_log_decay(
+        variant, w, query_pos, key_pos, log_decay_row[:, None, None], log_decay_col[:, None, None]
+    )
+    if log_decay is None:
+        return jnp.where(causal, 1.0, 0.0), None, None
     return common.masked_decay(log_decay, causal), by_row, by_col
 
 
 def _forward(q, k, v, log_decay_row, log_decay_col, grid, variant):
     decay, _, _ = pair_terms(variant, grid, log_decay_row, log_decay_col)
-    weights = common.mm("bnhd,bmhd->bhnm", q, k, q.dtype) * decay[None]
+    weights = common.mm("bnhd,bmhd->bhnm", q, k, q.dtype) * decay
     return common.mm("bhnm,bmhe->bnhe", weights, v, q.dtype)
 
 
@@ -73,8 +63,8 @@ def _parallel_backward(grid, variant, residuals, d_out):
     d_out = d_out.astype(dtype)  # the op returns q.dtype: d_out holds no more precision
     decay, by_row, by_col = pair_terms(variant, grid, log_decay_row, log_decay_col)
     scores = common.mm("bnhd,bmhd->bhnm", q, k, dtype)
-    d_scores = decay[None] * common.mm("bnhe,bmhe->bhnm", d_out, v, dtype)
-    dv = common.mm("bhnm,bnhe->bmhe", decay[None] * scores, d_out, dtype)
+    d_scores = decay * common.mm("bnhe,bmhe->bhnm", d_out, v, dtype)
+    dv = common.mm("bhnm,bnhe->bmhe", decay * scores, d_out, dtype)
     dq = common.mm("bhnm,bmhd->bnhd", d_scores, k, dtype)
     dk = common.mm("bhnm,bnhd->bmhd", d_scores, q, dtype)
     pair = d_scores * scores  # d loss / d log D(a, m)
