@@ -109,7 +109,8 @@ def run(mode: str, variant: str, kernel_impl: str = "pallas") -> dict:
     return values
 
 
-@pytest.mark.parametrize("variant, kernel_impl", [("2d_row", "pallas"), ("2d", "pallas"), ("2d", "pallas_parallel")])
+# The parallel-form kernel goes through the same per_device_heads; its mesh run is the model test below.
+@pytest.mark.parametrize("variant, kernel_impl", [("2d_row", "pallas"), ("2d", "pallas")])
 def test_kernel_per_device_on_a_2x2x2_mesh_matches_the_reference(variant, kernel_impl):
     values = run("op", variant, kernel_impl)
     assert values["forward"] < 1e-4 and values["grads"] < 1e-4 and values["refused"], values
