@@ -1,13 +1,15 @@
 """Training-step time, tokens/s and MFU of LASADGen: LASAD variants side by side with softmax.
 
     python3 benchmarks/train_step.py --size L --grids 16,32 --attentions softmax,2d_row,2d
+    python3 benchmarks/train_step.py --config configs/demo.py --lasad_impl chunked   # a config as it is
 
 The step is the trainer's own (lasadgen_jax.train.make_train_step: bf16 compute, float32 master
 params, AdamW, EMA, NaN guard), on synthetic tokens, over all local devices as a data-parallel mesh.
 Each grid gets one global batch for every attention type (--tokens_per_step / tokens per image, halved
 on out-of-memory). MFU = model FLOPs (lasadgen_jax.train.train_flops_per_token) per second over the
 device's peak; a measured bf16 matmul ceiling is printed beside it. One JSON line per measurement,
-then a markdown table.
+then a markdown table. With --config, that config file's model, grid and batch are measured
+unchanged (only --lasad_impl and --remat apply).
 """
 
 from __future__ import annotations
@@ -44,19 +46,31 @@ def cudnn_accepts(tokens: int, heads: int = 16, head_dim: int = 64) -> str:
         return f"no ({type(error).__name__}: {str(error)[:120]})"
 
 
-def build(size: str, attention: str, grid: int, batch: int, remat: str, lasad_impl: str):
+def load_config(path: str, argument: str | None = None):
     import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarked_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(argument) if argument is not None else module.get_config()
+
+
+def build(args, attention: str | None, grid: int | None, batch: int | None):
+    """(model config, jitted step, state, tokens, labels): imagenet256.py at --size with this
+    attention, grid and batch, or --config as it is (attention, grid and batch None)."""
     import os
 
     from lasadgen_jax import train
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "imagenet256.py")
-    spec = importlib.util.spec_from_file_location("imagenet256", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(f"size={size},attention={attention}")
-    config.model.update(grid=(grid, grid), remat=remat, lasad_impl=lasad_impl)
-    config.batch_size = batch
+    if args.config:
+        config = load_config(args.config)
+        config.model.update(remat=args.remat, lasad_impl=args.lasad_impl)
+    else:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "imagenet256.py")
+        config = load_config(path, f"size={args.size},attention={attention}")
+        config.model.update(grid=(grid, grid), remat=args.remat, lasad_impl=args.lasad_impl)
+        config.batch_size = batch
+    batch = config.batch_size
     config.num_steps = 1000
     model_config = train.model_config_from(config)
     mesh = train.sharding.make_mesh(config.mesh.to_dict())
@@ -69,10 +83,11 @@ def build(size: str, attention: str, grid: int, batch: int, remat: str, lasad_im
     return model_config, step, state, tokens, labels
 
 
-def measure(args, attention: str, grid: int, batch: int) -> dict:
+def measure(args, attention: str | None, grid: int | None, batch: int | None) -> dict:
     from lasadgen_jax import train
 
-    model_config, step, state, tokens, labels = build(args.size, attention, grid, batch, args.remat, args.lasad_impl)
+    model_config, step, state, tokens, labels = build(args, attention, grid, batch)
+    attention, batch = model_config.attention, tokens.shape[0]
     compile_start = time.perf_counter()
     state, metrics = step(state, tokens, labels)
     jax.block_until_ready(metrics)
@@ -86,11 +101,12 @@ def measure(args, attention: str, grid: int, batch: int) -> dict:
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / args.steps
     if not bool(metrics["finite"]):
-        raise FloatingPointError(f"{attention} {grid}x{grid}: non-finite loss {float(metrics['loss'])}")
+        raise FloatingPointError(f"{attention} {model_config.grid}: non-finite loss {float(metrics['loss'])}")
     tokens_per_step = batch * model_config.num_tokens
     flops = train.train_flops_per_token(model_config) * tokens_per_step
     peak = args.peak_tflops * 1e12 * jax.device_count()
-    return {"attention": attention, "grid": f"{grid}x{grid}", "batch": batch, "step_ms": 1e3 * seconds,
+    return {"attention": attention, "grid": "x".join(map(str, model_config.grid)), "batch": batch,
+            "step_ms": 1e3 * seconds,
             "tokens_per_s": tokens_per_step / seconds, "mfu": flops / seconds / peak,
             "model_tflops_per_s": flops / seconds / 1e12 / jax.device_count(), "loss": float(metrics["loss"]),
             "compile_s": compile_seconds}
@@ -102,6 +118,7 @@ def is_out_of_memory(error: Exception) -> bool:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="a config file measured as it is (instead of --size/--grids)")
     parser.add_argument("--size", default="L")
     parser.add_argument("--grids", default="16,32")
     parser.add_argument("--attentions", default="softmax,2d_row,2d")
@@ -119,11 +136,16 @@ def main():
     header = {"date": datetime.date.today().isoformat(), "device": device.device_kind, "devices": jax.device_count(),
               "jax": jax.__version__, "size": args.size, "remat": args.remat, "lasad_impl": args.lasad_impl,
               "matmul_tflops_measured": ceiling, "peak_tflops": args.peak_tflops}
-    if device.platform == "gpu":
+    if args.config:
+        header["config"] = args.config
+    elif device.platform == "gpu":
         header["cudnn_flash_for_grids"] = {g: cudnn_accepts(int(g) ** 2) for g in args.grids.split(",")}
     print(json.dumps(header), flush=True)
     rows = []
-    for grid in [int(g) for g in args.grids.split(",")]:
+    if args.config:
+        rows.append(measure(args, None, None, None))
+        print(json.dumps(rows[-1]), flush=True)
+    for grid in [] if args.config else [int(g) for g in args.grids.split(",")]:
         batch = max(1, args.tokens_per_step // (grid * grid))
         for attention in args.attentions.split(","):
             while True:

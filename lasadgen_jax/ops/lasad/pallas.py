@@ -58,7 +58,9 @@ def _pad_last(x, size: int):
     return x if x.shape[-1] == size else jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, size - x.shape[-1]),))
 
 
-def _padded_dim(backend: str, size: int) -> int:
+def padded_dim(backend: str, size: int) -> int:
+    """A head dim padded to what the backend's kernels tile: a power of two >= 16 on GPU, a
+    multiple of 128 lanes on TPU."""
     if backend == "gpu":
         return next_power_of_two(max(16, size))
     return -(-size // pallas_tpu.LANES) * pallas_tpu.LANES
@@ -75,7 +77,7 @@ def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend,
     layout = ChunkLayout.make(grid, variant, block.block_tokens, block.block_tokens_2d)
     decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)  # [H, 2]
     d, dv = q.shape[-1], v.shape[-1]
-    d_pad, dv_pad = _padded_dim(backend, d), _padded_dim(backend, dv)
+    d_pad, dv_pad = padded_dim(backend, d), padded_dim(backend, dv)
     packed = [
         _pad_last(layout.pack(x), size) for x, size in ((q, d_pad), (k, d_pad), (v, dv_pad))
     ]
@@ -99,7 +101,7 @@ def sweep_backward(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, interp
                     interpret=interpret, block=block, tangent=None, out_dtype=jnp.float32)
     decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)  # [H, 2]
     d, dv = q.shape[-1], v.shape[-1]
-    d_pad, dv_pad = _padded_dim("gpu", d), _padded_dim("gpu", dv)
+    d_pad, dv_pad = padded_dim("gpu", d), padded_dim("gpu", dv)
     packed = [_pad_last(layout.pack(x), size) for x, size in ((q, d_pad), (k, d_pad), (v, dv_pad), (d_out_in, dv_pad))]
     dk, dk_col, d_v = pallas_sweep.key_gradients(*packed, decays, layout=layout, block=block, interpret=interpret)
     dk, dk_col, d_v = layout.unpack(dk)[..., :d], layout.unpack(dk_col)[..., :d], layout.unpack(d_v)[..., :dv]

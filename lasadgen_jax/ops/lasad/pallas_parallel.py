@@ -11,7 +11,8 @@ larger matmuls and no sequential walk win. Every variant uses the same body; onl
 log D and of its derivatives along the two log decays differ (`common.pair_log_decay`).
 
 Backward, as in flash attention, two kernels: one per key tile (dk, dv and the decay gradients,
-walking the query tiles after it) and one per query tile (dq, walking the key tiles before it).
+walking the query tiles after it) and one per query tile for dq, which is the forward kernel on
+swapped operands: dq_a = sum_{m<a} D(a, m) (dO_a . v_m) k_m = forward(q=dO, k=v, v=k).
 With S = q k^T, dP = dO v^T and W = D * S, the gradients are
 
     dv = W^T dO,   dS = D * dP,   dk = dS^T q,   dq = dS k,
@@ -38,12 +39,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from lasadgen_jax.ops.lasad import common, pallas_gpu
-from lasadgen_jax.ops.lasad.pallas_chunk import dot, next_power_of_two
+from lasadgen_jax.ops.lasad import common, pallas, pallas_gpu
+from lasadgen_jax.ops.lasad.pallas_chunk import dot
 
 BACKENDS = ("gpu", "tpu")
 TPU_BLOCK = 128  # tokens per TPU tile (query and key); a multiple of Mosaic's (8, 128) tiling
-LANES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,24 +134,6 @@ def _key_grads_kernel(decay_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref, dr
     drow_ref[...], dcol_ref[...] = drow, dcol
 
 
-def _query_grads_kernel(decay_ref, k_ref, v_ref, do_ref, dq_ref, *, variant, width, block):
-    """One query tile: dq = sum over key tiles j <= i of (D * dO v^T) k."""
-    i = pl.program_id(2)
-    log_row, log_col = decay_ref[0], decay_ref[1]
-    d_out = do_ref[...]
-    query_pos = _positions(i * block, block, 0)
-
-    def key_tile(j, acc):
-        keys = pl.ds(pl.multiple_of(j * block, block), block)
-        k, v = k_ref[keys, :], v_ref[keys, :]
-        decay, _, _ = _decay(variant, width, query_pos, _positions(j * block, block, 1), log_row, log_col)
-        d_weights = dot(d_out, v, (1, 1)) * decay
-        return acc + dot(d_weights.astype(k.dtype), k)
-
-    acc = jax.lax.fori_loop(0, i + 1, key_tile, jnp.zeros(dq_ref.shape, jnp.float32))
-    dq_ref[...] = acc.astype(dq_ref.dtype)
-
-
 # ----------------------------------------------------------------------------- TPU kernels
 
 
@@ -206,26 +188,6 @@ def _tpu_key_grads_kernel(decay_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref
         drow_ref[...], dcol_ref[...] = drow_acc[...], dcol_acc[...]
 
 
-def _tpu_query_grads_kernel(decay_ref, k_ref, v_ref, do_ref, dq_ref, acc_ref, *, variant, width):
-    """Grid step (b, h, query tile i, key tile j): dq += (D * dO v^T) k for j <= i."""
-    head, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-
-    @pl.when(j == 0)
-    def _():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-    @pl.when(j <= i)
-    def _():
-        decay, _, _ = _decay(variant, width, _positions(i * TPU_BLOCK, TPU_BLOCK, 0),
-                             _positions(j * TPU_BLOCK, TPU_BLOCK, 1), decay_ref[head, 0], decay_ref[head, 1])
-        d_weights = dot(do_ref[...], v_ref[...], (1, 1)) * decay
-        acc_ref[...] += dot(d_weights.astype(k_ref.dtype), k_ref[...])
-
-    @pl.when(j == pl.num_programs(3) - 1)
-    def _():
-        dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
-
-
 # ----------------------------------------------------------------------------- calls
 
 
@@ -234,16 +196,10 @@ def _pad(x, length: int, dim: int):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dim - x.shape[3])))
 
 
-def _padded_dim(backend: str, size: int) -> int:
-    if backend == "gpu":
-        return next_power_of_two(max(16, size))
-    return -(-size // LANES) * LANES
-
-
 def _prepare(arrays, backend: str, block: int):
     """Pads the sequence to whole tiles and head dims to what the backend tiles; (padded, length)."""
     length = -(-arrays[0].shape[1] // block) * block
-    return [_pad(x, length, _padded_dim(backend, x.shape[-1])) for x in arrays], length
+    return [_pad(x, length, pallas.padded_dim(backend, x.shape[-1])) for x in arrays], length
 
 
 def _gpu_specs(length, block):
@@ -268,8 +224,9 @@ TPU_SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"
 
 
 def forward(q, k, v, decays, *, grid, variant, blocks: ParallelBlocks, interpret: bool, backend: str = "gpu",
-            poison: bool = False):
-    """[B, N, H, dv] in q.dtype; q, k [B, N, H, d], v [B, N, H, dv]; decays [H, 2] float32.
+            out_dtype=None, name: str = "", poison: bool = False):
+    """[B, N, H, dv] in out_dtype (default q.dtype); q, k [B, N, H, d], v [B, N, H, dv]; decays
+    [H, 2] float32. `name` suffixes the kernel's name (the backward's dq call is "_dq").
     poison=True (GPU, for checks) starts the output buffer as NaN, so an unwritten element shows."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -277,13 +234,14 @@ def forward(q, k, v, decays, *, grid, variant, blocks: ParallelBlocks, interpret
     block = blocks.block if backend == "gpu" else TPU_BLOCK
     (q_p, k_p, v_p), length = _prepare((q, k, v), backend, block)
     d, dv = q_p.shape[-1], v_p.shape[-1]
-    kernel_name = f"lasad_parallel_{variant}"
+    kernel_name = f"lasad_parallel_{variant}{name}"
+    out_dtype = q.dtype if out_dtype is None else out_dtype
     if backend == "gpu":
         tile, whole = _gpu_specs(length, block)
         out = pallas_gpu.call_with_poison(
             functools.partial(_forward_kernel, variant=variant, width=grid[1], block=block),
             (decays, q_p, k_p, v_p),
-            out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), q.dtype),
+            out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), out_dtype),
             out_spec=tile(dv),
             poison=poison,
             grid=(batch, heads, length // block),
@@ -299,7 +257,7 @@ def forward(q, k, v, decays, *, grid, variant, blocks: ParallelBlocks, interpret
     tiles = length // TPU_BLOCK
     out = pl.pallas_call(
         functools.partial(_tpu_forward_kernel, variant=variant, width=grid[1]),
-        out_shape=jax.ShapeDtypeStruct((batch, heads, length, dv), q.dtype),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, length, dv), out_dtype),
         grid=(batch, heads, tiles, tiles),
         in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), _tile_of("own", d), _tile_of("min", d), _tile_of("min", dv)],
         out_specs=_tile_of("own", dv),
@@ -331,17 +289,7 @@ def _backward_gpu(q_p, k_p, v_p, do_p, decays, *, length, grid, variant, blocks,
         interpret=interpret,
         name=f"lasad_parallel_{variant}_dkdv",
     )(decays, q_p, k_p, v_p, do_p)
-    dq = pl.pallas_call(
-        functools.partial(_query_grads_kernel, variant=variant, width=grid[1], block=block),
-        out_shape=f32(batch, length, heads, d),
-        grid=(batch, heads, tiles),
-        in_specs=[decay_spec, whole(d), whole(dv), tile(dv)],
-        out_specs=tile(d),
-        compiler_params=params,
-        interpret=interpret,
-        name=f"lasad_parallel_{variant}_dq",
-    )(decays, k_p, v_p, do_p)
-    return dq, dk, dv_, d_row, d_col
+    return dk, dv_, d_row, d_col
 
 
 def _backward_tpu(q_p, k_p, v_p, do_p, decays, *, length, grid, variant, interpret):
@@ -365,18 +313,7 @@ def _backward_tpu(q_p, k_p, v_p, do_p, decays, *, length, grid, variant, interpr
         interpret=interpret,
         name=f"lasad_parallel_{variant}_dkdv",
     )(decays, q_p, k_p, v_p, do_p)
-    dq = pl.pallas_call(
-        functools.partial(_tpu_query_grads_kernel, variant=variant, width=grid[1]),
-        out_shape=f32(batch, heads, length, d),
-        grid=(batch, heads, tiles, tiles),
-        in_specs=[smem, _tile_of("min", d), _tile_of("min", dv), _tile_of("own", dv)],
-        out_specs=_tile_of("own", d),
-        scratch_shapes=[pltpu.VMEM((TPU_BLOCK, d), jnp.float32)],
-        compiler_params=TPU_SEMANTICS,
-        interpret=interpret,
-        name=f"lasad_parallel_{variant}_dq",
-    )(decays, k_p, v_p, do_p)
-    return heads_major(dq), heads_major(dk), heads_major(dv_), d_row, d_col
+    return heads_major(dk), heads_major(dv_), d_row, d_col
 
 
 def backward(q, k, v, decays, d_out, *, grid, variant, blocks: ParallelBlocks, interpret: bool, backend: str = "gpu"):
@@ -385,16 +322,19 @@ def backward(q, k, v, decays, d_out, *, grid, variant, blocks: ParallelBlocks, i
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     n, heads = q.shape[1], q.shape[2]
     block = blocks.block if backend == "gpu" else TPU_BLOCK
-    padded, length = _prepare((q, k, v, d_out.astype(q.dtype)), backend, block)
+    d_out = d_out.astype(q.dtype)  # the op returns q.dtype: d_out holds no more precision
+    padded, length = _prepare((q, k, v, d_out), backend, block)
     kwargs = dict(length=length, grid=grid, variant=variant, interpret=interpret)
     if backend == "gpu":
-        dq, dk, dv, d_row, d_col = _backward_gpu(*padded, decays, blocks=blocks, **kwargs)
+        dk, dv, d_row, d_col = _backward_gpu(*padded, decays, blocks=blocks, **kwargs)
     else:
-        dq, dk, dv, d_row, d_col = _backward_tpu(*padded, decays, **kwargs)
+        dk, dv, d_row, d_col = _backward_tpu(*padded, decays, **kwargs)
+    dq = forward(d_out, v, k, decays, grid=grid, variant=variant, blocks=blocks, interpret=interpret,
+                 backend=backend, out_dtype=jnp.float32, name="_dq")
     cut = lambda x, dim: x[:, :n, :, :dim]
     uses_row, uses_col = common.USES_DECAY[variant]
     decay_grad = lambda x, used: jnp.sum(x, axis=(0, 2, 3)) if used else jnp.zeros((heads,), jnp.float32)
-    return (cut(dq, q.shape[-1]), cut(dk, q.shape[-1]), cut(dv, v.shape[-1]),
+    return (dq, cut(dk, q.shape[-1]), cut(dv, v.shape[-1]),
             decay_grad(d_row, uses_row), decay_grad(d_col, uses_col))
 
 
