@@ -73,9 +73,10 @@ def flash(x):
 
 def compiled_pair(forward, inputs, cotangent):
     """(jit forward, jit value_and_grad of sum(cotangent * out)) compiled for inputs."""
-    loss = lambda x: jnp.sum(cotangent.astype(jnp.float32) * forward(x).astype(jnp.float32))
+    loss = lambda x, ct: jnp.sum(ct.astype(jnp.float32) * forward(x).astype(jnp.float32))
     args = {name: value for name, value in inputs.items() if value is not None}
-    return (jax.jit(forward).lower(args).compile(), jax.jit(jax.value_and_grad(loss)).lower(args).compile(), args)
+    both = jax.jit(jax.value_and_grad(loss)).lower(args, cotangent).compile()  # cotangent an argument, not a constant
+    return jax.jit(forward).lower(args).compile(), lambda x: both(x, cotangent), args
 
 
 def time_ms(fn, args, repeats, inner=5):
@@ -211,10 +212,11 @@ def table(args) -> bool:
 
 
 EXTRAS = [  # (variant, label, impl, block sizes): other tilings after the table, `--extras`
-    ("1d", "one pass", "pallas", BlockSizes(parallel_chunks=1 << 20)),
-    ("1d", "one pass, T=128, dv 64, 8 warps", "pallas",
-     BlockSizes(block_tokens=128, dv_block=64, num_warps=8, parallel_chunks=1 << 20)),
-    ("1d", "two pass, T=128", "pallas", BlockSizes(block_tokens=128)),
+    ("1d", "refwd backward (re-run forward + tangent calls)", "pallas", BlockSizes(backward_generic="refwd")),
+    ("1d", "1 pipeline stage", "pallas", BlockSizes(num_stages=1)),
+    ("1d", "value tiles of 32", "pallas", BlockSizes(dv_block=32)),
+    ("1d", "two passes at every N", "pallas", BlockSizes(parallel_chunks=1)),
+    ("1d", "T=128 chunks", "pallas", BlockSizes(block_tokens=128)),
     ("2d", "R=1 row per chunk", "pallas", BlockSizes(block_tokens_2d=16)),
     ("2d", "R = 128 / wp rows per chunk", "pallas", BlockSizes(block_tokens_2d=128)),
     ("2d", "8 warps", "pallas", BlockSizes(num_warps_2d=8)),

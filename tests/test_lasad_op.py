@@ -99,10 +99,9 @@ AUTO_EXPECTED = {
     },
     "gpu": {
         "2d": {1: "pallas_parallel", 256: "pallas_parallel", 576: "pallas_parallel", 4096: "pallas_parallel",
-               4097: "chunked", 16384: "chunked"},
-        "none": {1: "pallas_parallel", 256: "pallas_parallel", 4096: "pallas_parallel", 16384: "chunked"},
-        "1d": {1: "pallas_parallel", 256: "pallas_parallel", 257: "pallas", 576: "pallas", 16384: "pallas"},
-        "2d_row": {1: "pallas_parallel", 256: "pallas_parallel", 257: "pallas", 576: "pallas", 16384: "pallas"},
+               16384: "pallas_parallel", 16385: "chunked"},
+        **{variant: {1: "pallas_parallel", 256: "pallas_parallel", 257: "pallas", 576: "pallas", 16384: "pallas"}
+           for variant in ("1d", "2d_row", "none")},
     },
     "tpu": {variant: {1: "chunked", 256: "chunked", 4096: "chunked", 16384: "chunked"} for variant in lasad.VARIANTS},
 }

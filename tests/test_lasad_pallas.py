@@ -177,6 +177,64 @@ def test_gradients_odd_head_dims():
     check_grads(CASES["grid4x5_d60_prefix3"], "2d", "gpu", jnp.float32, 1e-4)
 
 
+# ----------------------------------------------------------------------------- the generic chunk backward
+
+
+def test_chunk_backward_sub_blocks_and_many_chunks():
+    """The GPU gradient kernel forms its within-chunk products per pair of sub-blocks (here 2 of 16
+    slots per 32-slot chunk); the log-decay gradients sum every chunk's share (8 and 5 chunks)."""
+    block = BlockSizes(block_tokens=32, dv_block=16, gradient_block=16)
+    check_grads(Case("grid5x48_prefix2", batch=1, grid=(5, 48), heads=2, d=16, dv=24, prefix=2), "1d", "gpu",
+                jnp.float32, 1e-4, block=block)
+    check_grads(Case("grid5x16_d20", batch=2, grid=(5, 16), heads=2, d=20, dv=16, prefix=0), "2d_row", "gpu",
+                jnp.float32, 1e-4, block=block)
+
+
+def test_chunk_backward_tpu_body_1d_many_chunks():
+    check_grads(Case("grid4x40_prefix1", batch=1, grid=(4, 40), heads=2, d=16, dv=16, prefix=1), "1d", "tpu",
+                jnp.float32, 1e-4, block=BlockSizes(block_tokens=16))
+
+
+def test_refwd_backward_of_the_generic_kernel():
+    """BlockSizes(backward_generic="refwd"): the forward kernel re-run plus decay-tangent calls."""
+    block = BlockSizes(block_tokens=16, backward_generic="refwd")
+    check_grads(CASES["grid3x7_prefix2"], "2d_row", "gpu", jnp.float32, 1e-4, block=block)
+
+
+@pytest.mark.parametrize("backward, kernels", [("chunks", ("lasad_1d_states_adjoints", "lasad_1d_gradients")),
+                                               ("refwd", ("lasad_1d_d_col",))])
+def test_generic_backward_runs_the_chosen_kernels(backward, kernels):
+    case = CASES["grid3x7_prefix2"]
+    inputs = {name: x for name, x in make_inputs(case, seed=0).items() if x is not None}
+    op = functools.partial(lasad_attention_pallas, grid=case.grid, variant="1d", backend="gpu", interpret=True,
+                           block_sizes=BlockSizes(block_tokens=16, backward_generic=backward))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(op(**x))))(inputs))
+    for name in kernels:
+        assert f"name={name}" in jaxpr, name
+    other = "lasad_1d_d_col" if backward == "chunks" else "lasad_1d_gradients"
+    assert f"name={other}" not in jaxpr
+
+
+def test_chunk_backward_lowers_to_triton_and_mosaic_tpu():
+    """The chunk backward's kernels pass Pallas's Triton lowering (jax.export for CUDA on the CPU)
+    and its Mosaic TPU lowering, at 128-slot rows (two gradient sub-blocks on the GPU)."""
+    case = Case("grid4x128_d64", batch=1, grid=(4, 128), heads=2, d=64, dv=64, prefix=0)
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
+    for backend, platform in (("gpu", "cuda"), ("tpu", "tpu")):
+        op = functools.partial(lasad_attention_pallas, grid=case.grid, variant="2d_row", backend=backend)
+        grad = jax.jit(jax.grad(lambda x: jnp.sum(op(**x).astype(jnp.float32))))
+        if backend == "gpu":
+            triton = "__gpu$xla.gpu.triton"
+            module = jax.export.export(
+                grad, platforms=[platform], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)]
+            )(inputs).mlir_module()
+            assert module.count(f"@{triton}") == 2  # both passes, then the gradients (the primal output is unused)
+            assert 'name = "lasad_2d_row_gradients"' in module
+        else:
+            module = jax.export.export(grad, platforms=[platform])(inputs).mlir_module()
+            assert module.count("tpu_custom_call") == 3  # states, adjoints, gradients
+
+
 # ----------------------------------------------------------------------------- the 2d sweep backward
 
 # BlockSizes(backward_2d="sweep") (GPU body in interpret mode): every gradient against the reference.
@@ -359,7 +417,8 @@ def test_unknown_backend_raises():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("block_tokens", 48), ("dv_block", 8), ("num_warps", 0), ("backward_2d", "reverse")]
+    "field, value", [("block_tokens", 48), ("dv_block", 8), ("num_warps", 0), ("backward_2d", "reverse"),
+                     ("backward_generic", "sweep"), ("gradient_block", 8), ("num_stages", 0)]
 )
 def test_block_sizes_validate_themselves(field, value):
     with pytest.raises(ValueError, match=field):

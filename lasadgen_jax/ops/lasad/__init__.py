@@ -48,19 +48,15 @@ AUTO_IMPL = {
     # even or slower from 256 on.
     ("cpu", "2d"): ((576, "parallel"), (None, "chunked")),
     **{("cpu", variant): ((64, "parallel"), (None, "chunked")) for variant in ("2d_row", "1d", "none")},
-    # N = 256: the parallel-form kernel's forward+backward 0.89 ms against the generic kernel's
-    # 1.38 (flash 0.76). N = 1024: the generic kernel wins, 1.72 against 1.89 ms; above, the
-    # generic kernel is 3.0-4.1x faster than chunked at every N measured (up to 16384).
-    ("gpu", "1d"): ((256, "pallas_parallel"), (None, "pallas")),
-    # As 1d: N = 256 parallel 0.98 ms against generic 1.68; N = 1024 generic 1.96 against 2.26.
-    ("gpu", "2d_row"): ((256, "pallas_parallel"), (None, "pallas")),
-    # Parallel kernel 4.5x / 2.6x / 1.3x faster than chunked at N = 256 / 1024 / 4096. The generic
-    # kernel was never timed for `none`; above 4096 nothing was measured, so chunked.
-    ("gpu", "none"): ((4096, "pallas_parallel"), (None, "chunked")),
+    # H200, B*N = 32k tokens, H = 16, d = 64, bf16 (benchmarks/RESULTS.md). The generic kernel
+    # with its chunk backward: forward+backward 0.80-0.94 ms at N = 256 against the parallel-form
+    # kernel's 0.80-0.95 (even), then 0.80-0.95 ms at 1024 (parallel 1.88 for 1d), 0.66-0.88 at
+    # 4096 and 0.84-1.67 at 16384: parallel-form up to 256, the generic kernel above.
+    **{("gpu", variant): ((256, "pallas_parallel"), (None, "pallas")) for variant in ("1d", "2d_row", "none")},
     # Parallel kernel 37x / 28x / 20x faster than chunked at N = 256 / 1024 / 4096 (and 124x / 30x
-    # faster than the 2d chunked kernel at 256 / 1024). Above 4096 unmeasured: its quadratic work
-    # grows 4x per doubling of the side, so chunked until a run says otherwise.
-    ("gpu", "2d"): ((4096, "pallas_parallel"), (None, "chunked")),
+    # faster than the 2d chunked kernel at 256 / 1024); 22 ms forward+backward at 16384. Its
+    # quadratic work grows 4x per doubling of the side, chunked's linearly: chunked above 16384.
+    ("gpu", "2d"): ((16384, "pallas_parallel"), (None, "chunked")),
     # The Mosaic TPU kernels (chunked and parallel-form) have run in interpret mode only, never
     # through Mosaic's compiler on a TPU nor timed: a default must not rest on them.
     # impl="pallas" / "pallas_parallel" ask for them explicitly.

@@ -92,6 +92,30 @@ def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend,
     return layout.unpack(out)[..., :dv]
 
 
+def chunk_backward(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, variant, backend, interpret, block,
+                   poison=False):
+    """The generic variants' gradients by the chunk backward (BlockSizes.backward_generic="chunks"):
+    (dq, dk, dv) in q.dtype and (d log_decay_row, d log_decay_col) float32. d_out: the cotangent of
+    the cell output, [B, N, H, dv]. poison=True (GPU only; for checks) starts every output as NaN."""
+    layout = ChunkLayout.make(grid, variant, block.block_tokens, block.block_tokens_2d)
+    decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)  # [H, 2]
+    d, dv = q.shape[-1], v.shape[-1]
+    d_pad, dv_pad = padded_dim(backend, d), padded_dim(backend, dv)
+    d_out_in = d_out.astype(q.dtype)  # the op returns q.dtype: d_out holds no more precision
+    packed = [_pad_last(layout.pack(x), size) for x, size in ((q, d_pad), (k, d_pad), (v, dv_pad), (d_out_in, dv_pad))]
+    kwargs = dict(layout=layout, block=block, interpret=interpret)
+    if backend == "gpu":
+        dq, dk, d_v, d_decays = pallas_gpu.chunk_gradients(*packed, decays, **kwargs, poison=poison)
+    elif poison:
+        raise ValueError("poison is implemented for the GPU kernels only")
+    else:
+        to_heads_major = lambda x: x.transpose(0, 2, 1, 3)
+        dq, dk, d_v, d_decays = pallas_tpu.chunk_gradients(*map(to_heads_major, packed), decays, **kwargs)
+        dq, dk, d_v = map(to_heads_major, (dq, dk, d_v))
+    unpack = lambda x, size: layout.unpack(x)[..., :size]
+    return unpack(dq, d), unpack(dk, d), unpack(d_v, dv), d_decays[:, 0], d_decays[:, 1]
+
+
 def sweep_backward(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, interpret, block):
     """The `2d` gradients by the sweep (pallas_sweep.py; GPU kernels): (dq, dk, dv, d log_decay_row,
     d log_decay_col), float32. d_out: the cotangent of the cell output, [B, N, H, dv]."""
@@ -144,6 +168,12 @@ def pallas_cells(backend: str, interpret: bool, block: BlockSizes):
             )
             return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
                     d_row.astype(log_decay_row.dtype), d_col.astype(log_decay_col.dtype))
+        if variant != "2d" and block.backward_generic == "chunks":
+            dq, dk, dv, d_row, d_col = chunk_backward(
+                q, k, v, log_decay_row, log_decay_col, d_out, grid=grid, variant=variant, backend=backend,
+                interpret=interpret, block=block,
+            )
+            return dq, dk, dv, d_row.astype(log_decay_row.dtype), d_col.astype(log_decay_col.dtype)
         run = functools.partial(
             kernel, log_decay_row=log_decay_row, log_decay_col=log_decay_col, grid=grid, variant=variant,
             out_dtype=jnp.float32,

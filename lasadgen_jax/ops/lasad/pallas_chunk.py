@@ -29,11 +29,12 @@ def next_power_of_two(n: int) -> int:
 
 
 BACKWARDS_2D = ("refwd", "sweep")
+BACKWARDS_GENERIC = ("chunks", "refwd")
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes of the kernels; every field a power of two, checked on construction.
+    """Tile sizes of the kernels; every field but num_stages a power of two, checked on construction.
 
     block_tokens: target tokens per chunk of the generic kernel (`2d_row` rounds to whole rows).
     dv_block: value columns per program of the generic kernel (the state is d x dv_block).
@@ -42,9 +43,15 @@ class BlockSizes:
       floats stay on chip); key-dim tiles give partial outputs that are summed afterwards.
       d_block_2d = 0: the largest tile whose states fit `STATE_FLOATS_2D` (at least 16).
     num_warps, num_stages: Triton launch parameters (GPU only); num_warps_2d for the `2d` kernel
-      (0: 4 warps while its states fit STATE_FLOATS_2D, else 8).
+      (0: 4 warps while its states fit STATE_FLOATS_2D, else 8); num_warps_gradients for the chunk
+      backward's per-chunk kernel (0: num_warps)
+    gradient_block: the GPU chunk backward forms its within-chunk products per pair of sub-blocks
+      of this many slots (T x T float32 tiles spill registers above 64).
     parallel_chunks: from this many chunks on, the GPU generic kernel runs in two passes (a
       sequential pass that writes each chunk's starting state, then every chunk in parallel).
+    backward_generic: the generic kernel's backward (`1d`, `none`, `2d_row`): "chunks" (the
+      default: chunk states, their adjoints by a reverse pass, then every chunk's gradients in
+      parallel) or "refwd" (the forward kernel re-run on flipped inputs plus decay-tangent calls).
     backward_2d: the `2d` kernel's backward (not a tile size): "refwd" (the default: the forward
       kernel re-run on flipped grids plus two decay-tangent calls) or "sweep" (opt-in, GPU only:
       dq by one forward call, dk, dv and the decay gradients by one reverse row sweep;
@@ -53,27 +60,37 @@ class BlockSizes:
     """
 
     block_tokens: int = 64
-    dv_block: int = 32
+    dv_block: int = 64
     block_tokens_2d: int = 64
     d_block_2d: int = 0
     dv_block_2d: int = 16
     num_warps: int = 4
     num_warps_2d: int = 0
-    num_stages: int = 1
-    parallel_chunks: int = 16
+    num_warps_gradients: int = 0
+    gradient_block: int = 64
+    num_stages: int = 3
+    parallel_chunks: int = 128
     backward_2d: str = "refwd"
+    backward_generic: str = "chunks"
 
     def __post_init__(self):
         if self.backward_2d not in BACKWARDS_2D:
             raise ValueError(f"BlockSizes.backward_2d must be one of {BACKWARDS_2D}, got {self.backward_2d!r}")
+        if self.backward_generic not in BACKWARDS_GENERIC:
+            raise ValueError(
+                f"BlockSizes.backward_generic must be one of {BACKWARDS_GENERIC}, got {self.backward_generic!r}")
         for field in dataclasses.fields(self):
-            if field.name == "backward_2d":
+            if field.name in ("backward_2d", "backward_generic"):
                 continue
             value = getattr(self, field.name)
-            auto = field.name in ("d_block_2d", "num_warps_2d") and value == 0
+            if field.name == "num_stages":  # any count of pipeline stages
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(f"BlockSizes.num_stages must be an int >= 1, got {value!r}")
+                continue
+            auto = field.name in ("d_block_2d", "num_warps_2d", "num_warps_gradients") and value == 0
             if not isinstance(value, int) or (not auto and (value < 1 or value & (value - 1))):
                 raise ValueError(f"BlockSizes.{field.name} must be a power of two >= 1, got {value!r}")
-        for name in ("block_tokens", "dv_block", "block_tokens_2d", "d_block_2d", "dv_block_2d"):
+        for name in ("block_tokens", "dv_block", "block_tokens_2d", "d_block_2d", "dv_block_2d", "gradient_block"):
             if 0 < getattr(self, name) < 16:
                 raise ValueError(f"BlockSizes.{name} must be >= 16 (matrix-unit tiles), got {getattr(self, name)}")
 
@@ -165,16 +182,18 @@ def _slot_positions(layout: ChunkLayout, shape, axis: int, start: int = 0):
     return slot, jax.lax.div(slot, width), jax.lax.rem(slot, width)
 
 
-def intra_chunk_decay(layout: ChunkLayout, log_row, log_col, query_start: int = 0, num_queries: int | None = None):
-    """[queries, T] float32: D(a, m) for query slot a (from query_start) and key slot m < a, else 0.
+def intra_chunk_decay(layout: ChunkLayout, log_row, log_col, query_start: int = 0, num_queries: int | None = None,
+                      key_start: int = 0, num_keys: int | None = None):
+    """[queries, keys] float32: D(a, m) for query slot a (from query_start) and key slot m (from
+    key_start) with m < a, else 0; by default every slot of the chunk.
 
     Exponents are <= 0 wherever the mask is on; the inner where keeps masked slots finite (and
     their derivatives zero).
     """
     t = layout.chunk_tokens
-    shape = (t if num_queries is None else num_queries, t)
+    shape = (t if num_queries is None else num_queries, t if num_keys is None else num_keys)
     q_slot, q_row, q_col = _slot_positions(layout, shape, 0, query_start)
-    k_slot, k_row, k_col = _slot_positions(layout, shape, 1)
+    k_slot, k_row, k_col = _slot_positions(layout, shape, 1, key_start)
     causal = k_slot < q_slot
     variant = layout.variant
     if variant == "none":
@@ -191,11 +210,11 @@ def intra_chunk_decay(layout: ChunkLayout, log_row, log_col, query_start: int = 
     return jnp.where(causal, jnp.exp(jnp.where(causal, log_decay, 0.0)), 0.0)
 
 
-def _generic_weights(layout: ChunkLayout, log_row, log_col):
-    """(log step, steps [T, 1], length): a query `steps` into the chunk reads the state with weight
-    exp(log_step * steps); the state moves on by exp(log_step * length) per chunk."""
-    t = layout.chunk_tokens
-    slot, row, _ = _slot_positions(layout, (t, 1), 0)
+def _generic_weights(layout: ChunkLayout, log_row, log_col, start: int = 0, count: int | None = None):
+    """(log step, steps [count, 1], length): a query `steps` into the chunk reads the state with
+    weight exp(log_step * steps); the state moves on by exp(log_step * length) per chunk. For the
+    slots start ... start + count (default: the whole chunk)."""
+    slot, row, _ = _slot_positions(layout, (layout.chunk_tokens if count is None else count, 1), 0, start)
     if layout.variant == "none":
         return jnp.zeros_like(log_col), slot, layout.real_tokens
     if layout.variant == "1d":
@@ -234,6 +253,104 @@ def generic_step(layout: ChunkLayout, chunk, state, log_row, log_col):
     _, k, v = chunk
     out = generic_output(layout, chunk, state, log_row, log_col)
     return out, generic_next_state(layout, k, v, state, log_row, log_col)
+
+
+def generic_weights(layout: ChunkLayout, log_row, log_col, start: int = 0, count: int | None = None):
+    """(query weights [count, 1], key weights [count, 1], chunk decay): the factor with which a query
+    reads the chunk's starting state, a key enters the next chunk's state, and the state moves on;
+    for the slots start ... start + count (default: the whole chunk)."""
+    if layout.variant == "none":
+        ones = jnp.ones((layout.chunk_tokens if count is None else count, 1), jnp.float32)
+        return ones, ones, jnp.ones_like(log_col)
+    log_step, steps, length = _generic_weights(layout, log_row, log_col, start, count)
+    return jnp.exp(log_step * steps), jnp.exp(log_step * (length - steps)), jnp.exp(log_step * length)
+
+
+def generic_previous_adjoint(layout: ChunkLayout, q, d_out, adjoint, log_row, log_col):
+    """The reverse recurrence of the chunk backward: dL/d(state at this chunk's start), given
+    `adjoint` = dL/d(state at the next chunk's start) [d, dv] float32 and the chunk's q, d_out:
+        chunk decay * adjoint + sum_a (query weight_a q_a) d_out_a^T."""
+    query_weight, _, chunk_decay = generic_weights(layout, log_row, log_col)
+    return chunk_decay * adjoint + dot((q * query_weight).astype(q.dtype), d_out, (0, 0))
+
+
+def pair_vector(first, second, shape):
+    """float32 array of `shape` holding first, second in its first two lanes (last axis), zeros
+    elsewhere: two scalars as one small block to store."""
+    lane = jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+    return jnp.where(lane == 0, first, jnp.where(lane == 1, second, 0.0)).astype(jnp.float32)
+
+
+def _intra_exponent_factors(layout: ChunkLayout, query_start: int, num_queries: int, key_start: int, num_keys: int):
+    """[queries, keys] float32 (row factor, column factor): the within-chunk exponent of D(a, m) is
+    row factor * log g_row + column factor * log g_col (zero off the causal mask)."""
+    shape = (num_queries, num_keys)
+    q_slot, q_row, q_col = _slot_positions(layout, shape, 0, query_start)
+    k_slot, k_row, k_col = _slot_positions(layout, shape, 1, key_start)
+    causal = k_slot < q_slot
+    zero = jnp.zeros(shape, jnp.float32)
+    if layout.variant == "1d":
+        return zero, jnp.where(causal, (q_slot - k_slot).astype(jnp.float32), 0.0)
+    same_row = q_row == k_row
+    return (jnp.where(causal & ~same_row, (q_row - k_row).astype(jnp.float32), 0.0),
+            jnp.where(causal & same_row, (q_col - k_col).astype(jnp.float32), 0.0))
+
+
+def generic_gradients(layout: ChunkLayout, chunk, state, adjoint, log_row, log_col):
+    """The gradients of one chunk of `1d`, `none`, `2d_row` (chunks are independent given the states).
+
+    chunk: (q, k, v, d_out), each a list of the chunk's S sub-blocks of slots ([T / S, d] or
+    [T / S, dv]; one block is the whole chunk): the within-chunk products are formed per pair of
+    sub-blocks, so no T x T tile is live at once (T x T float32 tiles spill registers on a GPU
+    above T = 64). state: the state at the chunk start, adjoint: dL/d(state at the next chunk's
+    start), both [d, dv] (float32, or as stored: the inputs' dtype). Returns (dq, dk, dv) as lists
+    of float32 sub-blocks and this chunk's share of d log g_row, d log g_col.
+
+    Every pair term carries its exponent's local factor (slot/row/column distance inside the
+    chunk, or steps to the chunk's edges), so nothing large cancels: for a chunk-crossing pair the
+    exponent splits into the query's steps from its chunk start, whole chunks of state decay, and
+    the key's steps to its chunk end.
+    """
+    q_blocks, k_blocks, v_blocks, d_out_blocks = chunk
+    dtype = q_blocks[0].dtype
+    size = q_blocks[0].shape[0]
+    state_in, adjoint_in = state.astype(dtype), adjoint.astype(dtype)
+    decays = USES_DECAY_GENERIC[layout.variant]
+    d_row = d_col = jnp.zeros((), jnp.float32)
+    dq_blocks, dk_blocks, dv_blocks = [], [], []
+    for i, (q, k, v, d_out) in enumerate(zip(q_blocks, k_blocks, v_blocks, d_out_blocks)):
+        query_weight, key_weight, _ = generic_weights(layout, log_row, log_col, i * size, size)
+        dq_blocks.append(query_weight * dot(d_out, state_in, (1, 1)))  # the chunk-crossing parts first
+        dk_blocks.append(key_weight * dot(v, adjoint_in, (1, 1)))
+        dv_blocks.append(key_weight * dot(k, adjoint_in))
+        if decays:
+            _, steps, length = _generic_weights(layout, log_row, log_col, i * size, size)
+            crossing = (jnp.sum(steps * jnp.sum(q.astype(jnp.float32) * dq_blocks[i], axis=1, keepdims=True))
+                        + jnp.sum((length - steps) * jnp.sum(k.astype(jnp.float32) * dk_blocks[i], axis=1,
+                                                             keepdims=True)))
+            d_row, d_col = (d_row + crossing, d_col) if layout.variant == "2d_row" else (d_row, d_col + crossing)
+    for i, (q, d_out) in enumerate(zip(q_blocks, d_out_blocks)):  # query block i, key block j <= i
+        for j, (k, v) in enumerate(zip(k_blocks[: i + 1], v_blocks[: i + 1])):
+            decay = intra_chunk_decay(layout, log_row, log_col, i * size, size, j * size, size)
+            scores = dot(q, k, (1, 1)) * decay  # P(a, m) = D(a, m) q_a . k_m
+            d_out_v = dot(d_out, v, (1, 1))  # d_out_a . v_m
+            d_scores = (d_out_v * decay).astype(dtype)
+            dq_blocks[i] = dq_blocks[i] + dot(d_scores, k)
+            dk_blocks[j] = dk_blocks[j] + dot(d_scores, q, (0, 0))
+            dv_blocks[j] = dv_blocks[j] + dot(scores.astype(dtype), d_out, (0, 0))
+            if decays:
+                pair = scores * d_out_v  # each pair's share of the loss
+                row_factor, col_factor = _intra_exponent_factors(layout, i * size, size, j * size, size)
+                d_row, d_col = d_row + jnp.sum(row_factor * pair), d_col + jnp.sum(col_factor * pair)
+    if decays:
+        _, _, chunk_decay = generic_weights(layout, log_row, log_col)
+        length = _generic_weights(layout, log_row, log_col)[2]
+        whole_chunks = length * chunk_decay * jnp.sum(adjoint.astype(jnp.float32) * state.astype(jnp.float32))
+        d_row, d_col = (d_row + whole_chunks, d_col) if layout.variant == "2d_row" else (d_row, d_col + whole_chunks)
+    return dq_blocks, dk_blocks, dv_blocks, d_row, d_col
+
+
+USES_DECAY_GENERIC = {"1d": True, "2d_row": True, "none": False}
 
 
 def column_smoothing(width: int, log_col):

@@ -53,7 +53,7 @@ def _state_pass_kernel(decay_ref, k_ref, v_ref, states_ref, *, layout: ChunkLayo
 
     def chunk(index, state):
         slots = pl.ds(pl.multiple_of(index * t, t), t)
-        states_ref[pl.ds(pl.multiple_of(index * d, d), d), :] = state
+        states_ref[pl.ds(pl.multiple_of(index * d, d), d), :] = state.astype(states_ref.dtype)
         return pallas_chunk.generic_next_state(layout, k_ref[slots, :], v_ref[slots, :], state, log_row, log_col)
 
     jax.lax.fori_loop(0, layout.num_chunks, chunk, jnp.zeros((d, v_ref.shape[-1]), jnp.float32))
@@ -66,27 +66,84 @@ def _output_pass_kernel(decay_ref, q_ref, k_ref, v_ref, state_ref, out_ref, *, l
     out_ref[...] = pallas_chunk.generic_output(layout, chunk, state_ref[...], log_row, log_col).astype(out_ref.dtype)
 
 
+def _adjoint_pass_kernel(decay_ref, q_ref, d_out_ref, adjoints_ref, *, layout: ChunkLayout):
+    """The chunk backward's reverse pass: dL/d(state at the start of chunk c + 1) for every chunk c,
+    walking the chunks from the last (pallas_chunk.generic_previous_adjoint)."""
+    log_row, log_col = decay_ref[0], decay_ref[1]
+    t, d, last = layout.chunk_tokens, q_ref.shape[-1], layout.num_chunks - 1
+
+    def chunk(step, adjoint):
+        index = last - step
+        slots = pl.ds(pl.multiple_of(index * t, t), t)
+        adjoints_ref[pl.ds(pl.multiple_of(index * d, d), d), :] = adjoint.astype(adjoints_ref.dtype)
+        return pallas_chunk.generic_previous_adjoint(layout, q_ref[slots, :], d_out_ref[slots, :], adjoint, log_row,
+                                                     log_col)
+
+    jax.lax.fori_loop(0, layout.num_chunks, chunk, jnp.zeros((d, d_out_ref.shape[-1]), jnp.float32))
+
+
+def _both_passes_kernel(decay_ref, k_ref, v_ref, q_ref, d_out_ref, out_ref, *, layout: ChunkLayout):
+    """The states (program axis 0 = 0) or the adjoints (= 1): the two sequential passes of the chunk
+    backward in one launch, so that they run side by side."""
+    which = pl.program_id(0)
+
+    @pl.when(which == 0)
+    def _():
+        _state_pass_kernel(decay_ref, k_ref, v_ref, out_ref, layout=layout)
+
+    @pl.when(which == 1)
+    def _():
+        _adjoint_pass_kernel(decay_ref, q_ref, d_out_ref, out_ref, layout=layout)
+
+
+def chunk_states(k, v, decays, *, layout, block, interpret):
+    """Every chunk's starting state, [B, H, C * d, dv] (chunk c in rows c*d ... c*d + d), carried in
+    float32 and stored in the inputs' dtype: the output pass only uses it as a matmul input."""
+    batch, length, heads, d = k.shape
+    dv = v.shape[-1]
+    dv_block = min(block.dv_block, dv)
+    return pl.pallas_call(
+        functools.partial(_state_pass_kernel, layout=layout),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, layout.num_chunks * d, dv), k.dtype),
+        grid=(batch, heads, dv // dv_block),
+        in_specs=[
+            pl.BlockSpec((None, 2), lambda b, h, j: (h, 0)),
+            pl.BlockSpec((None, length, None, d), lambda b, h, j: (b, 0, h, 0)),
+            pl.BlockSpec((None, length, None, dv_block), lambda b, h, j: (b, 0, h, j)),
+        ],
+        out_specs=pl.BlockSpec((None, None, layout.num_chunks * d, dv_block), lambda b, h, j: (b, h, 0, j)),
+        compiler_params=pltriton.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages),
+        interpret=interpret,
+        name=f"lasad_{layout.variant}_states",
+    )(decays, k, v)
+
+
+def states_and_adjoints(q, k, v, d_out, decays, *, layout, block, interpret):
+    """[2, B, H, C * d, dv]: every chunk's starting state ([0]) and dL/d(state at the start of the
+    next chunk) ([1]), from one launch of both sequential passes; carried in float32, stored in the
+    inputs' dtype (the gradient kernel uses them as matmul inputs)."""
+    batch, length, heads, d = k.shape
+    dv = v.shape[-1]
+    dv_block = min(block.dv_block, dv)
+    key_spec = pl.BlockSpec((None, length, None, d), lambda i, b, h, j: (b, 0, h, 0))
+    value_spec = pl.BlockSpec((None, length, None, dv_block), lambda i, b, h, j: (b, 0, h, j))
+    return pl.pallas_call(
+        functools.partial(_both_passes_kernel, layout=layout),
+        out_shape=jax.ShapeDtypeStruct((2, batch, heads, layout.num_chunks * d, dv), k.dtype),
+        grid=(2, batch, heads, dv // dv_block),
+        in_specs=[pl.BlockSpec((None, 2), lambda i, b, h, j: (h, 0)), key_spec, value_spec, key_spec, value_spec],
+        out_specs=pl.BlockSpec((None, None, None, layout.num_chunks * d, dv_block), lambda i, b, h, j: (i, b, h, 0, j)),
+        compiler_params=pltriton.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages),
+        interpret=interpret,
+        name=f"lasad_{layout.variant}_states_adjoints",
+    )(decays, k, v, q, d_out)
+
+
 def _two_pass(q, k, v, decays, *, layout, block, out_dtype, interpret, poison):
     batch, length, heads, d = q.shape
     dv = v.shape[-1]
     t, chunks = layout.chunk_tokens, layout.num_chunks
-    params = pltriton.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages)
-    decay_spec = pl.BlockSpec((None, 2), lambda *ids: (ids[1], 0))
-    dv_block = min(block.dv_block, dv)
-    states = pl.pallas_call(
-        functools.partial(_state_pass_kernel, layout=layout),
-        out_shape=jax.ShapeDtypeStruct((batch, heads, chunks * d, dv), jnp.float32),
-        grid=(batch, heads, dv // dv_block),
-        in_specs=[
-            decay_spec,
-            pl.BlockSpec((None, length, None, d), lambda b, h, j: (b, 0, h, 0)),
-            pl.BlockSpec((None, length, None, dv_block), lambda b, h, j: (b, 0, h, j)),
-        ],
-        out_specs=pl.BlockSpec((None, None, chunks * d, dv_block), lambda b, h, j: (b, h, 0, j)),
-        compiler_params=params,
-        interpret=interpret,
-        name=f"lasad_{layout.variant}_states",
-    )(decays, k, v)
+    states = chunk_states(k, v, decays, layout=layout, block=block, interpret=interpret)
     out_block = min(64, dv)  # the whole value dim: the chunks already give the parallelism
     chunk_spec = lambda width: pl.BlockSpec((None, t, None, width), lambda b, h, c, j: (b, c, h, 0))
     value_spec = pl.BlockSpec((None, t, None, out_block), lambda b, h, c, j: (b, c, h, j))
@@ -96,12 +153,60 @@ def _two_pass(q, k, v, decays, *, layout, block, out_dtype, interpret, poison):
         out_spec=value_spec,
         poison=poison,
         grid=(batch, heads, chunks, dv // out_block),
-        in_specs=[decay_spec, chunk_spec(d), chunk_spec(d), value_spec,
+        in_specs=[pl.BlockSpec((None, 2), lambda b, h, c, j: (h, 0)), chunk_spec(d), chunk_spec(d), value_spec,
                   pl.BlockSpec((None, None, d, out_block), lambda b, h, c, j: (b, h, c, j))],
-        compiler_params=params,
+        compiler_params=pltriton.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages),
         interpret=interpret,
         name=f"lasad_{layout.variant}_chunks",
     )
+
+
+def _gradient_kernel(decay_ref, q_ref, k_ref, v_ref, d_out_ref, state_ref, adjoint_ref,
+                     dq_ref, dk_ref, dv_ref, d_decay_ref, *, layout: ChunkLayout, sub_block: int):
+    """One chunk's gradients from its inputs, starting state and adjoint (chunks in parallel),
+    formed per sub-block of `sub_block` slots."""
+    log_row, log_col = decay_ref[0], decay_ref[1]
+    blocks = [pl.ds(i * sub_block, sub_block) for i in range(layout.chunk_tokens // sub_block)]
+    chunk = tuple([ref[block, :] for block in blocks] for ref in (q_ref, k_ref, v_ref, d_out_ref))
+    dq, dk, dv, d_row, d_col = pallas_chunk.generic_gradients(
+        layout, chunk, state_ref[...], adjoint_ref[...], log_row, log_col)
+    for block, dq_block, dk_block, dv_block in zip(blocks, dq, dk, dv):
+        dq_ref[block, :] = dq_block.astype(dq_ref.dtype)
+        dk_ref[block, :] = dk_block.astype(dk_ref.dtype)
+        dv_ref[block, :] = dv_block.astype(dv_ref.dtype)
+    d_decay_ref[...] = pallas_chunk.pair_vector(d_row, d_col, d_decay_ref.shape)
+
+
+def chunk_gradients(q, k, v, d_out, decays, *, layout, block, interpret, poison=False):
+    """The generic kernel's backward (`1d`, `none`, `2d_row`) on packed inputs q, k [B, L, H, d],
+    v, d_out [B, L, H, dv]: a forward pass for the chunk states, a reverse pass for their adjoints,
+    then every chunk's gradients in parallel (the two passes share one launch). Returns (dq, dk, dv) in q.dtype and the log-decay
+    gradients [H, 2] float32 (row, column). Nothing of size N x d x dv beyond one d x dv matrix per
+    chunk (two passes' worth) goes to HBM."""
+    batch, length, heads, d = q.shape
+    dv = v.shape[-1]
+    t, chunks = layout.chunk_tokens, layout.num_chunks
+    states, adjoints = states_and_adjoints(q, k, v, d_out, decays, layout=layout, block=block, interpret=interpret)
+    num_warps = block.num_warps_gradients or block.num_warps
+    chunk_spec = lambda width: pl.BlockSpec((None, t, None, width), lambda b, h, c: (b, c, h, 0))
+    matrix_spec = pl.BlockSpec((None, None, d, dv), lambda b, h, c: (b, h, c, 0))
+    shapes = [jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v)]
+    shapes.append(jax.ShapeDtypeStruct((batch, heads, chunks, 2), jnp.float32))
+    specs = [chunk_spec(d), chunk_spec(d), chunk_spec(dv), pl.BlockSpec((None, None, None, 2), lambda b, h, c: (b, h, c, 0))]
+    dq, dk, d_v, d_decays = call_with_poison(
+        functools.partial(_gradient_kernel, layout=layout, sub_block=min(t, block.gradient_block)),
+        (decays, q, k, v, d_out, states, adjoints),
+        out_shape=shapes,
+        out_spec=specs,
+        poison=poison,
+        grid=(batch, heads, chunks),
+        in_specs=[pl.BlockSpec((None, 2), lambda b, h, c: (h, 0)), chunk_spec(d), chunk_spec(d), chunk_spec(dv),
+                  chunk_spec(dv), matrix_spec, matrix_spec],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=block.num_stages),
+        interpret=interpret,
+        name=f"lasad_{layout.variant}_gradients",
+    )
+    return dq, dk, d_v, jnp.sum(d_decays, axis=(0, 2))
 
 
 def tiles_2d(layout: ChunkLayout, block: BlockSizes, d: int, dv: int) -> tuple[int, int, int]:
@@ -123,17 +228,21 @@ def tiles_2d(layout: ChunkLayout, block: BlockSizes, d: int, dv: int) -> tuple[i
 
 
 def call_with_poison(kernel, inputs, *, out_shape, out_spec, poison: bool, **kwargs):
-    """pallas_call; with poison=True the output buffer starts as NaN (aliased in), so an element
-    the kernel fails to write shows up as NaN (the full-size GPU checks use this)."""
+    """pallas_call; with poison=True every output buffer starts as NaN (aliased in), so an element
+    the kernel fails to write shows up as NaN (the full-size GPU checks use this). out_shape and
+    out_spec: one output, or lists of several."""
     in_specs = kwargs.pop("in_specs")
     if not poison:
         return pl.pallas_call(kernel, out_shape=out_shape, in_specs=in_specs, out_specs=out_spec, **kwargs)(*inputs)
-    poisoned = jnp.full(out_shape.shape, jnp.nan, out_shape.dtype)
-    skip_alias = lambda *refs: kernel(*refs[: len(inputs)], *refs[len(inputs) + 1 :])
+    several = isinstance(out_shape, (list, tuple))
+    shapes, specs = (list(out_shape), list(out_spec)) if several else ([out_shape], [out_spec])
+    poisoned = [jnp.full(shape.shape, jnp.nan, shape.dtype) for shape in shapes]
+    count = len(inputs)
+    skip_alias = lambda *refs: kernel(*refs[:count], *refs[count + len(shapes):])
     return pl.pallas_call(
-        skip_alias, out_shape=out_shape, in_specs=[*in_specs, out_spec], out_specs=out_spec,
-        input_output_aliases={len(inputs): 0}, **kwargs,
-    )(*inputs, poisoned)
+        skip_alias, out_shape=out_shape, in_specs=[*in_specs, *specs], out_specs=out_spec,
+        input_output_aliases={count + i: i for i in range(len(shapes))}, **kwargs,
+    )(*inputs, *poisoned)
 
 
 def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, out_dtype, interpret: bool,
