@@ -100,7 +100,7 @@ AUTO_EXPECTED = {
     "gpu": {
         "2d": {1: "pallas_parallel", 256: "pallas_parallel", 576: "pallas_parallel", 4096: "pallas_parallel",
                16384: "pallas_parallel", 16385: "chunked"},
-        **{variant: {1: "pallas_parallel", 256: "pallas_parallel", 257: "pallas", 576: "pallas", 16384: "pallas"}
+        **{variant: {1: "pallas", 256: "pallas", 576: "pallas", 16384: "pallas", 65536: "pallas"}
            for variant in ("1d", "2d_row", "none")},
     },
     "tpu": {variant: {1: "chunked", 256: "chunked", 4096: "chunked", 16384: "chunked"} for variant in lasad.VARIANTS},

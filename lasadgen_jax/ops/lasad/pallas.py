@@ -3,7 +3,13 @@
 The kernels themselves are in pallas_gpu.py (Triton) and pallas_tpu.py (Mosaic TPU); both compute
 the cell part of LASAD (no prefix) with the arithmetic of pallas_chunk.py. This module packs the
 inputs into chunks, pads head dims to what the backend tiles (powers of two >= 16 on GPU,
-multiples of 128 lanes on TPU), and wires the backward pass with `jax.custom_vjp`:
+multiples of 128 lanes on TPU), and wires the backward pass with `jax.custom_vjp`.
+
+`1d`, `2d_row`, `none` (BlockSizes.backward_generic="chunks", the default): the chunk backward,
+`chunk_backward` below: every chunk's starting state and its adjoint (two sequential passes),
+then every chunk's dq, dk, dv and share of the decay gradients in parallel (docs/lasad.md §6).
+
+`2d` (and backward_generic="refwd"): re-running the forward kernel,
 
     dq = forward(q=do, k=v, v=k)
     dk = flip(forward(q=flip v,  k=flip do, v=flip q))

@@ -2,8 +2,10 @@
 
 One program per (batch, head, value tile) walks its chunks in order inside the kernel, the state
 carried by the loop (registers), so no state ever goes to HBM. For long sequences the generic
-kernel instead runs two passes (`_two_pass`): chunk starting states (d x dv floats per chunk, in
-HBM), then every chunk in parallel. Inputs stay in the op's layout
+kernel instead runs two passes (`_two_pass`): chunk starting states (d x dv per chunk, in HBM),
+then every chunk in parallel. The generic kernel's backward (`chunk_gradients`) runs the state
+pass and the reverse adjoint pass in one launch, then every chunk's gradients in parallel.
+Inputs stay in the op's layout
 [batch, seq, heads, dim]: block specs squeeze batch and heads and the kernel loads strided
 [chunk, dim] tiles, so no transposes are needed around the call.
 
