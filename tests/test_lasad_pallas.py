@@ -22,7 +22,7 @@ import pytest
 from helpers import Case, make_inputs, rel_error
 from lasadgen_jax.ops import lasad
 from lasadgen_jax.ops.lasad import (BlockSizes, ParallelBlocks, lasad_attention, lasad_attention_pallas,
-                                    lasad_attention_parallel)
+                                    lasad_attention_parallel, pallas_mgpu)
 
 BACKENDS = ("gpu", "tpu")
 CASES = {
@@ -432,3 +432,29 @@ def test_2d_column_states_over_budget_raise():
     with pytest.raises(ValueError, match="on-chip budget"):
         lasad_attention_pallas(**make_inputs(case, seed=0), grid=case.grid, variant="2d", backend="gpu",
                                interpret=True, block_sizes=too_big)
+
+
+# ----------------------------------------------------------------------------- Mosaic GPU forward (unfinished)
+
+
+@pytest.mark.parametrize("variant, grid, d", [("1d", (3, 40), 64), ("2d_row", (6, 16), 48), ("none", (2, 64), 64)])
+def test_mosaic_gpu_forward_lowers(variant, grid, d):
+    """pallas_mgpu.forward passes Pallas's Mosaic GPU lowering (jax.export for CUDA on the CPU).
+    Its numerics need a GPU (benchmarks/mosaic_gpu.py); see the module docstring."""
+    case = Case(f"grid{grid}", batch=1, grid=grid, heads=2, d=d, dv=d, prefix=0)
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
+    forward = jax.jit(functools.partial(pallas_mgpu.forward, grid=grid, variant=variant))
+    module = jax.export.export(forward, platforms=["cuda"])(**inputs).mlir_module()
+    assert "mosaic_gpu" in module
+
+
+@pytest.mark.parametrize("variant, grid, dtype, error", [
+    ("2d", (4, 16), jnp.bfloat16, "covers the variants"),
+    ("1d", (4, 16), jnp.float32, "bf16 or fp16"),
+    ("2d_row", (2, 128), jnp.bfloat16, "64-slot chunks"),
+])
+def test_mosaic_gpu_forward_rejects_what_it_does_not_cover(variant, grid, dtype, error):
+    case = Case("reject", batch=1, grid=grid, heads=1, d=64, dv=64, prefix=0)
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=dtype).items() if x is not None}
+    with pytest.raises((ValueError, TypeError), match=error):
+        pallas_mgpu.forward(**inputs, grid=grid, variant=variant)
