@@ -34,7 +34,7 @@ BACKWARDS_GENERIC = ("chunks", "refwd")
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes of the kernels; every field but num_stages a power of two, checked on construction.
+    """Tile sizes of the kernels; every field but the stage counts a power of two, checked on construction.
 
     block_tokens: target tokens per chunk of the generic kernel (`2d_row` rounds to whole rows).
     dv_block: value columns per program of the generic kernel (the state is d x dv_block).
@@ -42,8 +42,9 @@ class BlockSizes:
     d_block_2d, dv_block_2d: the `2d` kernel's tile of each column state (wp x d_block x dv_block
       floats stay on chip); key-dim tiles give partial outputs that are summed afterwards.
       d_block_2d = 0: the largest tile whose states fit `STATE_FLOATS_2D` (at least 16).
-    num_warps, num_stages: Triton launch parameters (GPU only); num_warps_2d for the `2d` kernel
-      (0: 4 warps while its states fit STATE_FLOATS_2D, else 8); num_warps_gradients for the chunk
+    num_warps, num_stages: Triton launch parameters (GPU only); num_warps_2d, num_stages_2d for the
+      `2d` kernel and its sweep backward (1 stage: the setting its timings were taken with);
+      num_warps_2d (0: 4 warps while its states fit STATE_FLOATS_2D, else 8); num_warps_gradients for the chunk
       backward's per-chunk kernel (0: num_warps)
     gradient_block: the GPU chunk backward forms its within-chunk products per pair of sub-blocks
       of this many slots (T x T float32 tiles spill registers above 64).
@@ -69,6 +70,7 @@ class BlockSizes:
     num_warps_gradients: int = 0
     gradient_block: int = 64
     num_stages: int = 3
+    num_stages_2d: int = 1
     parallel_chunks: int = 128
     backward_2d: str = "refwd"
     backward_generic: str = "chunks"
@@ -83,9 +85,9 @@ class BlockSizes:
             if field.name in ("backward_2d", "backward_generic"):
                 continue
             value = getattr(self, field.name)
-            if field.name == "num_stages":  # any count of pipeline stages
+            if field.name in ("num_stages", "num_stages_2d"):  # any count of pipeline stages
                 if not isinstance(value, int) or value < 1:
-                    raise ValueError(f"BlockSizes.num_stages must be an int >= 1, got {value!r}")
+                    raise ValueError(f"BlockSizes.{field.name} must be an int >= 1, got {value!r}")
                 continue
             auto = field.name in ("d_block_2d", "num_warps_2d", "num_warps_gradients") and value == 0
             if not isinstance(value, int) or (not auto and (value < 1 or value & (value - 1))):

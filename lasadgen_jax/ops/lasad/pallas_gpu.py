@@ -278,7 +278,7 @@ def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, o
         )
 
     d_block, dv_block, num_warps = tiles_2d(layout, block, d, dv)
-    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=block.num_stages)
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=block.num_stages_2d)
     key_tiles = d // d_block
     key_spec = pl.BlockSpec((None, length, None, d_block), lambda b, h, j, i: (b, 0, h, i))
     value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j, i: (b, 0, h, j))

@@ -143,7 +143,7 @@ def key_gradients(q, k, v, d_out, decays, *, layout: ChunkLayout, block: BlockSi
         grid=(batch, heads, value_tiles, key_tiles),
         in_specs=[pl.BlockSpec((None, 2), lambda *ids: (ids[1], 0)), key_spec, key_spec, value_spec, value_spec],
         out_specs=(key_out, key_out, value_out),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=block.num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=block.num_stages_2d),
         interpret=interpret,
         name="lasad_2d_sweep_backward",
     )(decays, q, k, v, d_out)
