@@ -181,10 +181,10 @@ def _gradient_kernel(decay_ref, q_ref, k_ref, v_ref, d_out_ref, state_ref, adjoi
 
 def chunk_gradients(q, k, v, d_out, decays, *, layout, block, interpret, poison=False):
     """The generic kernel's backward (`1d`, `none`, `2d_row`) on packed inputs q, k [B, L, H, d],
-    v, d_out [B, L, H, dv]: a forward pass for the chunk states, a reverse pass for their adjoints,
-    then every chunk's gradients in parallel (the two passes share one launch). Returns (dq, dk, dv) in q.dtype and the log-decay
-    gradients [H, 2] float32 (row, column). Nothing of size N x d x dv beyond one d x dv matrix per
-    chunk (two passes' worth) goes to HBM."""
+    v, d_out [B, L, H, dv]: a forward pass for the chunk states, a reverse pass for their adjoints
+    (the two in one launch), then every chunk's gradients in parallel. Returns (dq, dk, dv) in
+    q.dtype and the log-decay gradients [H, 2] float32 (row, column). Of size N x d x dv nothing
+    goes to HBM beyond one d x dv matrix per chunk and pass."""
     batch, length, heads, d = q.shape
     dv = v.shape[-1]
     t, chunks = layout.chunk_tokens, layout.num_chunks
@@ -194,7 +194,8 @@ def chunk_gradients(q, k, v, d_out, decays, *, layout, block, interpret, poison=
     matrix_spec = pl.BlockSpec((None, None, d, dv), lambda b, h, c: (b, h, c, 0))
     shapes = [jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v)]
     shapes.append(jax.ShapeDtypeStruct((batch, heads, chunks, 2), jnp.float32))
-    specs = [chunk_spec(d), chunk_spec(d), chunk_spec(dv), pl.BlockSpec((None, None, None, 2), lambda b, h, c: (b, h, c, 0))]
+    decay_share_spec = pl.BlockSpec((None, None, None, 2), lambda b, h, c: (b, h, c, 0))
+    specs = [chunk_spec(d), chunk_spec(d), chunk_spec(dv), decay_share_spec]
     dq, dk, d_v, d_decays = call_with_poison(
         functools.partial(_gradient_kernel, layout=layout, sub_block=min(t, block.gradient_block)),
         (decays, q, k, v, d_out, states, adjoints),

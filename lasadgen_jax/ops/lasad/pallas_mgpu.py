@@ -120,19 +120,26 @@ def _transforms(dtype):
     return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
 
 
+def unsupported(grid, variant: str, dtype) -> str:
+    """Why the kernel cannot take this grid, variant and input dtype ('' if it can)."""
+    if variant not in VARIANTS:
+        return f"the Mosaic GPU kernel covers the variants {VARIANTS}, got {variant!r}"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return f"the Mosaic GPU kernel takes bf16 or fp16 inputs (wgmma), got {jnp.dtype(dtype)}"
+    chunk_tokens = ChunkLayout.make(grid, variant, CHUNK).chunk_tokens
+    if chunk_tokens != CHUNK:
+        return (f"the Mosaic GPU kernel needs {CHUNK}-slot chunks; grid {tuple(grid)} with variant {variant!r} gives "
+                f"{chunk_tokens} (rows wider than {CHUNK}, or fewer than {CHUNK} tokens)")
+    return ""
+
+
 def forward(q, k, v, log_decay_row, log_decay_col, *, grid, variant: str, max_concurrent_steps: int = 2):
     """The cell output [B, N, H, dv] for q, k [B, N, H, d], v [B, N, H, dv] (bf16 or fp16; no
     prefix) on a Hopper GPU. Forward only."""
-    if variant not in VARIANTS:
-        raise ValueError(f"the Mosaic GPU kernel covers the variants {VARIANTS}, got {variant!r}")
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise TypeError(f"the Mosaic GPU kernel takes bf16 or fp16 inputs (wgmma), got {q.dtype}")
+    reason = unsupported(grid, variant, q.dtype)
+    if reason:
+        raise ValueError(reason)
     layout = ChunkLayout.make(grid, variant, CHUNK)
-    if layout.chunk_tokens != CHUNK:
-        raise ValueError(
-            f"the Mosaic GPU kernel needs {CHUNK}-slot chunks; grid {grid} with variant {variant!r} gives "
-            f"{layout.chunk_tokens} (rows wider than {CHUNK}, or fewer than {CHUNK} tokens)"
-        )
     d, dv = q.shape[-1], v.shape[-1]
     d_pad, dv_pad = (-(-size // DIM_MULTIPLE) * DIM_MULTIPLE for size in (d, dv))
     pad = lambda x, size: jnp.pad(layout.pack(x), ((0, 0),) * 3 + ((0, size - x.shape[-1]),))
