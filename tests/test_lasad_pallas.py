@@ -80,7 +80,7 @@ def check_forward(case, variant, backend, dtype, tolerance, block=BlockSizes()):
     assert error < tolerance, f"forward: relative error {error:.2e} >= {tolerance}"
 
 
-def check_grads(case, variant, backend, dtype, tolerance, block=BlockSizes()):
+def check_grads(case, variant, backend, dtype, tolerance, block=BlockSizes(), log_decay_range=(-1.0, -0.05)):
     """Every gradient against the reference's, norm-wise relative error < tolerance.
 
     Except in bf16 for the log decays: each is one sum over all pairs (a, m) of terms of both signs,
@@ -89,7 +89,7 @@ def check_grads(case, variant, backend, dtype, tolerance, block=BlockSizes()):
     replaced by its absolute value, an upper bound of the sum of the terms' magnitudes.
     """
     seed = seed_of("grads", case, variant, backend, dtype)
-    inputs = make_inputs(case, seed=seed, dtype=dtype)
+    inputs = make_inputs(case, seed=seed, dtype=dtype, log_decay_range=log_decay_range)
     cotangent = jax.random.normal(jax.random.PRNGKey(seed + 1), inputs["v"].shape).astype(dtype)
     expected = jitted_grads(case.grid, variant, "reference")(inputs, cotangent)
     actual = jitted_grads(case.grid, variant, backend, block)(inputs, cotangent)
@@ -179,20 +179,30 @@ def test_gradients_odd_head_dims():
 
 # ----------------------------------------------------------------------------- the generic chunk backward
 
+# Decays weak enough that pairs several chunks apart still count, so each term of the decay
+# gradients (within a chunk, to the chunk edges, whole chunks of state decay) shows in the result.
+WEAK_DECAYS = (-0.08, -0.01)
+
 
 def test_chunk_backward_sub_blocks_and_many_chunks():
     """The GPU gradient kernel forms its within-chunk products per pair of sub-blocks (here 2 of 16
     slots per 32-slot chunk); the log-decay gradients sum every chunk's share (8 and 5 chunks)."""
     block = BlockSizes(block_tokens=32, dv_block=16, gradient_block=16)
     check_grads(Case("grid5x48_prefix2", batch=1, grid=(5, 48), heads=2, d=16, dv=24, prefix=2), "1d", "gpu",
-                jnp.float32, 1e-4, block=block)
+                jnp.float32, 1e-4, block=block, log_decay_range=WEAK_DECAYS)
     check_grads(Case("grid5x16_d20", batch=2, grid=(5, 16), heads=2, d=20, dv=16, prefix=0), "2d_row", "gpu",
-                jnp.float32, 1e-4, block=block)
+                jnp.float32, 1e-4, block=block, log_decay_range=WEAK_DECAYS)
+
+
+def test_chunk_backward_bfloat16_many_chunks():
+    """bf16 inputs over 16 chunks: the decay gradients add every chunk's share in float32."""
+    check_grads(Case("grid4x64_prefix1", batch=2, grid=(4, 64), heads=2, d=16, dv=16, prefix=1), "1d", "gpu",
+                jnp.bfloat16, 2e-2, block=BlockSizes(block_tokens=16), log_decay_range=WEAK_DECAYS)
 
 
 def test_chunk_backward_tpu_body_1d_many_chunks():
     check_grads(Case("grid4x40_prefix1", batch=1, grid=(4, 40), heads=2, d=16, dv=16, prefix=1), "1d", "tpu",
-                jnp.float32, 1e-4, block=BlockSizes(block_tokens=16))
+                jnp.float32, 1e-4, block=BlockSizes(block_tokens=16), log_decay_range=WEAK_DECAYS)
 
 
 def test_refwd_backward_of_the_generic_kernel():
