@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lasadgen_jax.ops import lasad
+from lasadgen_jax.ops.lasad import autodiff, chunked
 
 IMPLS = ("reference", "recurrent", "scan", "chunked", "parallel")
 
@@ -151,6 +152,28 @@ def benchmark(variants, impls, sides, batch, tokens, heads, d, dtype, repeats):
                       f"{fwd / base_fwd:.1f} | {both / base_both:.1f} | {fwd_mem:.0f} | {both_mem:.0f} |", flush=True)
 
 
+def compare_chunked_backwards(variants, sides, batch, tokens, heads, d, dtype, repeats):
+    """`chunked` with its chunk backward against the same forward with the recomputation backward
+    (autodiff.py), on the cell part (no prefix): forward+backward ms of each."""
+    print()
+    print("`chunked`, forward+backward: chunk backward (the default) vs recomputation (no prefix)")
+    print("| variant | grid | N | batch | chunk backward ms | recompute backward ms | recompute / chunk |")
+    print("|---|---|---|---|---|---|---|")
+    chunk = chunked.chunked_with_vjp()
+    recompute = autodiff.with_recompute_vjp(chunked.chunked_cells)
+    for variant in variants:
+        for side in sides:
+            grid, rows = (side, side), max(1, tokens // (side * side)) if tokens else batch
+            inputs = {name: x for name, x in random_inputs(rows, grid, heads, d, 0, dtype).items() if x is not None}
+            times = []
+            for cells in (chunk, recompute):
+                forward = lambda x, cells=cells, grid=grid, variant=variant: cells(
+                    x["q"], x["k"], x["v"], x["log_decay_row"], x["log_decay_col"], grid, variant)
+                times.append(measure(forward, inputs, repeats)[1])
+            print(f"| {variant} | {side}x{side} | {side * side} | {rows} | {times[0]:.2f} | {times[1]:.2f} | "
+                  f"{times[1] / times[0]:.2f} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="2d", help="comma-separated LASAD variants to benchmark")
@@ -163,6 +186,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-check", action="store_true", help="skip the self-check")
+    parser.add_argument("--compare-chunked-backward", action="store_true",
+                        help="also time `chunked` with its chunk backward against the recomputation backward")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     impls = args.impls.split(",")
@@ -179,6 +204,9 @@ def main(argv=None):
         print("Self-check FAILED: an algorithm disagrees with the reference.", file=sys.stderr)
         return 1
     benchmark(variants, impls, sides, args.batch, args.tokens, args.heads, args.dim, jnp.dtype(args.dtype), args.repeats)
+    if args.compare_chunked_backward:
+        compare_chunked_backwards(variants, sides, args.batch, args.tokens, args.heads, args.dim, jnp.dtype(args.dtype),
+                                  args.repeats)
     return 0
 
 

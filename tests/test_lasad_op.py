@@ -43,8 +43,8 @@ def jitted_grads(grid, variant, impl):
     return jax.jit(jax.grad(loss))
 
 
-def check_grads(case, variant, impl, dtype, tolerance, seed):
-    inputs = make_inputs(case, seed=seed, dtype=dtype)
+def check_grads(case, variant, impl, dtype, tolerance, seed, log_decay_range=(-1.0, -0.05)):
+    inputs = make_inputs(case, seed=seed, dtype=dtype, log_decay_range=log_decay_range)
     cotangent = jax.random.normal(jax.random.PRNGKey(seed + 1000), inputs["v"].shape).astype(dtype)
     expected = jitted_grads(case.grid, variant, "reference")(inputs, cotangent)
     actual = jitted_grads(case.grid, variant, impl)(inputs, cotangent)
@@ -162,6 +162,30 @@ def test_gradients_bfloat16_match_reference(variant, impl):
 @pytest.mark.parametrize("variant", lasad.VARIANTS)
 def test_gradients_on_a_larger_grid(variant):
     check_grads(CASE_BY_NAME["grid12x20_batch1"], variant, "chunked", jnp.float32, tolerance=1e-5, seed=11)
+
+
+@pytest.mark.parametrize("variant", ["1d", "2d_row", "none"])
+def test_chunked_chunk_backward_over_many_chunks(variant):
+    """`chunked`'s chunk backward over 5-8 chunks of 64 slots, decays weak enough that pairs several
+    chunks apart count in every gradient."""
+    case = Case("grid8x60_prefix1", batch=1, grid=(8, 60), heads=2, d=8, dv=8, prefix=1)
+    check_grads(case, variant, "chunked", jnp.float32, tolerance=1e-5, seed=17, log_decay_range=(-0.08, -0.01))
+
+
+def test_chunked_backward_keeps_float64():
+    """float64 inputs take the recomputation backward (the chunk backward's arithmetic is float32)
+    and keep their dtype. `chunked` itself is float32-accurate in float64 (its forward is ~4e-8 off
+    the reference here), so the bound is float32's."""
+    case = Case("grid4x30", batch=1, grid=(4, 30), heads=2, d=4, dv=4, prefix=0)
+    with jax.enable_x64(True):
+        inputs = make_inputs(case, seed=19, dtype=jnp.float64)
+        inputs = {name: None if x is None else x.astype(jnp.float64) for name, x in inputs.items()}
+        cotangent = jax.random.normal(jax.random.PRNGKey(20), inputs["v"].shape, jnp.float64)
+        grads = {impl: jax.grad(lambda x, impl=impl: jnp.sum(cotangent * lasad.lasad_attention(
+            **x, grid=case.grid, variant="1d", impl=impl)))(inputs) for impl in ("reference", "chunked")}
+        for name in ("q", "k", "v", "log_decay_col"):
+            assert grads["chunked"][name].dtype == jnp.float64
+            assert rel_error(grads["chunked"][name], grads["reference"][name]) < 1e-6, name
 
 
 # ----------------------------------------------------------------------------- chunked blocks

@@ -63,12 +63,12 @@ AUTO_IMPL = {
     **{("tpu", variant): ((None, "chunked"),) for variant in VARIANTS},
 }
 
-# The pure-XLA algorithms: by recomputation (autodiff.py), `parallel` by its own backward;
-# `reference` uses plain autodiff.
+# The pure-XLA algorithms: by recomputation (autodiff.py), `chunked` by the chunk backward (but
+# `2d`: recomputation), `parallel` by its own backward; `reference` uses plain autodiff.
 _CELL_ALGORITHMS = {
     "recurrent": autodiff.with_recompute_vjp(recurrent.recurrent_cells),
     "scan": autodiff.with_recompute_vjp(scan.scan_cells),
-    "chunked": autodiff.with_recompute_vjp(chunked.chunked_cells),
+    "chunked": chunked.chunked_with_vjp(),
     "parallel": parallel.parallel_cells,  # its own custom_vjp (parallel.py)
 }
 
@@ -92,7 +92,7 @@ def resolve_impl(impl: str, variant: str | None = None, backend: str | None = No
 
     Any impl but 'auto' is returned as given (the kernels raise later, on CPU). 'auto' becomes
     `auto_impl(backend, variant, tokens)`, backend defaulting to jax's default backend: on the GPU
-    a Pallas kernel (which one depends on N), `chunked` for `2d`/`none` beyond 4096 tokens; on
+    a Pallas kernel (which one depends on the variant), `chunked` for `2d` beyond 16384 tokens; on
     CPU `parallel` at short N, else `chunked`; `chunked` on TPU. Without a variant only `impl` is checked and returned unchanged
     (how callers validate a config before the variant matters); with one, tokens is required.
     """
@@ -224,4 +224,4 @@ def _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, p
 @functools.lru_cache(maxsize=None)
 def chunked_with_block_size(block_tokens: int):
     """The chunked algorithm with a chosen block size (tests and benchmarks sweep it)."""
-    return autodiff.with_recompute_vjp(functools.partial(chunked.chunked_cells, block_tokens=block_tokens))
+    return chunked.chunked_with_vjp(block_tokens)

@@ -12,14 +12,22 @@ block starting at row r0 (or token t0), a query at local row i (local token i) r
 and after the block the state moves on by R rows (T tokens): it decays by g_row^R (g^T) and takes
 the block's keys weighted by g_row^(R - i) (g^(T - i)); for `2d` each row is first smoothed
 two-sidedly along the row. States are float32; matmul inputs keep the input dtype.
+
+Gradients (`chunked_with_vjp`): for `1d`, `2d_row`, `none` the chunk backward of the Pallas
+kernels (docs/lasad.md §6) in XLA, on the same per-chunk arithmetic (pallas_chunk.py): every
+chunk's starting state by a scan, the states' adjoints by a reverse scan, then every chunk's
+gradients at once. `2d` (whose state is w column states) by recomputation (autodiff.py).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from lasadgen_jax.ops.lasad import common
+from lasadgen_jax.ops.lasad import autodiff, common, pallas_chunk
+from lasadgen_jax.ops.lasad.pallas_chunk import ChunkLayout
 
 DEFAULT_BLOCK_TOKENS = 128
 
@@ -91,3 +99,78 @@ def chunked_cells(q, k, v, log_decay_row, log_decay_col, *, grid, variant, block
     _, out = jax.lax.scan(block_step, state, (to_blocks(q), to_blocks(k), to_blocks(v)))
     out = out.transpose(1, 0, 3, 2, 4).reshape(batch, num_blocks * tokens, heads, dv)
     return out[:, :n]
+
+
+# The chunk backward's chunk length (slots; a power of two, as ChunkLayout packs).
+GRADIENT_CHUNK_TOKENS = 64
+
+
+def chunk_gradients(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, variant,
+                    block_tokens=GRADIENT_CHUNK_TOKENS):
+    """(dq, dk, dv, d log_decay_row, d log_decay_col) in float32 for `1d`, `2d_row`, `none`: the
+    states by a scan over chunks, their adjoints by a reverse scan, then every chunk's gradients
+    in parallel (vmapped pallas_chunk.generic_gradients). Keeps one d x dv state and adjoint per
+    chunk, batch element and head; d_out is the cotangent of the cell output."""
+    if variant not in pallas_chunk.USES_DECAY_GENERIC:
+        raise ValueError(f"the chunk backward covers {tuple(pallas_chunk.USES_DECAY_GENERIC)}, got {variant!r}")
+    layout = ChunkLayout.make(grid, variant, block_tokens)
+    batch, _, heads, d = q.shape
+    dv = v.shape[-1]
+    chunks, tokens = layout.num_chunks, layout.chunk_tokens
+
+    def to_chunks(x):  # [B, N, H, e] -> [C, B, H, T, e]
+        x = layout.pack(x).reshape(batch, chunks, tokens, heads, x.shape[-1])
+        return x.transpose(1, 0, 3, 2, 4)
+
+    def from_chunks(x):  # [C, B, H, T, e] -> [B, N, H, e]
+        return layout.unpack(x.transpose(1, 0, 3, 2, 4).reshape(batch, chunks * tokens, heads, x.shape[-1]))
+
+    def per_batch_and_head(fn, arrays: int):
+        """fn over [B, H] leading axes of its first `arrays` arguments; the two log decays by head."""
+        by_head = jax.vmap(fn, in_axes=(0,) * arrays + (0, 0))
+        return jax.vmap(by_head, in_axes=(0,) * arrays + (None, None))
+
+    q_c, k_c, v_c, d_out_c = map(to_chunks, (q, k, v, d_out.astype(q.dtype)))
+    next_state = per_batch_and_head(functools.partial(pallas_chunk.generic_next_state, layout), 3)
+    previous_adjoint = per_batch_and_head(functools.partial(pallas_chunk.generic_previous_adjoint, layout), 3)
+    zero = jnp.zeros((batch, heads, d, dv), jnp.float32)
+    _, states = jax.lax.scan(
+        lambda state, kv: (next_state(*kv, state, log_decay_row, log_decay_col), state), zero, (k_c, v_c))
+    _, adjoints = jax.lax.scan(
+        lambda adjoint, qg: (previous_adjoint(*qg, adjoint, log_decay_row, log_decay_col), adjoint), zero,
+        (q_c, d_out_c), reverse=True)
+
+    def one_chunk(q1, k1, v1, d_out1, state, adjoint, log_row, log_col):
+        (dq,), (dk,), (d_v,), d_row, d_col = pallas_chunk.generic_gradients(
+            layout, ([q1], [k1], [v1], [d_out1]), state, adjoint, log_row, log_col)
+        return dq, dk, d_v, d_row, d_col
+
+    every_chunk = jax.vmap(per_batch_and_head(one_chunk, 6), in_axes=(0,) * 6 + (None, None))
+    dq, dk, d_v, d_row, d_col = every_chunk(q_c, k_c, v_c, d_out_c, states, adjoints, log_decay_row, log_decay_col)
+    return from_chunks(dq), from_chunks(dk), from_chunks(d_v), jnp.sum(d_row, axis=(0, 1)), jnp.sum(d_col, axis=(0, 1))
+
+
+def chunked_with_vjp(block_tokens: int = DEFAULT_BLOCK_TOKENS):
+    """chunked_cells(q, k, v, log_decay_row, log_decay_col, grid, variant) with a custom_vjp that
+    stores only the inputs: the chunk backward for `1d`, `2d_row`, `none`, recomputation for `2d`
+    (and for float64 inputs, which the float32 chunk arithmetic would round)."""
+    forward_fn = functools.partial(chunked_cells, block_tokens=block_tokens)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+    def cells(q, k, v, log_decay_row, log_decay_col, grid, variant):
+        return forward_fn(q, k, v, log_decay_row, log_decay_col, grid=grid, variant=variant)
+
+    def forward(q, k, v, log_decay_row, log_decay_col, grid, variant):
+        return cells(q, k, v, log_decay_row, log_decay_col, grid, variant), (q, k, v, log_decay_row, log_decay_col)
+
+    def backward(grid, variant, residuals, d_out):
+        if variant == "2d" or residuals[0].dtype.itemsize > 4:  # float64: the chunk math is float32
+            return autodiff.recompute_backward(forward_fn, grid, variant, residuals, d_out)
+        q, k, v, log_decay_row, log_decay_col = residuals
+        dq, dk, d_v, d_row, d_col = chunk_gradients(q, k, v, log_decay_row, log_decay_col, d_out, grid=grid,
+                                                    variant=variant)
+        return (dq.astype(q.dtype), dk.astype(k.dtype), d_v.astype(v.dtype),
+                d_row.astype(log_decay_row.dtype), d_col.astype(log_decay_col.dtype))
+
+    cells.defvjp(forward, backward)
+    return cells
