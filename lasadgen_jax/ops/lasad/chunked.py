@@ -111,8 +111,8 @@ def chunk_gradients(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, varia
     states by a scan over chunks, their adjoints by a reverse scan, then every chunk's gradients
     in parallel (vmapped pallas_chunk.generic_gradients). Keeps one d x dv state and adjoint per
     chunk, batch element and head; d_out is the cotangent of the cell output."""
-    if variant not in pallas_chunk.USES_DECAY_GENERIC:
-        raise ValueError(f"the chunk backward covers {tuple(pallas_chunk.USES_DECAY_GENERIC)}, got {variant!r}")
+    if variant not in pallas_chunk.GENERIC_VARIANTS:
+        raise ValueError(f"the chunk backward covers {pallas_chunk.GENERIC_VARIANTS}, got {variant!r}")
     layout = ChunkLayout.make(grid, variant, block_tokens)
     batch, _, heads, d = q.shape
     dv = v.shape[-1]

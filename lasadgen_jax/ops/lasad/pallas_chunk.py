@@ -30,6 +30,7 @@ def next_power_of_two(n: int) -> int:
 
 BACKWARDS_2D = ("refwd", "sweep")
 BACKWARDS_GENERIC = ("chunks", "refwd")
+GENERIC_VARIANTS = ("1d", "2d_row", "none")  # the variants of the generic (one-state) kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +318,9 @@ def generic_gradients(layout: ChunkLayout, chunk, state, adjoint, log_row, log_c
     dtype = q_blocks[0].dtype
     size = q_blocks[0].shape[0]
     state_in, adjoint_in = state.astype(dtype), adjoint.astype(dtype)
-    decays = USES_DECAY_GENERIC[layout.variant]
+    decays = layout.variant != "none"
+    # the decay a chunk-crossing pair uses: rows for 2d_row (chunks are whole rows), tokens for 1d
+    add_crossing = lambda d_row, d_col, x: (d_row + x, d_col) if layout.variant == "2d_row" else (d_row, d_col + x)
     d_row = d_col = jnp.zeros((), jnp.float32)
     dq_blocks, dk_blocks, dv_blocks = [], [], []
     for i, (q, k, v, d_out) in enumerate(zip(q_blocks, k_blocks, v_blocks, d_out_blocks)):
@@ -330,7 +333,7 @@ def generic_gradients(layout: ChunkLayout, chunk, state, adjoint, log_row, log_c
             crossing = (jnp.sum(steps * jnp.sum(q.astype(jnp.float32) * dq_blocks[i], axis=1, keepdims=True))
                         + jnp.sum((length - steps) * jnp.sum(k.astype(jnp.float32) * dk_blocks[i], axis=1,
                                                              keepdims=True)))
-            d_row, d_col = (d_row + crossing, d_col) if layout.variant == "2d_row" else (d_row, d_col + crossing)
+            d_row, d_col = add_crossing(d_row, d_col, crossing)
     for i, (q, d_out) in enumerate(zip(q_blocks, d_out_blocks)):  # query block i, key block j <= i
         for j, (k, v) in enumerate(zip(k_blocks[: i + 1], v_blocks[: i + 1])):
             decay = intra_chunk_decay(layout, log_row, log_col, i * size, size, j * size, size)
@@ -345,14 +348,13 @@ def generic_gradients(layout: ChunkLayout, chunk, state, adjoint, log_row, log_c
                 row_factor, col_factor = _intra_exponent_factors(layout, i * size, size, j * size, size)
                 d_row, d_col = d_row + jnp.sum(row_factor * pair), d_col + jnp.sum(col_factor * pair)
     if decays:
-        _, _, chunk_decay = generic_weights(layout, log_row, log_col)
-        length = _generic_weights(layout, log_row, log_col)[2]
-        whole_chunks = length * chunk_decay * jnp.sum(adjoint.astype(jnp.float32) * state.astype(jnp.float32))
-        d_row, d_col = (d_row + whole_chunks, d_col) if layout.variant == "2d_row" else (d_row, d_col + whole_chunks)
+        log_step, _, length = _generic_weights(layout, log_row, log_col)
+        overlap = jnp.sum(adjoint.astype(jnp.float32) * state.astype(jnp.float32))
+        whole_chunks = length * jnp.exp(log_step * length) * overlap
+        d_row, d_col = add_crossing(d_row, d_col, whole_chunks)
     return dq_blocks, dk_blocks, dv_blocks, d_row, d_col
 
 
-USES_DECAY_GENERIC = {"1d": True, "2d_row": True, "none": False}
 
 
 def column_smoothing(width: int, log_col):

@@ -39,7 +39,7 @@ from lasadgen_jax.ops.lasad.pallas_chunk import ChunkLayout
 
 CHUNK = 64  # slots per chunk: the wgmma M of one warpgroup
 DIM_MULTIPLE = 64  # head dims padded to a 128-byte swizzle row of bf16
-VARIANTS = ("1d", "2d_row", "none")
+VARIANTS = pallas_chunk.GENERIC_VARIANTS
 WGMMA = plgpu.Layout.WGMMA
 
 
