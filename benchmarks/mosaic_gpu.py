@@ -1,28 +1,39 @@
-"""The Mosaic GPU forward of the generic kernel (ops/lasad/pallas_mgpu.py, unfinished) on a Hopper GPU:
-check it against `chunked`, then time it against the Triton kernel and cuDNN flash attention.
+"""The Mosaic GPU kernels of the generic kernel (ops/lasad/pallas_mgpu.py: the forward and the
+chunk backward's gradient step) on a Hopper GPU: check them against `chunked` and the Triton
+kernels, then time forward and forward+backward against the Triton kernels and cuDNN flash.
 
     python benchmarks/mosaic_gpu.py                       # N = 256 ... 16384, 1d, 2d_row, none
-    python benchmarks/mosaic_gpu.py --sizes 16,64 --variants 1d --stages 2,3
+    python benchmarks/mosaic_gpu.py --sizes 16,64 --variants 1d
 
 Shapes as benchmarks/kernels.py: square grids, batch = tokens // N, H = 16, d = dv = 64, bf16.
-Forward only (the Mosaic GPU body has no backward). A grid whose rows do not fit 64-slot chunks
-(`2d_row` at N = 16384: 128-wide rows) is reported as skipped. Exit status 1 if a check fails.
+`mosaic` is `lasad_attention_pallas(..., block_sizes=BlockSizes(gpu_lowering="mosaic"))`: the
+Mosaic GPU forward, the Triton state/adjoint passes, the Mosaic GPU gradient step; `triton` the
+default BlockSizes(). A grid whose rows do not fit 64-slot chunks (`2d_row` at N = 16384:
+128-wide rows) is reported as skipped. Exit status 1 if a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import platform
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from kernels import random_inputs, rel_error, time_ms
-from lasadgen_jax.ops import lasad
+from kernels import compiled_pair, flash, op, random_inputs, rel_error, time_ms
 from lasadgen_jax.ops.lasad import pallas_mgpu
+from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes
+
+TOLERANCE = 2e-2  # bf16, as benchmarks/kernels.py
+
+
+def worst(actual, expected):
+    """(name, relative error) of the worst leaf of two gradient dicts."""
+    errors = {name: rel_error(actual[name], expected[name]) for name in expected}
+    name = max(errors, key=errors.get)
+    return name, errors[name]
 
 
 def main(argv=None):
@@ -32,42 +43,50 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--stages", default="2", help="max_concurrent_steps values to time, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         print(f"this benchmark needs a GPU; jax's default backend is {jax.default_backend()!r}", file=sys.stderr)
         return 1
-    stages = [int(s) for s in args.stages.split(",")]
-    print(f"# Mosaic GPU LASAD forward on {jax.devices()[0].device_kind}, jax {jax.__version__}, python "
+    print(f"# Mosaic GPU LASAD kernels on {jax.devices()[0].device_kind}, jax {jax.__version__}, python "
           f"{platform.python_version()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print("| N | variant | check vs chunked | flash fwd ms | triton fwd ms | " + " | ".join(
-        f"mosaic (stages {s}) fwd ms" for s in stages) + " | triton / mosaic |")
-    print("|---|---|---|---|---|" + "---|" * len(stages) + "---|")
+    print(f"# H={args.heads}, d=dv={args.dim}, bf16, batch*N = {args.tokens}; median of {args.repeats}; "
+          "errors: relative, forward and worst gradient")
+    print("| N | variant | mosaic vs chunked: fwd, worst grad | mosaic vs triton: worst grad | flash fwd / fwd+bwd ms "
+          "| triton fwd / fwd+bwd ms | mosaic fwd / fwd+bwd ms | triton / mosaic fwd+bwd | flash / mosaic fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|")
     ok = True
     for side in (int(s) for s in args.sizes.split(",")):
         grid, n = (side, side), side * side
-        x = random_inputs(max(1, args.tokens // n), grid, args.heads, args.dim, 0, jnp.bfloat16, seed=1)
-        x = {name: value for name, value in x.items() if value is not None}
-        flash = jax.jit(lambda y: jax.nn.dot_product_attention(y["q"], y["k"], y["v"], is_causal=True,
-                                                               implementation="cudnn"))
-        flash_ms = time_ms(flash, x, args.repeats)
+        inputs = random_inputs(max(1, args.tokens // n), grid, args.heads, args.dim, 0, jnp.bfloat16, seed=1)
+        cotangent = jax.random.normal(jax.random.PRNGKey(2), inputs["v"].shape, jnp.float32).astype(jnp.bfloat16)
+        flash_fwd, flash_both, flash_args = compiled_pair(flash, inputs, cotangent)
+        flash_ms = (time_ms(flash_fwd, flash_args, args.repeats), time_ms(flash_both, flash_args, args.repeats))
         for variant in args.variants.split(","):
-            reason = pallas_mgpu.unsupported(grid, variant, x["q"].dtype)
+            reason = pallas_mgpu.unsupported(grid, variant, jnp.bfloat16, args.dim, args.dim)
             if reason:
-                print(f"| {n} | {variant} | skipped: {reason} |")
+                print(f"| {n} | {variant} | skipped: {reason} |", flush=True)
                 continue
-            mosaic = {s: jax.jit(lambda y, s=s: pallas_mgpu.forward(**y, grid=grid, variant=variant,
-                                                                    max_concurrent_steps=s)) for s in stages}
-            chunked = jax.jit(functools.partial(lasad.lasad_attention, grid=grid, variant=variant, impl="chunked"))
-            error = rel_error(mosaic[stages[0]](x), chunked(**x))
-            good = error < 2e-2
+            try:
+                runs = {label: compiled_pair(op(grid, variant, impl, block), inputs, cotangent)
+                        for label, impl, block in (("chunked", "chunked", None), ("triton", "pallas", BlockSizes()),
+                                                   ("mosaic", "pallas", BlockSizes(gpu_lowering="mosaic")))}
+                results = {label: (fwd(x), both(x)[1]) for label, (fwd, both, x) in runs.items()}
+            except Exception as failure:  # a lowering or compile error: report it, go on with the next
+                ok = False
+                print(f"| {n} | {variant} | FAILED {type(failure).__name__}: {str(failure)[:1500]!r} |", flush=True)
+                continue
+            fwd_error = rel_error(results["mosaic"][0], results["chunked"][0])
+            grad_name, grad_error = worst(results["mosaic"][1], results["chunked"][1])
+            triton_name, triton_error = worst(results["mosaic"][1], results["triton"][1])
+            good = max(fwd_error, grad_error, triton_error) < TOLERANCE
             ok &= good
-            triton = jax.jit(functools.partial(lasad.lasad_attention, grid=grid, variant=variant, impl="pallas"))
-            triton_ms = time_ms(lambda y: triton(**y), x, args.repeats)
-            mosaic_ms = [time_ms(mosaic[s], x, args.repeats) for s in stages]
-            print(f"| {n} | {variant} | {error:.1e} {'ok' if good else 'FAILED'} | {flash_ms:.3f} | {triton_ms:.3f} | "
-                  + " | ".join(f"{ms:.3f}" for ms in mosaic_ms) + f" | {triton_ms / min(mosaic_ms):.2f} |", flush=True)
+            ms = {label: (time_ms(fwd, x, args.repeats), time_ms(both, x, args.repeats))
+                  for label, (fwd, both, x) in runs.items() if label != "chunked"}
+            print(f"| {n} | {variant} | {fwd_error:.1e}, {grad_name} {grad_error:.1e} | {triton_name} "
+                  f"{triton_error:.1e} {'ok' if good else 'FAILED'} | {flash_ms[0]:.3f} / {flash_ms[1]:.3f} | "
+                  f"{ms['triton'][0]:.3f} / {ms['triton'][1]:.3f} | {ms['mosaic'][0]:.3f} / {ms['mosaic'][1]:.3f} | "
+                  f"{ms['triton'][1] / ms['mosaic'][1]:.2f} | {flash_ms[1] / ms['mosaic'][1]:.2f} |", flush=True)
     print("ALL CHECKS PASSED" if ok else "SOME CHECK FAILED")
     return 0 if ok else 1
 

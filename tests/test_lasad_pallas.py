@@ -444,7 +444,7 @@ def test_2d_column_states_over_budget_raise():
                                interpret=True, block_sizes=too_big)
 
 
-# ----------------------------------------------------------------------------- Mosaic GPU forward (unfinished)
+# ----------------------------------------------------------------------------- Mosaic GPU kernels (pallas_mgpu.py)
 
 
 @pytest.mark.parametrize("variant, grid, d", [("1d", (3, 40), 64), ("2d_row", (6, 16), 48), ("none", (2, 64), 64)])
@@ -456,6 +456,45 @@ def test_mosaic_gpu_forward_lowers(variant, grid, d):
     forward = jax.jit(functools.partial(pallas_mgpu.forward, grid=grid, variant=variant))
     module = jax.export.export(forward, platforms=["cuda"])(**inputs).mlir_module()
     assert "mosaic_gpu" in module
+
+
+@pytest.mark.parametrize("variant, grid, d, prefix", [("1d", (3, 40), 64, 2), ("2d_row", (6, 16), 48, 0),
+                                                     ("none", (2, 64), 64, 0), ("2d_row", (4, 32), 128, 0)])
+def test_mosaic_gpu_lowering_forward_and_backward_lower(variant, grid, d, prefix):
+    """BlockSizes(gpu_lowering="mosaic"): the forward and the chunk backward's gradient step are
+    Mosaic GPU kernels, the state/adjoint passes Triton; all pass lowering for CUDA on the CPU
+    (their numerics: benchmarks/mosaic_gpu.py on a GPU)."""
+    case = Case(f"grid{grid}", batch=2, grid=grid, heads=2, d=d, dv=d, prefix=prefix)
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
+    op = functools.partial(lasad_attention_pallas, grid=grid, variant=variant, backend="gpu",
+                           block_sizes=BlockSizes(gpu_lowering="mosaic"))
+    both = jax.jit(jax.value_and_grad(lambda x: jnp.sum(op(**x).astype(jnp.float32))))
+    triton = "__gpu$xla.gpu.triton"
+    module = jax.export.export(
+        both, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)]
+    )(inputs).mlir_module()
+    assert module.count(f"@{triton}") == 1  # the state/adjoint passes
+    assert module.count("mosaic_gpu") >= 2  # the forward, the gradient step
+
+
+@pytest.mark.parametrize("block, grid, dtype, d, interpret, error", [
+    (BlockSizes(gpu_lowering="mosaic"), (4, 16), jnp.float32, 64, False, "bf16 or fp16"),
+    (BlockSizes(gpu_lowering="mosaic"), (4, 16), jnp.bfloat16, 256, False, "head dims up to 128"),
+    (BlockSizes(gpu_lowering="mosaic", block_tokens=128), (4, 64), jnp.bfloat16, 64, False, "64-slot chunks"),
+    (BlockSizes(gpu_lowering="mosaic"), (4, 16), jnp.bfloat16, 64, True, "no interpret mode"),
+])
+def test_mosaic_gpu_lowering_refuses_what_it_does_not_cover(block, grid, dtype, d, interpret, error):
+    case = Case("reject", batch=1, grid=grid, heads=1, d=d, dv=d, prefix=0)
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=dtype).items() if x is not None}
+    with pytest.raises(ValueError, match=error):
+        lasad_attention_pallas(**inputs, grid=grid, variant="1d", backend="gpu", interpret=interpret, block_sizes=block)
+
+
+def test_mosaic_gpu_lowering_needs_the_chunk_backward():
+    with pytest.raises(ValueError, match="chunk backward only"):
+        BlockSizes(gpu_lowering="mosaic", backward_generic="refwd")
+    with pytest.raises(ValueError, match="gpu_lowering must be one of"):
+        BlockSizes(gpu_lowering="cuda")
 
 
 @pytest.mark.parametrize("variant, grid, dtype, error", [

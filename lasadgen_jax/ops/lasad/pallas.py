@@ -34,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lasadgen_jax.ops.lasad import common, pallas_gpu, pallas_sweep, pallas_tpu
+from lasadgen_jax.ops.lasad import common, pallas_gpu, pallas_mgpu, pallas_sweep, pallas_tpu
 from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout, next_power_of_two
 
 BACKENDS = ("gpu", "tpu")
@@ -72,6 +72,23 @@ def padded_dim(backend: str, size: int) -> int:
     return -(-size // pallas_tpu.LANES) * pallas_tpu.LANES
 
 
+def uses_mosaic_gpu(backend: str, block: BlockSizes) -> bool:
+    return backend == "gpu" and block.gpu_lowering == "mosaic"
+
+
+def check_mosaic_gpu(q, v, *, grid, variant, block, interpret, poison):
+    """Raises unless the Mosaic GPU kernels (pallas_mgpu.py) can take this call."""
+    reason = pallas_mgpu.unsupported(grid, variant, q.dtype, q.shape[-1], v.shape[-1])
+    if not reason and block.block_tokens != pallas_mgpu.CHUNK:
+        reason = f"the Mosaic GPU kernels use {pallas_mgpu.CHUNK}-slot chunks, got block_tokens={block.block_tokens}"
+    if not reason and interpret:
+        reason = "the Mosaic GPU kernels have no interpret mode here (pallas_mgpu.py says why)"
+    if not reason and poison:
+        reason = "poison is implemented for the Triton kernels only"
+    if reason:
+        raise ValueError(f"BlockSizes(gpu_lowering='mosaic'): {reason}")
+
+
 def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend, interpret, block, tangent, out_dtype,
                poison=False):
     """The forward kernel on [B, N, H, *] inputs: [B, N, H, dv] in out_dtype (no prefix); with
@@ -80,6 +97,11 @@ def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend,
     poison=True (GPU only; for checks) starts the kernel's output buffer as NaN."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if uses_mosaic_gpu(backend, block):
+        check_mosaic_gpu(q, v, grid=grid, variant=variant, block=block, interpret=interpret, poison=poison)
+        if tangent is not None:
+            raise ValueError("the Mosaic GPU kernels have no tangent mode (BlockSizes(gpu_lowering='mosaic'))")
+        return pallas_mgpu.forward(q, k, v, log_decay_row, log_decay_col, grid=grid, variant=variant).astype(out_dtype)
     layout = ChunkLayout.make(grid, variant, block.block_tokens, block.block_tokens_2d)
     decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)  # [H, 2]
     d, dv = q.shape[-1], v.shape[-1]
@@ -107,10 +129,19 @@ def chunk_backward(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, varian
     decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)  # [H, 2]
     d, dv = q.shape[-1], v.shape[-1]
     d_pad, dv_pad = padded_dim(backend, d), padded_dim(backend, dv)
+    mosaic = uses_mosaic_gpu(backend, block)
+    if mosaic:  # powers of two (the Triton passes) and multiples of 64 (wgmma tiles)
+        check_mosaic_gpu(q, v, grid=grid, variant=variant, block=block, interpret=interpret, poison=poison)
+        d_pad, dv_pad = max(d_pad, pallas_mgpu.DIM_MULTIPLE), max(dv_pad, pallas_mgpu.DIM_MULTIPLE)
     d_out_in = d_out.astype(q.dtype)  # the op returns q.dtype: d_out holds no more precision
     packed = [_pad_last(layout.pack(x), size) for x, size in ((q, d_pad), (k, d_pad), (v, dv_pad), (d_out_in, dv_pad))]
     kwargs = dict(layout=layout, block=block, interpret=interpret)
-    if backend == "gpu":
+    if mosaic:
+        states = pallas_gpu.states_and_adjoints(*packed, decays, **kwargs)
+        dq, dk, d_v, d_row, d_col = pallas_mgpu.chunk_gradients(*packed, states, log_decay_row, log_decay_col,
+                                                                layout=layout)
+        d_decays = jnp.stack([d_row, d_col], axis=1)
+    elif backend == "gpu":
         dq, dk, d_v, d_decays = pallas_gpu.chunk_gradients(*packed, decays, **kwargs, poison=poison)
     elif poison:
         raise ValueError("poison is implemented for the GPU kernels only")

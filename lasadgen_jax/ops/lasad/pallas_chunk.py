@@ -30,6 +30,7 @@ def next_power_of_two(n: int) -> int:
 
 BACKWARDS_2D = ("refwd", "sweep")
 BACKWARDS_GENERIC = ("chunks", "refwd")
+GPU_LOWERINGS = ("triton", "mosaic")
 GENERIC_VARIANTS = ("1d", "2d_row", "none")  # the variants of the generic (one-state) kernel
 
 
@@ -59,6 +60,10 @@ class BlockSizes:
       dq by one forward call, dk, dv and the decay gradients by one reverse row sweep;
       pallas_sweep.py). Faster than "refwd" on the H200 at N = 256 and 1024 (benchmarks/RESULTS.md)
       but GPU-only, and `auto` runs the parallel-form kernel for `2d` there, so not the default.
+    gpu_lowering: the generic kernel's GPU lowering (not a tile size): "triton" (every kernel) or
+      "mosaic" (Hopper: the Mosaic GPU forward and gradient step of pallas_mgpu.py, the Triton
+      state/adjoint passes; 64-slot chunks, bf16/fp16 inputs, the chunk backward only; anything
+      else raises).
     """
 
     block_tokens: int = 64
@@ -75,6 +80,7 @@ class BlockSizes:
     parallel_chunks: int = 128
     backward_2d: str = "refwd"
     backward_generic: str = "chunks"
+    gpu_lowering: str = "triton"
 
     def __post_init__(self):
         if self.backward_2d not in BACKWARDS_2D:
@@ -82,8 +88,12 @@ class BlockSizes:
         if self.backward_generic not in BACKWARDS_GENERIC:
             raise ValueError(
                 f"BlockSizes.backward_generic must be one of {BACKWARDS_GENERIC}, got {self.backward_generic!r}")
+        if self.gpu_lowering not in GPU_LOWERINGS:
+            raise ValueError(f"BlockSizes.gpu_lowering must be one of {GPU_LOWERINGS}, got {self.gpu_lowering!r}")
+        if self.gpu_lowering == "mosaic" and self.backward_generic != "chunks":
+            raise ValueError("BlockSizes(gpu_lowering='mosaic') has the chunk backward only; use backward_generic='chunks'")
         for field in dataclasses.fields(self):
-            if field.name in ("backward_2d", "backward_generic"):
+            if field.name in ("backward_2d", "backward_generic", "gpu_lowering"):
                 continue
             value = getattr(self, field.name)
             if field.name in ("num_stages", "num_stages_2d"):  # any count of pipeline stages

@@ -104,6 +104,187 @@ def _kernel(q_ref, k_ref, v_ref, decay_ref, query_w_ref, key_w_ref, chunk_w_ref,
     pipeline(at(q_ref), at(k_ref), at(v_ref), at(out_ref))
 
 
+def _rows_of(ref):
+    """A [T] float32 table in shared memory as a row vector of a WGMMA accumulator."""
+    return plgpu.layout_cast(ref[...], WGMMA.reduce(1))
+
+
+def _tile_of(ref):
+    """A shared-memory tile in the WGMMA register layout, float32."""
+    return plgpu.layout_cast(ref[...], WGMMA).astype(jnp.float32)
+
+
+def _accumulate(initial, a, b):
+    """initial + a @ b: one wgmma into an accumulator that starts at `initial` (float32, WGMMA)."""
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+
+    return pl.run_state(product)(plgpu.ACC.init(initial))
+
+
+SHARES = {"1d": ("col",), "2d_row": ("row", "col"), "none": ()}  # the decay-gradient shares each variant has
+
+
+def _gradient_step(tables, scores_t_smem, variant, whole_in_kernel, _, q_ref, k_ref, v_ref, d_out_ref, state_ref,
+                   adjoint_ref, dq_ref, dk_ref, dv_ref, *share_refs):
+    """One chunk's dq, dk, dv and per-slot shares of the decay gradients (pallas_chunk.
+    generic_gradients, with T = 64 slots, one sub-block). The within-chunk products are formed
+    key-major (rows: keys m, columns: queries a) so that their transposes are wgmma operands in
+    registers; dq reads the transposed dS back from shared memory."""
+    dtype = q_ref.dtype
+    decays = variant != "none"
+    scores_t = _matmul(k_ref, q_ref, transpose_b=True)  # [m, a] = k_m . q_a
+    d_out_v_t = _matmul(v_ref, d_out_ref, transpose_b=True)  # [m, a] = v_m . do_a
+    decay_t = _tile_of(tables["decay_t"])
+    probs_t, d_scores_t = scores_t * decay_t, d_out_v_t * decay_t
+    weighted = lambda x, name: x * _rows(_rows_of(tables[name]), x.shape) if decays else x
+    # dk = dS^T q + w_k * (v E^T), dv = P^T do + w_k * (k E): the chunk-crossing parts first
+    dk_cross = weighted(_matmul(v_ref, adjoint_ref, transpose_b=True), "key_w")
+    dk = _accumulate(dk_cross, d_scores_t.astype(dtype), q_ref)
+    d_v = _accumulate(weighted(_matmul(k_ref, adjoint_ref), "key_w"), probs_t.astype(dtype), d_out_ref)
+    # dq = dS k + w_q * (do S^T), dS read back transposed from shared memory
+    scores_t_smem[...] = d_scores_t.astype(dtype)
+    plgpu.commit_smem()
+    dq_cross = weighted(_matmul(d_out_ref, state_ref, transpose_b=True), "query_w")
+    dq = _accumulate(dq_cross, plgpu.transpose_ref(scores_t_smem, (1, 0)), k_ref)
+    if decays:
+        pair_t = scores_t * d_out_v_t * decay_t  # each pair's share of the loss, P * (do v^T)
+        crossing = (jnp.sum(_tile_of(q_ref) * dq_cross, axis=1) * _rows_of(tables["steps"])
+                    + jnp.sum(_tile_of(k_ref) * dk_cross, axis=1) * _rows_of(tables["rest"]))
+        if whole_in_kernel:  # length * g^length * <E_c, S_c>, one entry per state row (d = T)
+            overlap = jnp.sum(_tile_of(adjoint_ref) * _tile_of(state_ref), axis=1)
+            crossing = crossing + overlap * _rows_of(tables["whole"])
+        factor_t = _tile_of(tables["factor_t"])
+        if variant == "1d":
+            (col_ref,) = share_refs
+            col_ref[...] = jnp.sum(pair_t * factor_t, axis=1) + crossing
+        else:  # 2d_row: column distances >= 0 on same-row pairs, minus row distances on the others
+            row_ref, col_ref = share_refs
+            col_ref[...] = jnp.sum(pair_t * jnp.maximum(factor_t, 0.0), axis=1)
+            row_ref[...] = jnp.sum(pair_t * jnp.maximum(-factor_t, 0.0), axis=1) + crossing  # chunks are whole rows
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = d_v.astype(dv_ref.dtype)
+    plgpu.commit_smem()
+
+
+def _gradient_kernel(q_ref, k_ref, v_ref, d_out_ref, states_ref, *rest, variant: str, table_names, group: int,
+                     max_concurrent_steps: int, whole_in_kernel: bool):
+    """One (batch, head, group of chunks) per block: its head's tables into shared memory, then a
+    pipeline over the group's chunks."""
+    num_tables, num_outputs = len(table_names), 3 + len(SHARES[variant])
+    tables_gmem, outputs = rest[:num_tables], rest[num_tables:num_tables + num_outputs]
+    tables_smem, scores_t_smem, barrier = rest[num_tables + num_outputs:]
+    batch, head, part = (jax.lax.axis_index(name) for name in ("batch", "heads", "part"))
+    for source, target in zip(tables_gmem, tables_smem):
+        plgpu.copy_gmem_to_smem(source.at[head], target, barrier)
+        plgpu.barrier_wait(barrier)
+    tables = dict(zip(table_names, tables_smem))
+    d, dv = q_ref.shape[-1], v_ref.shape[-1]
+    dtype = q_ref.dtype
+    tile = lambda rows, width: plgpu.BlockSpec((rows, width), lambda c: (c, 0), transforms=_transforms(dtype))
+    share = plgpu.BlockSpec((CHUNK,), lambda c: (c,))
+    pipeline = plgpu.emit_pipeline(
+        functools.partial(_gradient_step, tables, scores_t_smem, variant, whole_in_kernel),
+        grid=(group,),
+        in_specs=[tile(CHUNK, d), tile(CHUNK, d), tile(CHUNK, dv), tile(CHUNK, dv), tile(d, dv), tile(d, dv)],
+        out_specs=[tile(CHUNK, d), tile(CHUNK, d), tile(CHUNK, dv)] + [share] * len(SHARES[variant]),
+        max_concurrent_steps=max_concurrent_steps,
+    )
+    slots, state_rows = pl.ds(part * group * CHUNK, group * CHUNK), pl.ds(part * group * d, group * d)
+    tokens = lambda ref: ref.at[batch, slots, head, :]
+    matrices = lambda which: states_ref.at[which, batch, head, state_rows, :]
+    shares = [ref.at[batch, head, slots] for ref in outputs[3:]]
+    pipeline(tokens(q_ref), tokens(k_ref), tokens(v_ref), tokens(d_out_ref), matrices(0), matrices(1),
+             *(tokens(ref) for ref in outputs[:3]), *shares)
+
+
+def gradient_tables(layout: ChunkLayout, log_decay_row, log_decay_col, d: int) -> dict:
+    """Per head, float32, what the gradient kernel reads: the intra-chunk decays key-major
+    ("decay_t" [H, T, T], D^T) and, for the decayed variants, the same times each pair's exponent
+    factor ("factor_t": the column distance, and for `2d_row` minus the row distance on pairs of
+    different rows: the two never overlap, so one table holds both), the query and key weights
+    [H, T], each slot's steps from its chunk start and to its chunk end [H, T], and length *
+    g^length repeated over d [H, d]."""
+    t, variant = layout.chunk_tokens, layout.variant
+
+    def one_head(log_row, log_col):
+        decay = pallas_chunk.intra_chunk_decay(layout, log_row, log_col)
+        if variant == "none":
+            return {"decay_t": decay.T}
+        row_factor, col_factor = pallas_chunk._intra_exponent_factors(layout, 0, t, 0, t)
+        query_w, key_w, chunk_decay = pallas_chunk.generic_weights(layout, log_row, log_col)
+        _, steps, length = pallas_chunk._generic_weights(layout, log_row, log_col)
+        return {"decay_t": decay.T, "factor_t": ((col_factor - row_factor) * decay).T, "query_w": query_w[:, 0],
+                "key_w": key_w[:, 0], "steps": steps[:, 0], "rest": (length - steps)[:, 0],
+                "whole": jnp.full((d,), length * chunk_decay, jnp.float32)}
+
+    return jax.vmap(one_head)(log_decay_row.astype(jnp.float32), log_decay_col.astype(jnp.float32))
+
+
+def chunk_group(num_chunks: int, target: int = 8) -> int:
+    """Chunks per block of the gradient kernel: the largest power of two <= target dividing num_chunks."""
+    group = target
+    while num_chunks % group:
+        group //= 2
+    return group
+
+
+def chunk_gradients(q, k, v, d_out, states, log_decay_row, log_decay_col, *, layout: ChunkLayout,
+                    chunks_per_block: int = 8, max_concurrent_steps: int | None = None):
+    """The chunk backward's gradient step (pallas_gpu.chunk_gradients' third step) on a Hopper GPU.
+
+    q, k [B, L, H, d], v, d_out [B, L, H, dv]: packed into 64-slot chunks, head dims multiples of
+    64, bf16 or fp16; states: [2, B, H, C * d, dv], every chunk's starting state and the adjoint
+    dL/d(next chunk's starting state) (pallas_gpu.states_and_adjoints). Returns (dq, dk, dv) in
+    q.dtype and the log-decay gradients (row, column) [H] float32. max_concurrent_steps: pipeline
+    stages (default 2 for head dims of 64, else 1: two stages of 128-wide tiles exceed shared memory)."""
+    batch, length, heads, d = q.shape
+    dv = v.shape[-1]
+    chunks = layout.num_chunks
+    if layout.chunk_tokens != CHUNK or length != chunks * CHUNK:
+        raise ValueError(f"the Mosaic GPU gradient kernel needs {CHUNK}-slot chunks, got {layout.chunk_tokens} "
+                         f"slots and {length} packed tokens")
+    if d % DIM_MULTIPLE or dv % DIM_MULTIPLE:
+        raise ValueError(f"the Mosaic GPU gradient kernel needs head dims padded to multiples of {DIM_MULTIPLE}, "
+                         f"got d={d}, dv={dv}")
+    variant = layout.variant
+    if max_concurrent_steps is None:
+        max_concurrent_steps = 2 if max(d, dv) <= DIM_MULTIPLE else 1
+    group = chunk_group(chunks, chunks_per_block)
+    whole_in_kernel = variant != "none" and d == CHUNK  # else the whole-chunk term is added in XLA below
+    tables = gradient_tables(layout, log_decay_row, log_decay_col, d)
+    names = tuple(tables)
+    table_smem = [plgpu.SMEM(tables[name].shape[1:], jnp.float32,
+                             transforms=_transforms(jnp.float32) if tables[name].ndim == 3 else ())
+                  for name in names]
+    out_types = [jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v)]
+    out_types += [jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)] * len(SHARES[variant])
+    outs = plgpu.kernel(
+        functools.partial(_gradient_kernel, variant=variant, table_names=names, group=group,
+                          max_concurrent_steps=max_concurrent_steps, whole_in_kernel=whole_in_kernel),
+        out_type=out_types,
+        scratch_types=[table_smem, plgpu.SMEM((CHUNK, CHUNK), q.dtype, transforms=_transforms(q.dtype)),
+                       plgpu.Barrier()],
+        grid=(batch, heads, chunks // group),
+        grid_names=("batch", "heads", "part"),
+    )(q, k, v, d_out, states, *(tables[name] for name in names))
+    dq, dk, d_v = outs[:3]
+    if variant == "none":
+        zero = jnp.zeros((heads,), jnp.float32)
+        return dq, dk, d_v, zero, zero
+    shares = dict(zip(SHARES[variant], (jnp.sum(share, axis=(0, 2)) for share in outs[3:])))
+    d_row, d_col = shares.get("row", jnp.zeros((heads,), jnp.float32)), shares["col"]
+    if not whole_in_kernel:
+        overlap = jnp.einsum("bhcde,bhcde->h", *(x.reshape(batch, heads, chunks, d, dv).astype(jnp.float32)
+                                                 for x in (states[0], states[1])))
+        log_step, _, chunk_length = pallas_chunk._generic_weights(layout, log_decay_row.astype(jnp.float32),
+                                                                   log_decay_col.astype(jnp.float32))
+        whole = chunk_length * jnp.exp(log_step * chunk_length) * overlap
+        d_row, d_col = (d_row + whole, d_col) if variant == "2d_row" else (d_row, d_col + whole)
+    return dq, dk, d_v, d_row, d_col
+
+
 def decay_tables(layout: ChunkLayout, log_decay_row, log_decay_col, d: int):
     """Per head: intra-chunk decays [H, T, T], query and key weights [H, T], the chunk decay
     repeated over the state's d rows [H, d]; float32."""
@@ -120,8 +301,13 @@ def _transforms(dtype):
     return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
 
 
-def unsupported(grid, variant: str, dtype) -> str:
-    """Why the kernel cannot take this grid, variant and input dtype ('' if it can)."""
+MAX_DIM = 128  # head dims up to this: two 128-wide pipeline stages of the gradient kernel exceed shared memory
+
+
+def unsupported(grid, variant: str, dtype, d: int = DIM_MULTIPLE, dv: int = DIM_MULTIPLE) -> str:
+    """Why the kernels cannot take this grid, variant, input dtype and head dims ('' if they can)."""
+    if max(d, dv) > MAX_DIM:
+        return f"the Mosaic GPU kernels take head dims up to {MAX_DIM}, got d={d}, dv={dv}"
     if variant not in VARIANTS:
         return f"the Mosaic GPU kernel covers the variants {VARIANTS}, got {variant!r}"
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
