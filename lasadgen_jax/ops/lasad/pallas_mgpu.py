@@ -201,9 +201,9 @@ def _gradient_kernel(q_ref, k_ref, v_ref, d_out_ref, states_ref, *rest, variant:
 
 def gradient_tables(layout: ChunkLayout, log_decay_row, log_decay_col, d: int) -> dict:
     """Per head, float32, what the gradient kernel reads: the intra-chunk decays key-major
-    ("decay_t" [H, T, T], D^T) and, for the decayed variants, the same times each pair's exponent
-    factor ("factor_t": the column distance, and for `2d_row` minus the row distance on pairs of
-    different rows: the two never overlap, so one table holds both), the query and key weights
+    ("decay_t" [H, T, T], D^T) and, for the decayed variants, each pair's exponent factor,
+    key-major ("factor_t": the column distance, and for `2d_row` minus the row distance on pairs
+    of different rows: the two never overlap, so one table holds both), the query and key weights
     [H, T], each slot's steps from its chunk start and to its chunk end [H, T], and length *
     g^length repeated over d [H, d]."""
     t, variant = layout.chunk_tokens, layout.variant
@@ -215,7 +215,7 @@ def gradient_tables(layout: ChunkLayout, log_decay_row, log_decay_col, d: int) -
         row_factor, col_factor = pallas_chunk._intra_exponent_factors(layout, 0, t, 0, t)
         query_w, key_w, chunk_decay = pallas_chunk.generic_weights(layout, log_row, log_col)
         _, steps, length = pallas_chunk._generic_weights(layout, log_row, log_col)
-        return {"decay_t": decay.T, "factor_t": ((col_factor - row_factor) * decay).T, "query_w": query_w[:, 0],
+        return {"decay_t": decay.T, "factor_t": (col_factor - row_factor).T, "query_w": query_w[:, 0],
                 "key_w": key_w[:, 0], "steps": steps[:, 0], "rest": (length - steps)[:, 0],
                 "whole": jnp.full((d,), length * chunk_decay, jnp.float32)}
 
@@ -254,21 +254,8 @@ def chunk_gradients(q, k, v, d_out, states, log_decay_row, log_decay_col, *, lay
     group = chunk_group(chunks, chunks_per_block)
     whole_in_kernel = variant != "none" and d == CHUNK  # else the whole-chunk term is added in XLA below
     tables = gradient_tables(layout, log_decay_row, log_decay_col, d)
-    names = tuple(tables)
-    table_smem = [plgpu.SMEM(tables[name].shape[1:], jnp.float32,
-                             transforms=_transforms(jnp.float32) if tables[name].ndim == 3 else ())
-                  for name in names]
-    out_types = [jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v)]
-    out_types += [jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)] * len(SHARES[variant])
-    outs = plgpu.kernel(
-        functools.partial(_gradient_kernel, variant=variant, table_names=names, group=group,
-                          max_concurrent_steps=max_concurrent_steps, whole_in_kernel=whole_in_kernel),
-        out_type=out_types,
-        scratch_types=[table_smem, plgpu.SMEM((CHUNK, CHUNK), q.dtype, transforms=_transforms(q.dtype)),
-                       plgpu.Barrier()],
-        grid=(batch, heads, chunks // group),
-        grid_names=("batch", "heads", "part"),
-    )(q, k, v, d_out, states, *(tables[name] for name in names))
+    outs = gradient_call(q, k, v, d_out, states, tables, layout=layout, group=group,
+                         max_concurrent_steps=max_concurrent_steps, whole_in_kernel=whole_in_kernel)
     dq, dk, d_v = outs[:3]
     if variant == "none":
         zero = jnp.zeros((heads,), jnp.float32)
@@ -283,6 +270,27 @@ def chunk_gradients(q, k, v, d_out, states, log_decay_row, log_decay_col, *, lay
         whole = chunk_length * jnp.exp(log_step * chunk_length) * overlap
         d_row, d_col = (d_row + whole, d_col) if variant == "2d_row" else (d_row, d_col + whole)
     return dq, dk, d_v, d_row, d_col
+
+
+def gradient_call(q, k, v, d_out, states, tables, *, layout, group, max_concurrent_steps, whole_in_kernel):
+    """The gradient kernel's launch: (dq, dk, dv, *per-slot decay shares [B, H, L])."""
+    batch, length, heads, d = q.shape
+    variant = layout.variant
+    names = tuple(tables)
+    table_smem = [plgpu.SMEM(tables[name].shape[1:], jnp.float32,
+                             transforms=_transforms(jnp.float32) if tables[name].ndim == 3 else ())
+                  for name in names]
+    out_types = [jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v)]
+    out_types += [jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)] * len(SHARES[variant])
+    return plgpu.kernel(
+        functools.partial(_gradient_kernel, variant=variant, table_names=names, group=group,
+                          max_concurrent_steps=max_concurrent_steps, whole_in_kernel=whole_in_kernel),
+        out_type=out_types,
+        scratch_types=[table_smem, plgpu.SMEM((CHUNK, CHUNK), q.dtype, transforms=_transforms(q.dtype)),
+                       plgpu.Barrier()],
+        grid=(batch, heads, layout.num_chunks // group),
+        grid_names=("batch", "heads", "part"),
+    )(q, k, v, d_out, states, *(tables[name] for name in names))
 
 
 def decay_tables(layout: ChunkLayout, log_decay_row, log_decay_col, d: int):
