@@ -8,8 +8,11 @@
 1. Ceilings measured in this run: a bf16 8192^3 matmul (TFLOP/s) and a device copy (GB/s).
 2. Checks: every variant's `impl="pallas"` forward and gradients against the quadratic reference
    on small grids (float32 and bf16, with prefix keys, non-square); then at every benchmark size
-   the kernel against the pure-XLA `chunked` algorithm (forward and all gradients, bf16), its
-   output buffer poisoned with NaN first so that an element it fails to write shows up.
+   the kernel against the pure-XLA `chunked` algorithm (forward and all gradients, bf16), and
+   that it writes every output element: a Triton kernel's output buffer poisoned with NaN first, a
+   Mosaic GPU kernel's output for v doubled compared with twice its output (`written_check`).
+   Row "pallas" is the default BlockSizes (gpu_lowering "auto": Mosaic GPU on a Hopper GPU where
+   it applies), "pallas triton" the all-Triton kernels.
 3. Table: for each N (square grid, batch = tokens // N), the median forward and forward+backward
    time of cuDNN flash attention (causal), the `chunked` algorithm and the Pallas kernel of each
    variant, as ratios to flash in the same run; GB/s of the forward's compulsory traffic (q, k, v
@@ -106,7 +109,8 @@ def kernel_runs(variant, backwards_2d, impls=("pallas",)):
     for `2d` one per backward; for 'pallas_parallel' the fused parallel-form kernel."""
     runs = []
     if "pallas" in impls and variant != "2d":
-        runs.append(("pallas", "pallas", BlockSizes()))
+        runs.append(("pallas", "pallas", BlockSizes()))  # gpu_lowering "auto": Mosaic GPU where it applies
+        runs.append(("pallas triton", "pallas", BlockSizes(gpu_lowering="triton")))
     if "pallas" in impls and variant == "2d":
         runs += [("pallas" if backward == "refwd" else f"pallas {backward}", "pallas", BlockSizes(backward_2d=backward))
                  for backward in backwards_2d]
@@ -141,6 +145,27 @@ def small_checks(variants, backwards_2d, impls) -> bool:
                     print(f"| {variant} | {label} | {grid[0]}x{grid[1]} | {d} | {jnp.dtype(dtype).name} | "
                           f"{out_error:.1e} | {grad_error:.1e} | {'yes' if good else 'NO'} |", flush=True)
     return ok
+
+
+def runs_mosaic_gpu(inputs, grid, variant, block) -> bool:
+    """Whether `impl="pallas"` with these block sizes runs the Mosaic GPU kernels on this machine."""
+    return isinstance(block, BlockSizes) and pallas.uses_mosaic_gpu(
+        "gpu", block, inputs["q"], inputs["v"], grid=grid, variant=variant, interpret=False, poison=False)
+
+
+def written_check(inputs, grid, variant, block, out):
+    """(every output element written, how far a second output is from the expected one, how): for
+    Triton kernels the output buffer is poisoned with NaN first; the Mosaic GPU kernels cannot
+    alias their outputs, so they run again with v doubled: the output is linear in v and doubling
+    is exact in floating point, so it must be exactly 2 * out, which a tile left holding an
+    earlier result (the same buffer, or another call's) would break."""
+    if runs_mosaic_gpu(inputs, grid, variant, block):
+        doubled = jax.jit(op(grid, variant, "pallas", block))({**inputs, "v": inputs["v"] * 2})
+        error = rel_error(doubled, 2 * out.astype(jnp.float32))
+        return bool(jnp.all(jnp.isfinite(doubled.astype(jnp.float32)))) and error == 0.0, error, "v doubled"
+    poisoned = poisoned_forward(inputs, grid, variant, block)
+    written = bool(jnp.all(jnp.isfinite(poisoned.astype(jnp.float32))))
+    return written, rel_error(poisoned, out), "poisoned"
 
 
 def poisoned_forward(inputs, grid, variant, block):
@@ -192,14 +217,12 @@ def table(args) -> bool:
                     for name in results["chunked"][1] if np.any(np.asarray(results["chunked"][1][name]) != 0)
                 }
                 errors = [rel_error(results[label][0], results["chunked"][0]), *grad_errors.values()]
-                poisoned = poisoned_forward(inputs, grid, variant, block)
-                written = bool(jnp.all(jnp.isfinite(poisoned.astype(jnp.float32))))
-                same = rel_error(poisoned, results[label][0])
+                written, same, how = written_check(inputs, grid, variant, block, results[label][0])
                 good = max(errors) < 2e-2 and written and same < 1e-6
                 ok &= good
                 print(f"  check N={n} {variant} {label}: vs chunked fwd {errors[0]:.1e}, grads "
                       f"{', '.join(f'{name} {error:.1e}' for name, error in grad_errors.items())}; "
-                      f"poisoned output all written: {written}, equals unpoisoned: {same:.1e} -> "
+                      f"all written ({how}): {written}, off by {same:.1e} -> "
                       f"{'ok' if good else 'FAILED'}", flush=True)
             for impl, (fwd_ms, both_ms) in times.items():
                 speedup = ("-", "-")

@@ -22,7 +22,7 @@ import pytest
 from helpers import Case, make_inputs, rel_error
 from lasadgen_jax.ops import lasad
 from lasadgen_jax.ops.lasad import (BlockSizes, ParallelBlocks, lasad_attention, lasad_attention_pallas,
-                                    lasad_attention_parallel, pallas_mgpu)
+                                    lasad_attention_parallel, pallas, pallas_mgpu)
 
 BACKENDS = ("gpu", "tpu")
 CASES = {
@@ -488,6 +488,26 @@ def test_mosaic_gpu_lowering_refuses_what_it_does_not_cover(block, grid, dtype, 
     inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=dtype).items() if x is not None}
     with pytest.raises(ValueError, match=error):
         lasad_attention_pallas(**inputs, grid=grid, variant="1d", backend="gpu", interpret=interpret, block_sizes=block)
+
+
+@pytest.mark.parametrize("hopper, dtype, grid, interpret, block, expected", [
+    (True, jnp.bfloat16, (4, 16), False, BlockSizes(), True),
+    (False, jnp.bfloat16, (4, 16), False, BlockSizes(), False),  # no Hopper GPU: Triton
+    (True, jnp.float32, (4, 16), False, BlockSizes(), False),  # float32: Triton
+    (True, jnp.bfloat16, (2, 128), False, BlockSizes(), False),  # 128-slot rows: Triton
+    (True, jnp.bfloat16, (4, 16), True, BlockSizes(), False),  # interpret mode: Triton
+    (True, jnp.bfloat16, (4, 16), False, BlockSizes(backward_generic="refwd"), False),
+    (True, jnp.bfloat16, (4, 16), False, BlockSizes(gpu_lowering="triton"), False),
+    (False, jnp.bfloat16, (4, 16), False, BlockSizes(gpu_lowering="mosaic"), True),  # explicit: not second-guessed
+])
+def test_gpu_lowering_auto_picks_mosaic_only_where_it_applies(monkeypatch, hopper, dtype, grid, interpret, block,
+                                                              expected):
+    monkeypatch.setattr(pallas, "is_hopper", lambda: hopper)
+    q = jnp.zeros((1, grid[0] * grid[1], 2, 64), dtype)
+    assert pallas.uses_mosaic_gpu("gpu", block, q, q, grid=grid, variant="2d_row", interpret=interpret,
+                                  poison=False) is expected
+    assert not pallas.uses_mosaic_gpu("tpu", block, q, q, grid=grid, variant="2d_row", interpret=interpret,
+                                      poison=False)
 
 
 def test_mosaic_gpu_lowering_needs_the_chunk_backward():

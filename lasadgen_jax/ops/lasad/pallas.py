@@ -72,21 +72,41 @@ def padded_dim(backend: str, size: int) -> int:
     return -(-size // pallas_tpu.LANES) * pallas_tpu.LANES
 
 
-def uses_mosaic_gpu(backend: str, block: BlockSizes) -> bool:
-    return backend == "gpu" and block.gpu_lowering == "mosaic"
+def is_hopper() -> bool:
+    """Whether jax's first GPU is an NVIDIA Hopper (compute capability 9.x); False without one."""
+    try:
+        device = jax.devices("gpu")[0]
+    except RuntimeError:  # no GPU backend (e.g. exporting for CUDA on a CPU)
+        return False
+    return str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
-def check_mosaic_gpu(q, v, *, grid, variant, block, interpret, poison):
-    """Raises unless the Mosaic GPU kernels (pallas_mgpu.py) can take this call."""
+def mosaic_gpu_refusal(q, v, *, grid, variant, block, interpret, poison, tangent=None) -> str:
+    """Why the Mosaic GPU kernels (pallas_mgpu.py) cannot take this call ('' if they can)."""
     reason = pallas_mgpu.unsupported(grid, variant, q.dtype, q.shape[-1], v.shape[-1])
     if not reason and block.block_tokens != pallas_mgpu.CHUNK:
         reason = f"the Mosaic GPU kernels use {pallas_mgpu.CHUNK}-slot chunks, got block_tokens={block.block_tokens}"
+    if not reason and block.backward_generic != "chunks":
+        reason = "the Mosaic GPU kernels have the chunk backward only (backward_generic='chunks')"
     if not reason and interpret:
         reason = "the Mosaic GPU kernels have no interpret mode here (pallas_mgpu.py says why)"
     if not reason and poison:
         reason = "poison is implemented for the Triton kernels only"
-    if reason:
+    if not reason and tangent is not None:
+        reason = "the Mosaic GPU kernels have no tangent mode"
+    return reason
+
+
+def uses_mosaic_gpu(backend: str, block: BlockSizes, q, v, **call) -> bool:
+    """Whether this GPU call runs the Mosaic GPU kernels (BlockSizes.gpu_lowering): always for
+    "mosaic" (raising if they cannot take it), never for "triton"; for "auto" on a Hopper GPU
+    when they can take it."""
+    if backend != "gpu" or block.gpu_lowering == "triton":
+        return False
+    reason = mosaic_gpu_refusal(q, v, block=block, **call)
+    if block.gpu_lowering == "mosaic" and reason:
         raise ValueError(f"BlockSizes(gpu_lowering='mosaic'): {reason}")
+    return block.gpu_lowering == "mosaic" or (not reason and is_hopper())
 
 
 def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend, interpret, block, tangent, out_dtype,
@@ -97,11 +117,10 @@ def run_kernel(q, k, v, log_decay_row, log_decay_col, *, grid, variant, backend,
     poison=True (GPU only; for checks) starts the kernel's output buffer as NaN."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if uses_mosaic_gpu(backend, block):
-        check_mosaic_gpu(q, v, grid=grid, variant=variant, block=block, interpret=interpret, poison=poison)
-        if tangent is not None:
-            raise ValueError("the Mosaic GPU kernels have no tangent mode (BlockSizes(gpu_lowering='mosaic'))")
-        return pallas_mgpu.forward(q, k, v, log_decay_row, log_decay_col, grid=grid, variant=variant).astype(out_dtype)
+    if uses_mosaic_gpu(backend, block, q, v, grid=grid, variant=variant, interpret=interpret, poison=poison,
+                       tangent=tangent):
+        out = pallas_mgpu.forward(q, k, v, log_decay_row, log_decay_col, grid=grid, variant=variant, block=block)
+        return out.astype(out_dtype)
     layout = ChunkLayout.make(grid, variant, block.block_tokens, block.block_tokens_2d)
     decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)  # [H, 2]
     d, dv = q.shape[-1], v.shape[-1]
@@ -129,10 +148,9 @@ def chunk_backward(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, varian
     decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)  # [H, 2]
     d, dv = q.shape[-1], v.shape[-1]
     d_pad, dv_pad = padded_dim(backend, d), padded_dim(backend, dv)
-    mosaic = uses_mosaic_gpu(backend, block)
-    if mosaic:  # powers of two (the Triton passes) and multiples of 64 (wgmma tiles)
-        check_mosaic_gpu(q, v, grid=grid, variant=variant, block=block, interpret=interpret, poison=poison)
-        d_pad, dv_pad = max(d_pad, pallas_mgpu.DIM_MULTIPLE), max(dv_pad, pallas_mgpu.DIM_MULTIPLE)
+    mosaic = uses_mosaic_gpu(backend, block, q, v, grid=grid, variant=variant, interpret=interpret, poison=poison)
+    if mosaic:
+        d_pad, dv_pad = pallas_mgpu.padded_dim(d), pallas_mgpu.padded_dim(dv)
     d_out_in = d_out.astype(q.dtype)  # the op returns q.dtype: d_out holds no more precision
     packed = [_pad_last(layout.pack(x), size) for x, size in ((q, d_pad), (k, d_pad), (v, dv_pad), (d_out_in, dv_pad))]
     kwargs = dict(layout=layout, block=block, interpret=interpret)

@@ -30,7 +30,7 @@ def next_power_of_two(n: int) -> int:
 
 BACKWARDS_2D = ("refwd", "sweep")
 BACKWARDS_GENERIC = ("chunks", "refwd")
-GPU_LOWERINGS = ("triton", "mosaic")
+GPU_LOWERINGS = ("auto", "triton", "mosaic")
 GENERIC_VARIANTS = ("1d", "2d_row", "none")  # the variants of the generic (one-state) kernel
 
 
@@ -60,10 +60,13 @@ class BlockSizes:
       dq by one forward call, dk, dv and the decay gradients by one reverse row sweep;
       pallas_sweep.py). Faster than "refwd" on the H200 at N = 256 and 1024 (benchmarks/RESULTS.md)
       but GPU-only, and `auto` runs the parallel-form kernel for `2d` there, so not the default.
-    gpu_lowering: the generic kernel's GPU lowering (not a tile size): "triton" (every kernel) or
-      "mosaic" (Hopper: the Mosaic GPU forward and gradient step of pallas_mgpu.py, the Triton
-      state/adjoint passes; 64-slot chunks, bf16/fp16 inputs, the chunk backward only; anything
-      else raises).
+    gpu_lowering: the generic kernel's GPU lowering (not a tile size): "mosaic" (Hopper: the
+      Mosaic GPU forward, output pass and gradient step of pallas_mgpu.py, with the Triton
+      state/adjoint passes; 64-slot chunks, bf16/fp16 inputs, head dims up to 128, the chunk
+      backward; anything else raises), "triton" (every kernel Triton), or "auto" (the default):
+      "mosaic" where the device is a Hopper GPU (compute capability 9.x) and the call fits it,
+      else "triton" — on the H200 "mosaic" was 1.14-1.26x faster forward+backward up to N = 4096
+      (benchmarks/RESULTS.md).
     """
 
     block_tokens: int = 64
@@ -80,7 +83,7 @@ class BlockSizes:
     parallel_chunks: int = 128
     backward_2d: str = "refwd"
     backward_generic: str = "chunks"
-    gpu_lowering: str = "triton"
+    gpu_lowering: str = "auto"
 
     def __post_init__(self):
         if self.backward_2d not in BACKWARDS_2D:

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lasadgen_jax.ops.lasad import pallas_chunk
-from lasadgen_jax.ops.lasad.pallas_chunk import ChunkLayout
+from lasadgen_jax.ops.lasad import pallas_chunk, pallas_gpu
+from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout
 
 CHUNK = 64  # slots per chunk: the wgmma M of one warpgroup
 DIM_MULTIPLE = 64  # head dims padded to a 128-byte swizzle row of bf16
@@ -327,22 +327,81 @@ def unsupported(grid, variant: str, dtype, d: int = DIM_MULTIPLE, dv: int = DIM_
     return ""
 
 
-def forward(q, k, v, log_decay_row, log_decay_col, *, grid, variant: str, max_concurrent_steps: int = 2):
+def _output_step(tables, _, q_ref, k_ref, v_ref, state_ref, out_ref):
+    """One chunk of the two-pass forward's output pass, given its starting state (bf16/fp16)."""
+    decay_ref, query_w_ref = tables
+    masked = _matmul(q_ref, k_ref, transpose_b=True) * _tile_of(decay_ref)
+    read = _matmul(q_ref, state_ref)
+    read = read * _rows(_rows_of(query_w_ref), read.shape)
+    out_ref[...] = _accumulate(read, masked.astype(q_ref.dtype), v_ref).astype(out_ref.dtype)
+    plgpu.commit_smem()
+
+
+def _output_kernel(q_ref, k_ref, v_ref, states_ref, decay_ref, query_w_ref, out_ref, decay_smem, query_w_smem,
+                   barrier, *, group: int, max_concurrent_steps: int):
+    """One (batch, head, group of chunks) per block: the outputs of its chunks, in a pipeline."""
+    batch, head, part = (jax.lax.axis_index(name) for name in ("batch", "heads", "part"))
+    for source, target in ((decay_ref, decay_smem), (query_w_ref, query_w_smem)):
+        plgpu.copy_gmem_to_smem(source.at[head], target, barrier)
+        plgpu.barrier_wait(barrier)
+    d, dv = q_ref.shape[-1], v_ref.shape[-1]
+    tile = lambda rows, width: plgpu.BlockSpec((rows, width), lambda c: (c, 0), transforms=_transforms(q_ref.dtype))
+    pipeline = plgpu.emit_pipeline(
+        functools.partial(_output_step, (decay_smem, query_w_smem)),
+        grid=(group,),
+        in_specs=[tile(CHUNK, d), tile(CHUNK, d), tile(CHUNK, dv), tile(d, dv)],
+        out_specs=[tile(CHUNK, dv)],
+        max_concurrent_steps=max_concurrent_steps,
+    )
+    slots, state_rows = pl.ds(part * group * CHUNK, group * CHUNK), pl.ds(part * group * d, group * d)
+    tokens = lambda ref: ref.at[batch, slots, head, :]
+    pipeline(tokens(q_ref), tokens(k_ref), tokens(v_ref), states_ref.at[batch, head, state_rows, :], tokens(out_ref))
+
+
+def padded_dim(size: int) -> int:
+    """A head dim padded to a multiple of 64 (at most MAX_DIM, so also a power of two: the Triton
+    passes these kernels share need one)."""
+    return -(-size // DIM_MULTIPLE) * DIM_MULTIPLE
+
+
+def forward(q, k, v, log_decay_row, log_decay_col, *, grid, variant: str, max_concurrent_steps: int = 2,
+            parallel_chunks: int | None = None, block: BlockSizes | None = None):
     """The cell output [B, N, H, dv] for q, k [B, N, H, d], v [B, N, H, dv] (bf16 or fp16; no
-    prefix) on a Hopper GPU. Forward only."""
-    reason = unsupported(grid, variant, q.dtype)
+    prefix) on a Hopper GPU.
+
+    Below `parallel_chunks` chunks (default: BlockSizes().parallel_chunks) one pass: a block per
+    (batch, head) walks its chunks carrying the state. From there on two passes, as the Triton
+    kernel: its state pass (pallas_gpu.chunk_states, with `block`'s launch parameters) writes
+    every chunk's starting state, then Mosaic GPU blocks of 8 chunks compute the outputs in parallel."""
+    reason = unsupported(grid, variant, q.dtype, q.shape[-1], v.shape[-1])
     if reason:
         raise ValueError(reason)
+    block = BlockSizes() if block is None else block
+    parallel_chunks = block.parallel_chunks if parallel_chunks is None else parallel_chunks
     layout = ChunkLayout.make(grid, variant, CHUNK)
     d, dv = q.shape[-1], v.shape[-1]
-    d_pad, dv_pad = (-(-size // DIM_MULTIPLE) * DIM_MULTIPLE for size in (d, dv))
+    d_pad, dv_pad = padded_dim(d), padded_dim(dv)
     pad = lambda x, size: jnp.pad(layout.pack(x), ((0, 0),) * 3 + ((0, size - x.shape[-1]),))
     q_p, k_p, v_p = pad(q, d_pad), pad(k, d_pad), pad(v, dv_pad)
     batch, length, heads, _ = q_p.shape
     decay, query_w, key_w, chunk_w = decay_tables(layout, log_decay_row, log_decay_col, d_pad)
+    out_type = jax.ShapeDtypeStruct((batch, length, heads, dv_pad), q.dtype)
+    if layout.num_chunks >= parallel_chunks:
+        decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)
+        states = pallas_gpu.chunk_states(k_p, v_p, decays, layout=layout, block=block, interpret=False)
+        group = chunk_group(layout.num_chunks)
+        out = plgpu.kernel(
+            functools.partial(_output_kernel, group=group, max_concurrent_steps=max_concurrent_steps),
+            out_type=out_type,
+            scratch_types=[plgpu.SMEM((CHUNK, CHUNK), jnp.float32, transforms=_transforms(jnp.float32)),
+                           plgpu.SMEM((CHUNK,), jnp.float32), plgpu.Barrier()],
+            grid=(batch, heads, layout.num_chunks // group),
+            grid_names=("batch", "heads", "part"),
+        )(q_p, k_p, v_p, states, decay, query_w)
+        return layout.unpack(out)[..., :dv]
     out = plgpu.kernel(
         functools.partial(_kernel, num_chunks=layout.num_chunks, max_concurrent_steps=max_concurrent_steps),
-        out_type=jax.ShapeDtypeStruct((batch, length, heads, dv_pad), q.dtype),
+        out_type=out_type,
         scratch_types=[plgpu.SMEM((CHUNK, CHUNK), jnp.float32, transforms=_transforms(jnp.float32)),
                         plgpu.SMEM((CHUNK,), jnp.float32), plgpu.SMEM((CHUNK,), jnp.float32),
                         plgpu.SMEM((d_pad,), jnp.float32),
