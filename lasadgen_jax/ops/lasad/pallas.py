@@ -1,9 +1,11 @@
 """The Pallas kernels behind `impl="pallas"`: layout, backend choice and gradients (docs/lasad.md §6).
 
-The kernels themselves are in pallas_gpu.py (Triton) and pallas_tpu.py (Mosaic TPU); both compute
-the cell part of LASAD (no prefix) with the arithmetic of pallas_chunk.py. This module packs the
-inputs into chunks, pads head dims to what the backend tiles (powers of two >= 16 on GPU,
-multiples of 128 lanes on TPU), and wires the backward pass with `jax.custom_vjp`.
+The kernels themselves are in pallas_gpu.py (Triton), pallas_mgpu.py (Mosaic GPU, Hopper: the
+generic kernel's forward and gradient step, `BlockSizes.gpu_lowering`) and pallas_tpu.py (Mosaic
+TPU); all compute the cell part of LASAD (no prefix) with the arithmetic of pallas_chunk.py. This
+module packs the inputs into chunks, pads head dims to what the backend tiles (powers of two >= 16
+on GPU, >= 64 for Mosaic GPU, multiples of 128 lanes on TPU), picks the GPU lowering, and wires
+the backward pass with `jax.custom_vjp`.
 
 `1d`, `2d_row`, `none` (BlockSizes.backward_generic="chunks", the default): the chunk backward,
 `chunk_backward` below: every chunk's starting state and its adjoint (two sequential passes),

@@ -1,28 +1,44 @@
-"""A Mosaic GPU body for the generic kernel's forward (`1d`, `2d_row`, `none`) — UNFINISHED.
+"""Mosaic GPU (Hopper) bodies of the generic kernel (`1d`, `2d_row`, `none`): the forward (one
+pass, or the output pass of the two-pass forward) and the chunk backward's gradient step.
 
-Status: lowers through Pallas's Mosaic GPU lowering (tests/test_lasad_pallas.py exports it for
-CUDA on the CPU), but has never run on a GPU: its numerics and speed are unmeasured, and nothing
-in `impl=...` reaches it. `benchmarks/mosaic_gpu.py` checks it against `chunked` and times it
-against the Triton kernel on a GPU. Forward only (no backward), Hopper (wgmma) only.
+`BlockSizes(gpu_lowering=...)` picks them (pallas.py): "auto", the default, runs them on a Hopper
+GPU wherever they apply (bf16/fp16 inputs, 64-slot chunks, head dims up to 128), "mosaic" always
+(raising where they do not apply), "triton" never. The two sequential passes (every chunk's
+starting state; the adjoints) stay the Triton kernels of pallas_gpu.py, whose outputs these read.
+Checked and timed on the H200 (benchmarks/mosaic_gpu.py, benchmarks/kernels.py; numbers in
+benchmarks/RESULTS.md): forward and every gradient against `chunked` and the Triton kernels, every
+output element written.
 
-Why it is not tested on CPU: neither interpret mode of jax 0.10 runs it. The generic one rejects
-the swizzled shared-memory transforms that wgmma operands need; Mosaic GPU's own
-(`InterpretGPUParams`, private) was tried step by step and lacks, in turn, `plgpu.load` on tiled
-refs, `layout_cast`, `run_state`, `transpose_ref` operands and the predicated copies of
-`emit_pipeline`'s outputs. (`pl.pallas_call` with a grid, the other way to write it, is deprecated
-for Mosaic GPU as of jax 0.10, hence `plgpu.kernel`.)
+Why they are not checked on CPU: neither interpret mode of jax 0.10 runs them. The generic one
+rejects the swizzled shared-memory transforms that wgmma operands need; Mosaic GPU's own
+(`InterpretGPUParams`, private) lacks, in turn, `plgpu.load` on tiled refs, `layout_cast`,
+`run_state`, `transpose_ref` operands and the predicated copies of `emit_pipeline`'s outputs. The
+tests export them for CUDA on the CPU (Pallas's Mosaic GPU lowering, shared-memory budgets
+included); their numerics need a GPU. (`pl.pallas_call` with a grid, the other way to write
+them, is deprecated for Mosaic GPU as of jax 0.10, hence `plgpu.kernel`.)
 
-The kernel is the one-pass walk of pallas_gpu.py in Mosaic GPU's model: a block per (batch,
-head) copies its head's decay tables to shared memory, then `plgpu.emit_pipeline` walks the
-chunks, TMA-loading the next chunks' q, k, v tiles (`max_concurrent_steps`) while one warpgroup
-computes, the d x dv float32 state carried in registers (a WGMMA accumulator). Per chunk
+Forward, one pass: a block per (batch, head) copies its head's decay tables to shared memory,
+then `plgpu.emit_pipeline` walks the chunks, TMA-loading the next chunks' q, k, v tiles
+(`max_concurrent_steps`) while one warpgroup computes, the d x dv float32 state carried in
+registers (a WGMMA accumulator). Per chunk
     out   = ((q k^T) * D) v + w_q * (q S)
     S    <- g^L S + k^T (w_k * v)
 with D, w_q, w_k, g^L the chunk's decay tables (pallas_chunk: `intra_chunk_decay`,
 `generic_weights`), computed per head in XLA before the call — every chunk of a head shares them.
 Row scalings ride on the accumulators (w_q, g^L) or on a shared-memory copy of v (w_k), so every
-matmul operand is an unscaled tile or a staged copy. Chunks of T = 64 slots (a warpgroup's wgmma
-M); head dims padded to multiples of 64 (one 128-byte swizzle row of bf16).
+matmul operand is an unscaled tile or a staged copy. From `parallel_chunks` chunks on, the Triton
+state pass writes every chunk's starting state and a block per (batch, head, 8 chunks) computes
+the outputs (`_output_kernel`), as the Triton two-pass forward does.
+
+Gradient step (pallas_chunk.generic_gradients at T = 64): a block per (batch, head, 8 chunks),
+its head's tables in shared memory, a pipeline over the chunks loading q, k, v, do and the
+chunk's state and adjoint. The within-chunk products are formed key-major (k q^T, v do^T) so that
+dS^T and P^T are wgmma operands straight from registers (dk = dS^T q, dv = P^T do); dq = dS k
+reads dS^T back from shared memory, transposed. The decay gradients leave as per-slot shares
+(summed in XLA): each pair's share times its exponent factor, and the chunk-crossing terms.
+
+Chunks of T = 64 slots (a warpgroup's wgmma M); head dims padded to multiples of 64 (one
+128-byte swizzle row of bf16).
 """
 
 from __future__ import annotations
