@@ -55,8 +55,14 @@ from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout
 
 CHUNK = 64  # slots per chunk: the wgmma M of one warpgroup
 DIM_MULTIPLE = 64  # head dims padded to a 128-byte swizzle row of bf16
+MAX_DIM = 128  # head dims up to this: two 128-wide pipeline stages of the gradient kernel exceed shared memory
 VARIANTS = pallas_chunk.GENERIC_VARIANTS
 WGMMA = plgpu.Layout.WGMMA
+
+
+def _transforms(dtype):
+    """Tiling + 128-byte swizzle: the shared-memory form wgmma reads."""
+    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
 
 
 def _rows(vector, shape):
@@ -75,6 +81,51 @@ def _matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
         return acc_ref[...]
 
     return pl.run_scoped(product, plgpu.ACC((a.shape[0], b.shape[1]), jnp.float32))
+
+
+def _rows_of(ref):
+    """A [T] float32 table in shared memory as a row vector of a WGMMA accumulator."""
+    return plgpu.layout_cast(ref[...], WGMMA.reduce(1))
+
+
+def _tile_of(ref):
+    """A shared-memory tile in the WGMMA register layout, float32."""
+    return plgpu.layout_cast(ref[...], WGMMA).astype(jnp.float32)
+
+
+def _accumulate(initial, a, b):
+    """initial + a @ b: one wgmma into an accumulator that starts at `initial` (float32, WGMMA)."""
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+
+    return pl.run_state(product)(plgpu.ACC.init(initial))
+
+
+# ----------------------------------------------------------------------------- what the kernels take
+
+
+def unsupported(grid, variant: str, dtype, d: int = DIM_MULTIPLE, dv: int = DIM_MULTIPLE) -> str:
+    """Why the kernels cannot take this grid, variant, input dtype and head dims ('' if they can)."""
+    if max(d, dv) > MAX_DIM:
+        return f"the Mosaic GPU kernels take head dims up to {MAX_DIM}, got d={d}, dv={dv}"
+    if variant not in VARIANTS:
+        return f"the Mosaic GPU kernel covers the variants {VARIANTS}, got {variant!r}"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return f"the Mosaic GPU kernel takes bf16 or fp16 inputs (wgmma), got {jnp.dtype(dtype)}"
+    chunk_tokens = ChunkLayout.make(grid, variant, CHUNK).chunk_tokens
+    if chunk_tokens != CHUNK:
+        return (f"the Mosaic GPU kernel needs {CHUNK}-slot chunks; grid {tuple(grid)} with variant {variant!r} gives "
+                f"{chunk_tokens} (rows wider than {CHUNK}, or fewer than {CHUNK} tokens)")
+    return ""
+
+
+def padded_dim(size: int) -> int:
+    """A head dim padded to a multiple of 64 (at most MAX_DIM, so also a power of two: the Triton
+    passes these kernels share need one)."""
+    return -(-size // DIM_MULTIPLE) * DIM_MULTIPLE
+
+
+# ----------------------------------------------------------------------------- forward
 
 
 def _chunk_step(tables, state_in_ref, weighted_v_ref, _, q_ref, k_ref, v_ref, out_ref, state):
@@ -120,22 +171,99 @@ def _kernel(q_ref, k_ref, v_ref, decay_ref, query_w_ref, key_w_ref, chunk_w_ref,
     pipeline(at(q_ref), at(k_ref), at(v_ref), at(out_ref))
 
 
-def _rows_of(ref):
-    """A [T] float32 table in shared memory as a row vector of a WGMMA accumulator."""
-    return plgpu.layout_cast(ref[...], WGMMA.reduce(1))
+def _output_step(tables, _, q_ref, k_ref, v_ref, state_ref, out_ref):
+    """One chunk of the two-pass forward's output pass, given its starting state (bf16/fp16)."""
+    decay_ref, query_w_ref = tables
+    masked = _matmul(q_ref, k_ref, transpose_b=True) * _tile_of(decay_ref)
+    read = _matmul(q_ref, state_ref)
+    read = read * _rows(_rows_of(query_w_ref), read.shape)
+    out_ref[...] = _accumulate(read, masked.astype(q_ref.dtype), v_ref).astype(out_ref.dtype)
+    plgpu.commit_smem()
 
 
-def _tile_of(ref):
-    """A shared-memory tile in the WGMMA register layout, float32."""
-    return plgpu.layout_cast(ref[...], WGMMA).astype(jnp.float32)
+def _output_kernel(q_ref, k_ref, v_ref, states_ref, decay_ref, query_w_ref, out_ref, decay_smem, query_w_smem,
+                   barrier, *, group: int, max_concurrent_steps: int):
+    """One (batch, head, group of chunks) per block: the outputs of its chunks, in a pipeline."""
+    batch, head, part = (jax.lax.axis_index(name) for name in ("batch", "heads", "part"))
+    for source, target in ((decay_ref, decay_smem), (query_w_ref, query_w_smem)):
+        plgpu.copy_gmem_to_smem(source.at[head], target, barrier)
+        plgpu.barrier_wait(barrier)
+    d, dv = q_ref.shape[-1], v_ref.shape[-1]
+    tile = lambda rows, width: plgpu.BlockSpec((rows, width), lambda c: (c, 0), transforms=_transforms(q_ref.dtype))
+    pipeline = plgpu.emit_pipeline(
+        functools.partial(_output_step, (decay_smem, query_w_smem)),
+        grid=(group,),
+        in_specs=[tile(CHUNK, d), tile(CHUNK, d), tile(CHUNK, dv), tile(d, dv)],
+        out_specs=[tile(CHUNK, dv)],
+        max_concurrent_steps=max_concurrent_steps,
+    )
+    slots, state_rows = pl.ds(part * group * CHUNK, group * CHUNK), pl.ds(part * group * d, group * d)
+    tokens = lambda ref: ref.at[batch, slots, head, :]
+    pipeline(tokens(q_ref), tokens(k_ref), tokens(v_ref), states_ref.at[batch, head, state_rows, :], tokens(out_ref))
 
 
-def _accumulate(initial, a, b):
-    """initial + a @ b: one wgmma into an accumulator that starts at `initial` (float32, WGMMA)."""
-    def product(acc_ref):
-        plgpu.wgmma(acc_ref, a, b)
+def decay_tables(layout: ChunkLayout, log_decay_row, log_decay_col, d: int):
+    """Per head: intra-chunk decays [H, T, T], query and key weights [H, T], the chunk decay
+    repeated over the state's d rows [H, d]; float32."""
+    def one_head(log_row, log_col):
+        query_w, key_w, chunk_decay = pallas_chunk.generic_weights(layout, log_row, log_col)
+        return (pallas_chunk.intra_chunk_decay(layout, log_row, log_col), query_w[:, 0], key_w[:, 0],
+                jnp.full((d,), chunk_decay, jnp.float32))
 
-    return pl.run_state(product)(plgpu.ACC.init(initial))
+    return jax.vmap(one_head)(log_decay_row.astype(jnp.float32), log_decay_col.astype(jnp.float32))
+
+
+def forward(q, k, v, log_decay_row, log_decay_col, *, grid, variant: str, max_concurrent_steps: int = 2,
+            parallel_chunks: int | None = None, block: BlockSizes | None = None):
+    """The cell output [B, N, H, dv] for q, k [B, N, H, d], v [B, N, H, dv] (bf16 or fp16; no
+    prefix) on a Hopper GPU.
+
+    Below `parallel_chunks` chunks (default: BlockSizes().parallel_chunks) one pass: a block per
+    (batch, head) walks its chunks carrying the state. From there on two passes, as the Triton
+    kernel: its state pass (pallas_gpu.chunk_states, with `block`'s launch parameters) writes
+    every chunk's starting state, then Mosaic GPU blocks of 8 chunks compute the outputs in parallel."""
+    reason = unsupported(grid, variant, q.dtype, q.shape[-1], v.shape[-1])
+    if reason:
+        raise ValueError(reason)
+    block = BlockSizes() if block is None else block
+    parallel_chunks = block.parallel_chunks if parallel_chunks is None else parallel_chunks
+    layout = ChunkLayout.make(grid, variant, CHUNK)
+    d, dv = q.shape[-1], v.shape[-1]
+    d_pad, dv_pad = padded_dim(d), padded_dim(dv)
+    pad = lambda x, size: jnp.pad(layout.pack(x), ((0, 0),) * 3 + ((0, size - x.shape[-1]),))
+    q_p, k_p, v_p = pad(q, d_pad), pad(k, d_pad), pad(v, dv_pad)
+    batch, length, heads, _ = q_p.shape
+    decay, query_w, key_w, chunk_w = decay_tables(layout, log_decay_row, log_decay_col, d_pad)
+    out_type = jax.ShapeDtypeStruct((batch, length, heads, dv_pad), q.dtype)
+    if layout.num_chunks >= parallel_chunks:
+        decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)
+        states = pallas_gpu.chunk_states(k_p, v_p, decays, layout=layout, block=block, interpret=False)
+        group = chunk_group(layout.num_chunks)
+        out = plgpu.kernel(
+            functools.partial(_output_kernel, group=group, max_concurrent_steps=max_concurrent_steps),
+            out_type=out_type,
+            scratch_types=[plgpu.SMEM((CHUNK, CHUNK), jnp.float32, transforms=_transforms(jnp.float32)),
+                           plgpu.SMEM((CHUNK,), jnp.float32), plgpu.Barrier()],
+            grid=(batch, heads, layout.num_chunks // group),
+            grid_names=("batch", "heads", "part"),
+        )(q_p, k_p, v_p, states, decay, query_w)
+        return layout.unpack(out)[..., :dv]
+    out = plgpu.kernel(
+        functools.partial(_kernel, num_chunks=layout.num_chunks, max_concurrent_steps=max_concurrent_steps),
+        out_type=out_type,
+        scratch_types=[plgpu.SMEM((CHUNK, CHUNK), jnp.float32, transforms=_transforms(jnp.float32)),
+                        plgpu.SMEM((CHUNK,), jnp.float32), plgpu.SMEM((CHUNK,), jnp.float32),
+                        plgpu.SMEM((d_pad,), jnp.float32),
+                        plgpu.SMEM((d_pad, dv_pad), q.dtype, transforms=_transforms(q.dtype)),
+                        plgpu.SMEM((CHUNK, dv_pad), q.dtype, transforms=_transforms(q.dtype)),
+                        plgpu.Barrier()],
+        grid=(batch, heads),
+        grid_names=("batch", "heads"),
+    )(q_p, k_p, v_p, decay, query_w, key_w, chunk_w)
+    return layout.unpack(out)[..., :dv]
+
+
+# ----------------------------------------------------------------------------- the chunk backward's gradient step
 
 
 SHARES = {"1d": ("col",), "2d_row": ("row", "col"), "none": ()}  # the decay-gradient shares each variant has
@@ -307,124 +435,3 @@ def gradient_call(q, k, v, d_out, states, tables, *, layout, group, max_concurre
         grid=(batch, heads, layout.num_chunks // group),
         grid_names=("batch", "heads", "part"),
     )(q, k, v, d_out, states, *(tables[name] for name in names))
-
-
-def decay_tables(layout: ChunkLayout, log_decay_row, log_decay_col, d: int):
-    """Per head: intra-chunk decays [H, T, T], query and key weights [H, T], the chunk decay
-    repeated over the state's d rows [H, d]; float32."""
-    def one_head(log_row, log_col):
-        query_w, key_w, chunk_decay = pallas_chunk.generic_weights(layout, log_row, log_col)
-        return (pallas_chunk.intra_chunk_decay(layout, log_row, log_col), query_w[:, 0], key_w[:, 0],
-                jnp.full((d,), chunk_decay, jnp.float32))
-
-    return jax.vmap(one_head)(log_decay_row.astype(jnp.float32), log_decay_col.astype(jnp.float32))
-
-
-def _transforms(dtype):
-    """Tiling + 128-byte swizzle: the shared-memory form wgmma reads."""
-    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
-
-
-MAX_DIM = 128  # head dims up to this: two 128-wide pipeline stages of the gradient kernel exceed shared memory
-
-
-def unsupported(grid, variant: str, dtype, d: int = DIM_MULTIPLE, dv: int = DIM_MULTIPLE) -> str:
-    """Why the kernels cannot take this grid, variant, input dtype and head dims ('' if they can)."""
-    if max(d, dv) > MAX_DIM:
-        return f"the Mosaic GPU kernels take head dims up to {MAX_DIM}, got d={d}, dv={dv}"
-    if variant not in VARIANTS:
-        return f"the Mosaic GPU kernel covers the variants {VARIANTS}, got {variant!r}"
-    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-        return f"the Mosaic GPU kernel takes bf16 or fp16 inputs (wgmma), got {jnp.dtype(dtype)}"
-    chunk_tokens = ChunkLayout.make(grid, variant, CHUNK).chunk_tokens
-    if chunk_tokens != CHUNK:
-        return (f"the Mosaic GPU kernel needs {CHUNK}-slot chunks; grid {tuple(grid)} with variant {variant!r} gives "
-                f"{chunk_tokens} (rows wider than {CHUNK}, or fewer than {CHUNK} tokens)")
-    return ""
-
-
-def _output_step(tables, _, q_ref, k_ref, v_ref, state_ref, out_ref):
-    """One chunk of the two-pass forward's output pass, given its starting state (bf16/fp16)."""
-    decay_ref, query_w_ref = tables
-    masked = _matmul(q_ref, k_ref, transpose_b=True) * _tile_of(decay_ref)
-    read = _matmul(q_ref, state_ref)
-    read = read * _rows(_rows_of(query_w_ref), read.shape)
-    out_ref[...] = _accumulate(read, masked.astype(q_ref.dtype), v_ref).astype(out_ref.dtype)
-    plgpu.commit_smem()
-
-
-def _output_kernel(q_ref, k_ref, v_ref, states_ref, decay_ref, query_w_ref, out_ref, decay_smem, query_w_smem,
-                   barrier, *, group: int, max_concurrent_steps: int):
-    """One (batch, head, group of chunks) per block: the outputs of its chunks, in a pipeline."""
-    batch, head, part = (jax.lax.axis_index(name) for name in ("batch", "heads", "part"))
-    for source, target in ((decay_ref, decay_smem), (query_w_ref, query_w_smem)):
-        plgpu.copy_gmem_to_smem(source.at[head], target, barrier)
-        plgpu.barrier_wait(barrier)
-    d, dv = q_ref.shape[-1], v_ref.shape[-1]
-    tile = lambda rows, width: plgpu.BlockSpec((rows, width), lambda c: (c, 0), transforms=_transforms(q_ref.dtype))
-    pipeline = plgpu.emit_pipeline(
-        functools.partial(_output_step, (decay_smem, query_w_smem)),
-        grid=(group,),
-        in_specs=[tile(CHUNK, d), tile(CHUNK, d), tile(CHUNK, dv), tile(d, dv)],
-        out_specs=[tile(CHUNK, dv)],
-        max_concurrent_steps=max_concurrent_steps,
-    )
-    slots, state_rows = pl.ds(part * group * CHUNK, group * CHUNK), pl.ds(part * group * d, group * d)
-    tokens = lambda ref: ref.at[batch, slots, head, :]
-    pipeline(tokens(q_ref), tokens(k_ref), tokens(v_ref), states_ref.at[batch, head, state_rows, :], tokens(out_ref))
-
-
-def padded_dim(size: int) -> int:
-    """A head dim padded to a multiple of 64 (at most MAX_DIM, so also a power of two: the Triton
-    passes these kernels share need one)."""
-    return -(-size // DIM_MULTIPLE) * DIM_MULTIPLE
-
-
-def forward(q, k, v, log_decay_row, log_decay_col, *, grid, variant: str, max_concurrent_steps: int = 2,
-            parallel_chunks: int | None = None, block: BlockSizes | None = None):
-    """The cell output [B, N, H, dv] for q, k [B, N, H, d], v [B, N, H, dv] (bf16 or fp16; no
-    prefix) on a Hopper GPU.
-
-    Below `parallel_chunks` chunks (default: BlockSizes().parallel_chunks) one pass: a block per
-    (batch, head) walks its chunks carrying the state. From there on two passes, as the Triton
-    kernel: its state pass (pallas_gpu.chunk_states, with `block`'s launch parameters) writes
-    every chunk's starting state, then Mosaic GPU blocks of 8 chunks compute the outputs in parallel."""
-    reason = unsupported(grid, variant, q.dtype, q.shape[-1], v.shape[-1])
-    if reason:
-        raise ValueError(reason)
-    block = BlockSizes() if block is None else block
-    parallel_chunks = block.parallel_chunks if parallel_chunks is None else parallel_chunks
-    layout = ChunkLayout.make(grid, variant, CHUNK)
-    d, dv = q.shape[-1], v.shape[-1]
-    d_pad, dv_pad = padded_dim(d), padded_dim(dv)
-    pad = lambda x, size: jnp.pad(layout.pack(x), ((0, 0),) * 3 + ((0, size - x.shape[-1]),))
-    q_p, k_p, v_p = pad(q, d_pad), pad(k, d_pad), pad(v, dv_pad)
-    batch, length, heads, _ = q_p.shape
-    decay, query_w, key_w, chunk_w = decay_tables(layout, log_decay_row, log_decay_col, d_pad)
-    out_type = jax.ShapeDtypeStruct((batch, length, heads, dv_pad), q.dtype)
-    if layout.num_chunks >= parallel_chunks:
-        decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)
-        states = pallas_gpu.chunk_states(k_p, v_p, decays, layout=layout, block=block, interpret=False)
-        group = chunk_group(layout.num_chunks)
-        out = plgpu.kernel(
-            functools.partial(_output_kernel, group=group, max_concurrent_steps=max_concurrent_steps),
-            out_type=out_type,
-            scratch_types=[plgpu.SMEM((CHUNK, CHUNK), jnp.float32, transforms=_transforms(jnp.float32)),
-                           plgpu.SMEM((CHUNK,), jnp.float32), plgpu.Barrier()],
-            grid=(batch, heads, layout.num_chunks // group),
-            grid_names=("batch", "heads", "part"),
-        )(q_p, k_p, v_p, states, decay, query_w)
-        return layout.unpack(out)[..., :dv]
-    out = plgpu.kernel(
-        functools.partial(_kernel, num_chunks=layout.num_chunks, max_concurrent_steps=max_concurrent_steps),
-        out_type=out_type,
-        scratch_types=[plgpu.SMEM((CHUNK, CHUNK), jnp.float32, transforms=_transforms(jnp.float32)),
-                        plgpu.SMEM((CHUNK,), jnp.float32), plgpu.SMEM((CHUNK,), jnp.float32),
-                        plgpu.SMEM((d_pad,), jnp.float32),
-                        plgpu.SMEM((d_pad, dv_pad), q.dtype, transforms=_transforms(q.dtype)),
-                        plgpu.SMEM((CHUNK, dv_pad), q.dtype, transforms=_transforms(q.dtype)),
-                        plgpu.Barrier()],
-        grid=(batch, heads),
-        grid_names=("batch", "heads"),
-    )(q_p, k_p, v_p, decay, query_w, key_w, chunk_w)
-    return layout.unpack(out)[..., :dv]
