@@ -120,3 +120,30 @@ def test_kernel_per_device_on_a_2x2x2_mesh_matches_the_reference(variant, kernel
 def test_model_runs_its_kernel_per_device_under_the_trainers_mesh(variant, kernel_impl):
     values = run("model", variant, kernel_impl)
     assert values["loss"] < 1e-4 and values["grads"] < 1e-4 and values["ok"], values
+
+
+def test_mosaic_gpu_kernels_lower_per_device_under_shard_map():
+    """The Mosaic GPU kernels (the default on a Hopper) inside per_device_heads' shard_map, forward
+    and backward, pass lowering for CUDA on the CPU (they have no interpret mode to run here)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from lasadgen_jax import sharding
+    from lasadgen_jax.ops.lasad import BlockSizes, lasad_attention_pallas
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    op = functools.partial(lasad_attention_pallas, grid=(4, 32), variant="1d", backend="gpu",
+                           block_sizes=BlockSizes(gpu_lowering="mosaic"))
+    x = jnp.ones((2, 128, 4, 64), jnp.bfloat16)
+    decays = -0.1 * jnp.ones((4,))
+    per_device = sharding.per_device_heads(op, mesh, batch=2, heads=4)
+    grad = jax.jit(jax.grad(lambda q: jnp.sum(per_device(q, x, x, decays, decays).astype(jnp.float32))))
+    triton = "__gpu$xla.gpu.triton"
+    module = jax.export.export(grad, platforms=["cuda"],
+                               disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(x).mlir_module()
+    assert "shard_map" in str(jax.make_jaxpr(grad)(x))
+    assert module.count("mosaic_gpu") >= 1
