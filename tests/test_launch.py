@@ -220,6 +220,24 @@ def slurm_bin(tmp_path_factory):
     return str(bin_dir)
 
 
+@pytest.fixture(scope="module")
+def slow_slurm_bin(tmp_path_factory):
+    """`scontrol show hostnames` that writes the first host, pauses, then 2000 more: a reader that
+    stops after the first line makes it die of SIGPIPE."""
+    bin_dir = tmp_path_factory.mktemp("slow_slurm_bin")
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\necho gpu-node07\nsleep 0.3\ni=0\nwhile [ $i -lt 2000 ]; do echo gpu-x$i; '
+                        'i=$((i+1)); done\n')
+    scontrol.chmod(0o755)
+    return str(bin_dir)
+
+
+def test_sbatch_reads_the_whole_host_list(slow_slurm_bin):
+    """The first host is taken without closing the pipe early (no SIGPIPE exit under pipefail)."""
+    assert lines(sbatch(slow_slurm_bin, "--dry-run", "--config=c.py", "--workdir=/w", "--tokens=/t"))[0] == (
+        "export JAX_COORDINATOR_ADDRESS=gpu-node07:24242")
+
+
 def sbatch(slurm_bin, *arguments, nodes="2", gpus="8"):
     environment = dict(os.environ, SLURM_JOB_NODELIST="gpu-node[07-08]", SLURM_JOB_NUM_NODES=nodes,
                        SLURM_GPUS_ON_NODE=gpus, SLURM_JOB_ID="4242", PATH=f"{slurm_bin}:{os.environ['PATH']}")
