@@ -41,26 +41,36 @@ IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "parallel", "palla
 # tokens, H = 16, d = dv = 64, bf16). Each entry: (largest N, algorithm) steps, the first that
 # holds wins, None = any N. A step's bound is the largest N where its choice was measured to win:
 # between measured sizes the table takes the choice measured at the smaller one.
+
+# Between the pure-XLA algorithms (CPU; benchmarks/lasad_ops.py on 2 cores, batch 32, 4 heads,
+# d = 48, float32): the `parallel` form's forward+backward against `chunked`: `2d` 3.3x / 2.2x /
+# 1.6x faster at N = 64 / 256 / 576 and even at 1024; `1d`, `2d_row`, `none` 1.9x / 2.3x / 1.6x
+# faster at 64, even or slower from 256 on.
+_XLA_STEPS = {
+    "2d": ((576, "parallel"), (None, "chunked")),
+    **{variant: ((64, "parallel"), (None, "chunked")) for variant in ("2d_row", "1d", "none")},
+}
 AUTO_IMPL = {
-    # CPU (no kernels; benchmarks/lasad_ops.py on 2 cores, batch 32, 4 heads, d = 48, float32): the
-    # XLA `parallel` form's forward+backward against `chunked`: `2d` 3.3x / 2.2x / 1.6x faster at
-    # N = 64 / 256 / 576 and even at 1024; `1d`, `2d_row`, `none` 1.9x / 2.3x / 1.6x faster at 64,
-    # even or slower from 256 on.
-    ("cpu", "2d"): ((576, "parallel"), (None, "chunked")),
-    **{("cpu", variant): ((64, "parallel"), (None, "chunked")) for variant in ("2d_row", "1d", "none")},
+    **{("cpu", variant): steps for variant, steps in _XLA_STEPS.items()},  # no kernels on CPU
     # The generic kernel with its chunk backward, forward+backward against the parallel-form
     # kernel's: N = 256 0.55-0.63 ms against 0.78-0.97 (flash 0.73), N = 1024 0.55-0.63 against
     # 1.52-2.27; 4.1-4.8x faster than flash at 4096 and 9.6-11.6x at 16384. The generic kernel at
-    # every N.
+    # every N (on a Hopper its Mosaic GPU bodies, BlockSizes.gpu_lowering: 1.4-1.6x / 4.9-6.0x /
+    # 9.4-12.9x faster than flash at 256 / 4096 / 16384).
     **{("gpu", variant): ((None, "pallas"),) for variant in ("1d", "2d_row", "none")},
     # Parallel kernel 37x / 28x / 20x faster than chunked at N = 256 / 1024 / 4096 (and 124x / 30x
     # faster than the 2d chunked kernel at 256 / 1024); 22 ms forward+backward at 16384. Its
     # quadratic work grows 4x per doubling of the side, chunked's linearly: chunked above 16384.
     ("gpu", "2d"): ((16384, "pallas_parallel"), (None, "chunked")),
-    # The Mosaic TPU kernels (chunked and parallel-form) have run in interpret mode only, never
-    # through Mosaic's compiler on a TPU nor timed: a default must not rest on them.
-    # impl="pallas" / "pallas_parallel" ask for them explicitly.
-    **{("tpu", variant): ((None, "chunked"),) for variant in VARIANTS},
+    # TPU: nothing has been timed on a TPU. The Mosaic TPU kernels (chunked and parallel-form) have
+    # run in interpret mode only, never through Mosaic's compiler on a TPU: a default must not rest
+    # on them (impl="pallas" / "pallas_parallel" ask for them explicitly). Between the two pure-XLA
+    # algorithms, the CPU's choices, the only measured ones: a TPU's matrix units make the quadratic
+    # form's matmuls cheaper against memory traffic than a CPU does, so they favour `parallel` at
+    # least as much, while `2d`'s `chunked` moves the w column states through HBM every row (at
+    # 16x16, batch 32, 16 heads: 134 MB per row step, forward and backward; on the H200 it was 35x
+    # slower than flash at N = 256). Not measured on a TPU.
+    **{("tpu", variant): steps for variant, steps in _XLA_STEPS.items()},
 }
 
 # The pure-XLA algorithms: by recomputation (autodiff.py), `chunked` by the chunk backward (but
