@@ -477,6 +477,19 @@ def test_mosaic_gpu_lowering_forward_and_backward_lower(variant, grid, d, prefix
     assert module.count("mosaic_gpu") >= 2  # the forward, the gradient step
 
 
+def test_mosaic_gpu_two_pass_forward_lowers():
+    """From parallel_chunks chunks on: the Triton state pass, then the Mosaic GPU output pass."""
+    case = Case("grid8x64", batch=2, grid=(8, 64), heads=2, d=64, dv=64, prefix=0)
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
+    op = functools.partial(lasad_attention_pallas, grid=case.grid, variant="1d", backend="gpu",
+                           block_sizes=BlockSizes(gpu_lowering="mosaic", parallel_chunks=2))
+    triton = "__gpu$xla.gpu.triton"
+    module = jax.export.export(jax.jit(lambda x: op(**x)), platforms=["cuda"],
+                               disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(inputs).mlir_module()
+    assert module.count(f"@{triton}") == 1 and 'name = "lasad_1d_states"' in module
+    assert "mosaic_gpu" in module
+
+
 @pytest.mark.parametrize("block, grid, dtype, d, interpret, error", [
     (BlockSizes(gpu_lowering="mosaic"), (4, 16), jnp.float32, 64, False, "bf16 or fp16"),
     (BlockSizes(gpu_lowering="mosaic"), (4, 16), jnp.bfloat16, 256, False, "head dims up to 128"),

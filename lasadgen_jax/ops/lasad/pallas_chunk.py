@@ -65,8 +65,8 @@ class BlockSizes:
       state/adjoint passes; 64-slot chunks, bf16/fp16 inputs, head dims up to 128, the chunk
       backward; anything else raises), "triton" (every kernel Triton), or "auto" (the default):
       "mosaic" where the device is a Hopper GPU (compute capability 9.x) and the call fits it,
-      else "triton" — on the H200 "mosaic" was 1.14-1.26x faster forward+backward up to N = 4096
-      (benchmarks/RESULTS.md).
+      else "triton" — on the H200 "mosaic" was 1.11-1.26x faster forward+backward at N = 256 to
+      16384 (benchmarks/RESULTS.md).
     """
 
     block_tokens: int = 64
@@ -366,8 +366,6 @@ def generic_gradients(layout: ChunkLayout, chunk, state, adjoint, log_row, log_c
         whole_chunks = length * jnp.exp(log_step * length) * overlap
         d_row, d_col = add_crossing(d_row, d_col, whole_chunks)
     return dq_blocks, dk_blocks, dv_blocks, d_row, d_col
-
-
 
 
 def column_smoothing(width: int, log_col):

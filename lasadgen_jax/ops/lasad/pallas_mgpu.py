@@ -214,11 +214,11 @@ def decay_tables(layout: ChunkLayout, log_decay_row, log_decay_col, d: int):
 
 
 def forward(q, k, v, log_decay_row, log_decay_col, *, grid, variant: str, max_concurrent_steps: int = 2,
-            parallel_chunks: int | None = None, block: BlockSizes | None = None):
+            block: BlockSizes | None = None):
     """The cell output [B, N, H, dv] for q, k [B, N, H, d], v [B, N, H, dv] (bf16 or fp16; no
     prefix) on a Hopper GPU.
 
-    Below `parallel_chunks` chunks (default: BlockSizes().parallel_chunks) one pass: a block per
+    Below `block.parallel_chunks` chunks (default BlockSizes()) one pass: a block per
     (batch, head) walks its chunks carrying the state. From there on two passes, as the Triton
     kernel: its state pass (pallas_gpu.chunk_states, with `block`'s launch parameters) writes
     every chunk's starting state, then Mosaic GPU blocks of 8 chunks compute the outputs in parallel."""
@@ -226,7 +226,6 @@ def forward(q, k, v, log_decay_row, log_decay_col, *, grid, variant: str, max_co
     if reason:
         raise ValueError(reason)
     block = BlockSizes() if block is None else block
-    parallel_chunks = block.parallel_chunks if parallel_chunks is None else parallel_chunks
     layout = ChunkLayout.make(grid, variant, CHUNK)
     d, dv = q.shape[-1], v.shape[-1]
     d_pad, dv_pad = padded_dim(d), padded_dim(dv)
@@ -235,7 +234,7 @@ def forward(q, k, v, log_decay_row, log_decay_col, *, grid, variant: str, max_co
     batch, length, heads, _ = q_p.shape
     decay, query_w, key_w, chunk_w = decay_tables(layout, log_decay_row, log_decay_col, d_pad)
     out_type = jax.ShapeDtypeStruct((batch, length, heads, dv_pad), q.dtype)
-    if layout.num_chunks >= parallel_chunks:
+    if layout.num_chunks >= block.parallel_chunks:
         decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)
         states = pallas_gpu.chunk_states(k_p, v_p, decays, layout=layout, block=block, interpret=False)
         group = chunk_group(layout.num_chunks)
