@@ -279,7 +279,8 @@ def open_data(config, tokens_dir: str, model_config: ModelConfig):
     from lasadgen_jax.data.pipeline import token_dataset, token_iterator   # grain: only where data is read
 
     dataset = token_dataset(tokens_dir, grid=model_config.grid, codebook_size=model_config.vocab_size,
-                            batch_size=config.batch_size // jax.process_count(), seed=config.seed)
+                            batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+                            skip_corrupt_records=config.data.skip_corrupt_records)
     return token_iterator(dataset, num_workers=config.data.num_workers, read_threads=config.data.read_threads,
                           prefetch_batches=config.data.prefetch_batches)
 

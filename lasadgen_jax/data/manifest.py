@@ -54,3 +54,30 @@ def check_manifest_matches(manifest: dict, path: str, grid: tuple[int, int], cod
     if spec["codebook_size"] != codebook_size:
         raise ValueError(f"{path}: tokens come from a codebook of {spec['codebook_size']}, "
                          f"the config wants {codebook_size}")
+
+
+def shard_record_count(path: str) -> int:
+    """The number of records an ArrayRecord shard holds (its footer only); ValueError naming an unreadable one."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:
+        reader = ArrayRecordReader(path)
+        count = reader.num_records()
+        reader.close()   # a truncated or corrupt footer is reported here, not by the constructor
+    except (RuntimeError, OSError) as error:
+        raise ValueError(f"token shard {path} cannot be opened: {error}") from None
+    return count
+
+
+def check_shard_record_counts(directory: str, manifest: dict) -> list[int]:
+    """Each shard's record count, after checking it equals the manifest's: a manifest that claims fewer
+    would leave records unread, one that claims more would index past a shard's end."""
+    counts = []
+    for shard in manifest["shards"]:
+        path = os.path.join(directory, shard["file"])
+        count = shard_record_count(path)
+        if count != shard["records"]:
+            raise ValueError(f"token shard {path} holds {count} records, its manifest "
+                             f"{os.path.join(directory, MANIFEST_FILE)} says {shard['records']}")
+        counts.append(count)
+    return counts
