@@ -12,7 +12,7 @@ from flax import nnx
 from PIL import Image
 
 from helpers import tiny_vq_architecture
-from lasadgen_jax.data import crops, extract, manifest as manifests, records
+from lasadgen_jax.data import crops, extract, manifest as manifests, records, sources
 from lasadgen_jax.data.sources import ImageFolderSource, open_source
 from lasadgen_jax.tokenizer import load_tokenizer, save_tokenizer
 from lasadgen_jax.tokenizer.model import create_vq_model
@@ -267,3 +267,89 @@ def test_tfds_mock_imagenet2012(tokenizer_dir, tmp_path):
     for (codes, label), (want_codes, want_label) in zip(got, want):
         np.testing.assert_array_equal(codes, want_codes)
         assert label == want_label
+
+
+# ---------------------------------------------------------------- odd inputs and failures
+
+
+def test_16_bit_greyscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """value >> 8: 0 -> 0, 65535 -> 255, 8-bit values stretched to 16 bits (v * 257) back to v exactly."""
+    values = np.array([[0, 255, 256, 20000], [257 * 17, 257 * 200, 65280, 65535]], np.uint16)
+    for name in ("cat/grey16.png", "dog/grey16.tif"):
+        os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+        Image.fromarray(values).save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode == "I;16"
+    source = ImageFolderSource(str(tmp_path))
+    want = np.array([[0, 0, 1, 78], [17, 200, 255, 255]], np.uint8)
+    for index in range(len(source)):
+        image, _ = source.load(index)
+        assert image.dtype == np.uint8 and image.shape == (2, 4, 3)
+        np.testing.assert_array_equal(image, np.repeat(want[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(sources.to_rgb(values)[..., 0], want)        # uint16 arrays (tfds) alike
+    with pytest.raises(ValueError, match="expected uint8 or uint16 pixels, got float32"):
+        sources.to_rgb(values.astype(np.float32))
+    Image.fromarray(values.astype(np.int32) * 4).save(tmp_path / "cat" / "int32.tif")   # no known range: unreadable
+    wide = ImageFolderSource(str(tmp_path))
+    assert wide.load([path for path, _ in wide.files].index(str(tmp_path / "cat" / "int32.tif")))[0] is None
+
+
+def test_a_class_directory_without_images_is_refused_or_skipped_by_choice(tmp_path):
+    rng = np.random.default_rng(2)
+    for name in ("ant", "cat"):
+        os.makedirs(tmp_path / name)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / name / "0.png")
+    os.makedirs(tmp_path / "bee")                              # empty
+    os.makedirs(tmp_path / "dog" / "nested")
+    (tmp_path / "dog" / "readme.txt").write_text("no image")   # no image file either
+    with pytest.raises(ValueError, match=rf"class directory '{tmp_path / 'bee'}' holds no image files .* 2 such"):
+        ImageFolderSource(str(tmp_path))
+    with pytest.raises(ValueError, match="--skip-empty-classes"):
+        open_source(f"imagefolder:{tmp_path}")
+    source = open_source(f"imagefolder:{tmp_path}", skip_empty_classes=True)
+    assert source.classes == ["ant", "cat"] and source.num_classes == 2
+    assert [label for _, label in source.files] == [0, 1]
+
+
+class FailingEncoder(extract.ShardedEncoder):
+    """The real encoder, raising `error` on its second call: mid-shard, after records were written."""
+
+    error: BaseException = RuntimeError("the accelerator went away")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.calls == 2:
+            raise self.error
+        return super().__call__(images)
+
+
+@pytest.mark.parametrize("failure", ["encoder-error", "keyboard-interrupt", "image-error"])
+def test_a_failure_mid_shard_leaves_no_temporary_file(tokenizer_dir, image_folder, tmp_path, monkeypatch, failure):
+    if failure == "image-error":
+        monkeypatch.setattr(ImageFolderSource, "load", lambda self, index: 1 / 0 if index == 4 else (None, 0))
+        expected = ZeroDivisionError
+    else:
+        error = KeyboardInterrupt() if failure == "keyboard-interrupt" else RuntimeError("the accelerator went away")
+        monkeypatch.setattr(FailingEncoder, "error", error)
+        monkeypatch.setattr(extract, "ShardedEncoder", FailingEncoder)
+        expected = type(error)
+    out = tmp_path / "tokens"
+    with pytest.raises(expected):
+        run(tokenizer_dir, f"imagefolder:{image_folder}", out, shard_size=6, batch_size=2)
+    assert os.listdir(out) == [], "a failed shard left files behind"
+
+
+def test_temporaries_of_a_killed_run_are_removed_when_its_shard_is_redone(tokenizer_dir, image_folder, tmp_path):
+    out = tmp_path / "tokens"
+    os.makedirs(out)
+    shard = out / manifests.shard_name(1, 3)
+    stale = [f"{shard}.tmp-999999", f"{manifests.sidecar_path(str(shard))}.tmp-999999"]
+    for path in stale:
+        with open(path, "w") as f:
+            f.write("half written")
+    run(tokenizer_dir, f"imagefolder:{image_folder}", out)
+    assert not any(".tmp" in name for name in os.listdir(out)), os.listdir(out)
+    assert manifests.read_manifest(str(out))["num_records"] == 5

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import glob
 import json
 import os
 import sys
@@ -68,18 +70,31 @@ def check_existing_sidecar(path: str, spec: dict) -> dict | None:
     return sidecar
 
 
+def remove_stale_temporaries(shard_path: str) -> None:
+    """Temporary files of this shard and its sidecar left by a run that was killed (SIGKILL, power loss):
+    nothing else writes them, since every shard has one owning process."""
+    for path in (shard_path, manifests.sidecar_path(shard_path)):
+        for stale in glob.glob(glob.escape(path) + ".tmp-*"):
+            os.remove(stale)
+
+
 def write_shard(shard_path, image_range, source, encoder, spec, batch_size, pool, progress) -> dict:
-    """Encode one shard's images into shard_path (atomically) and return its sidecar."""
+    """Encode one shard's images into shard_path (atomically) and return its sidecar.
+
+    The shard is written to a temporary file renamed into place at the end; whatever stops the
+    writing (an exception of the encoder or of an image, KeyboardInterrupt) removes it."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     num_crops, image_size, mode = spec["num_crops"], spec["image_size"], spec["crops"]
+    remove_stale_temporaries(shard_path)
     temporary = f"{shard_path}.tmp-{os.getpid()}"
-    writer = ArrayRecordWriter(temporary, "group_size:1")
     records, skipped = 0, []
     batches = [range(s, min(s + batch_size, image_range[1])) for s in range(image_range[0], image_range[1], batch_size)]
     submit = lambda batch: [pool.submit(load_crops, source, i, image_size, mode) for i in batch]
-    pending = submit(batches[0]) if batches else []
+    pending, writer = [], None
     try:
+        writer = ArrayRecordWriter(temporary, "group_size:1")
+        pending = submit(batches[0]) if batches else []
         for number, batch in enumerate(batches):
             loaded = [future.result() for future in pending]
             if number + 1 < len(batches):
@@ -94,8 +109,14 @@ def write_shard(shard_path, image_range, source, encoder, spec, batch_size, pool
                 records += len(valid)
             progress.update(len(batch))
         writer.close()
+        writer = None
         os.replace(temporary, shard_path)
     finally:
+        for future in pending:
+            future.cancel()
+        if writer is not None:   # release the file before removing it; the error that got here is the one to see
+            with contextlib.suppress(RuntimeError, OSError):
+                writer.close()
         if os.path.exists(temporary):
             os.remove(temporary)
     if skipped:
@@ -123,15 +144,18 @@ def write_manifest_if_complete(out: str, spec: dict, num_shards: int) -> dict | 
 def extract(tokenizer: str, source: str, out: str, *, split: str = "train", image_size: int = 256,
             crops: str = "tencrop", shard_size: int = 10000, batch_size: int = 64, workers: int = 8,
             process_index: int | None = None, process_count: int | None = None,
-            tfds_data_dir: str | None = None, max_images: int | None = None) -> dict:
+            tfds_data_dir: str | None = None, max_images: int | None = None,
+            skip_empty_classes: bool = False) -> dict:
     """Run (or resume) an extraction; returns a summary of what this process did.
 
     max_images: extract only the source's first max_images images (a quick look or a benchmark).
+    skip_empty_classes: leave out class directories of an imagefolder source that hold no images
+    (by default they are refused; see sources.ImageFolderSource).
     """
     crop_recipes.check_crop_mode(crops)
     model = load_tokenizer(tokenizer)
     grid = model.arch.grid(image_size)
-    image_source = open_source(source, split, tfds_data_dir)
+    image_source = open_source(source, split, tfds_data_dir, skip_empty_classes)
     num_images = len(image_source)
     if max_images is not None:
         if max_images <= 0:
@@ -188,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "unused with --process-index")
     parser.add_argument("--tfds-data-dir", default=None)
     parser.add_argument("--max-images", type=int, default=None, help="only the source's first N images")
+    parser.add_argument("--skip-empty-classes", action="store_true",
+                        help="imagefolder: leave out class directories without images (default: refuse them)")
     args = parser.parse_args(argv)
     if (args.process_index is None) != (args.process_count is None):
         parser.error("--process-index and --process-count go together")
@@ -201,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = extract(args.tokenizer, args.source, args.out, split=args.split, image_size=args.image_size,
                       crops=args.crops, shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
                       process_index=args.process_index, process_count=args.process_count,
-                      tfds_data_dir=args.tfds_data_dir, max_images=args.max_images)
+                      tfds_data_dir=args.tfds_data_dir, max_images=args.max_images,
+                      skip_empty_classes=args.skip_empty_classes)
     manifest = summary["manifest"]
     print(f"wrote {len(summary['written'])} shard(s), skipped {len(summary['skipped_finished'])} finished; "
           + (f"manifest: {manifest['num_records']} records, {manifest['num_skipped']} unreadable images skipped"

@@ -24,9 +24,13 @@ def sidecar_path(shard_path: str) -> str:
 
 def write_json_atomically(path: str, value: dict) -> None:
     temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as f:
+            json.dump(value, f, indent=1, sort_keys=True)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def read_manifest(directory: str) -> dict:
