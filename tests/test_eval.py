@@ -419,3 +419,63 @@ def test_command_line_refuses_a_reference_without_images_or_statistics(weights_p
                      f"--inception={weights_path}")
     assert result.returncode == 2
     assert "needs 'arr_0'" in result.stderr and "it has ['features']" in result.stderr
+
+
+# ----------------------------------------------------------------------------- guards: image size, NaN
+
+
+class PixelFeatureExtractor(FeatureExtractor):
+    """FeatureExtractor's own batching and bookkeeping around a stand-in for the network (features from
+    pixel statistics): the reference guards below need no Inception weights and run in milliseconds."""
+
+    def __init__(self, batch_size: int = 4):
+        self.batch_size, self.weights_id, self.has_logits = batch_size, "pixels", False
+
+    def _run(self, batch):
+        corner = batch[:, :2, :2].reshape(len(batch), -1)
+        moments = np.concatenate([batch.mean(axis=(1, 2)), batch.std(axis=(1, 2)), corner], axis=1) / 255.0
+        return {"pool3": np.resize(moments, (len(batch), 2048)), "spatial": np.resize(moments, (len(batch), 2023))}
+
+
+def test_references_record_their_image_size_and_refuse_samples_of_another(tmp_path, caplog):
+    extractor = PixelFeatureExtractor()
+    samples = extractor.features_of_array(random_images(6, seed=10, size=16), progress=False)
+    assert samples.image_size == (16, 16)
+    np.savez(tmp_path / "ref32.npz", arr_0=random_images(6, seed=11, size=32))
+    cache = str(tmp_path / "cache")
+    reference = load_reference(str(tmp_path / "ref32.npz"), extractor, cache_dir=cache, image_size=(32, 32))
+    assert reference.image_size == (32, 32)
+    with pytest.raises(ValueError, match=r"the samples are 16x16 images, the reference .*ref32.npz holds 32x32"):
+        load_reference(str(tmp_path / "ref32.npz"), extractor, cache_dir=cache, image_size=samples.image_size)
+    assert len(os.listdir(cache)) == 1   # the second call came from the cache, which keeps the size
+    np.savez(tmp_path / "stats.npz", mu=reference.mu, sigma=reference.sigma)
+    with caplog.at_level("WARNING", logger="lasadgen_jax.eval.reference"):
+        for _ in range(2):   # said once, then the statistics are used
+            stats = load_reference(str(tmp_path / "stats.npz"), extractor, image_size=(16, 16))
+    assert stats.image_size is None
+    assert len([r for r in caplog.records if "holds statistics only, no image size" in r.getMessage()]) == 1
+    np.savez(tmp_path / "sized.npz", mu=reference.mu, sigma=reference.sigma, meta_image_size=[32, 32])
+    with pytest.raises(ValueError, match=r"the samples are 16x16 images, .*sized.npz holds 32x32"):
+        load_reference(str(tmp_path / "sized.npz"), extractor, image_size=(16, 16))
+
+
+def test_non_finite_statistics_are_refused_naming_the_side(tmp_path):
+    from lasadgen_jax.evaluate import compute_metrics
+
+    rng = np.random.default_rng(12)
+    samples = Features(pool3=rng.normal(size=(10, 2048)), spatial=rng.normal(size=(10, 2023)), logits=None)
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    sigma[3, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", mu=mu, sigma=sigma)
+    with pytest.raises(ValueError, match=r"NaN or inf in the reference .*nan.npz: 'sigma'"):
+        reference_from_npz(str(tmp_path / "nan.npz"), None)
+    with pytest.raises(ValueError, match=r"NaN or inf in the reference's covariance \(Frechet distance\)"):
+        metrics.frechet_distance_to_features(samples.pool3, mu, sigma)   # fewer samples than dimensions
+    reference = Reference(source="stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    samples.pool3[4, 7] = np.inf
+    with pytest.raises(ValueError, match=r"NaN or inf in the samples' features \(Frechet distance\)"):
+        compute_metrics(samples, reference, metrics=("fid",))
+    with pytest.raises(ValueError, match=r"NaN or inf in the samples' features \(Frechet distance\)"):
+        metrics.frechet_distance_to_features(np.tile(samples.pool3, (300, 1)), mu, np.eye(2048))   # N > D
+    with pytest.raises(ValueError, match=r"NaN or inf in the samples' logits"):
+        metrics.inception_score(np.full((4, 10), np.nan))

@@ -23,11 +23,13 @@ from lasadgen_jax.eval.inception import jitted_forward, check_images, load_incep
 
 @dataclasses.dataclass
 class Features:
-    """Per-image features: pool3 [N, 2048], spatial [N, 2023], logits [N, 1008] or None."""
+    """Per-image features: pool3 [N, 2048], spatial [N, 2023], logits [N, 1008] or None, and the
+    (height, width) of the images they come from (None where unknown)."""
 
     pool3: np.ndarray
     spatial: np.ndarray
     logits: np.ndarray | None
+    image_size: tuple[int, int] | None = None
 
     def __len__(self):
         return len(self.pool3)
@@ -60,8 +62,10 @@ class FeatureExtractor:
         from tqdm import tqdm
 
         outputs: dict[str, list] = {"pool3": [], "spatial": [], "logits": []}
+        image_size = None
         with tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar:
             for batch, valid in self._fixed_batches(batches):
+                image_size = (int(batch.shape[1]), int(batch.shape[2]))
                 result = self._run(batch)
                 for name in outputs:
                     if name in result:
@@ -70,7 +74,7 @@ class FeatureExtractor:
         if not outputs["pool3"]:
             raise ValueError("no images to compute features of")
         join = lambda name: np.concatenate(outputs[name]) if outputs[name] else None
-        return Features(pool3=join("pool3"), spatial=join("spatial"), logits=join("logits"))
+        return Features(pool3=join("pool3"), spatial=join("spatial"), logits=join("logits"), image_size=image_size)
 
     def _fixed_batches(self, batches: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, int]]:
         pending, count, shape = [], 0, None

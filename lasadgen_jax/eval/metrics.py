@@ -39,6 +39,13 @@ PR_NEIGHBOURHOOD = 3
 # ----------------------------------------------------------------------------- FID
 
 
+def check_finite(what: str, value) -> None:
+    """ValueError naming `what` (e.g. "the reference's covariance") when `value` holds NaN or inf: a
+    metric of such inputs would be NaN, which is no result."""
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"NaN or inf in {what}")
+
+
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     """(mean [D], covariance [D, D]) in float64, as ADM (np.cov, rows are samples)."""
     features = np.asarray(features, np.float64)
@@ -95,9 +102,12 @@ def frechet_distance_to_features(features, mu2, sigma2) -> float:
     features = np.asarray(features, np.float64)
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"feature statistics need features [N >= 2, D], got shape {features.shape}")
+    mu2, sigma2 = np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)
+    check_finite("the samples' features (Frechet distance)", features)
+    check_finite("the reference's mean (Frechet distance)", mu2)
+    check_finite("the reference's covariance (Frechet distance)", sigma2)
     if len(features) > features.shape[1]:
         return frechet_distance(*feature_statistics(features), mu2, sigma2)
-    mu2, sigma2 = np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)
     if mu2.shape != features.shape[1:] or sigma2.shape != features.shape[1:] * 2:
         raise ValueError(f"statistics do not match: features {features.shape}, mu {mu2.shape}, sigma {sigma2.shape}")
     mu1 = features.mean(axis=0)
@@ -117,6 +127,7 @@ def inception_score(logits, split_size: int = IS_SPLIT_SIZE) -> float:
         raise ValueError(f"inception_score needs logits [N, classes], got shape {logits.shape}")
     if split_size < 1:
         raise ValueError(f"split_size must be >= 1, got {split_size}")
+    check_finite("the samples' logits (Inception Score)", logits)
     log_p = logits - logits.max(axis=1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
     p = np.exp(log_p)
@@ -198,6 +209,8 @@ def precision_recall(reference_features, sample_features, k: int = PR_NEIGHBOURH
     if reference_features.ndim != 2 or sample_features.ndim != 2 or reference_features.shape[1] != sample_features.shape[1]:
         raise ValueError(f"precision_recall needs [N, D] features of one D, got {reference_features.shape} "
                          f"and {sample_features.shape}")
+    check_finite("the reference's features (precision/recall)", reference_features)
+    check_finite("the samples' features (precision/recall)", sample_features)
     if reference_radii is None:
         reference_radii = manifold_radii(reference_features, k)
     sample_radii = manifold_radii(sample_features, k)

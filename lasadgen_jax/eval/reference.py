@@ -11,8 +11,13 @@ mean/covariance (sFID), and the reference pool3 features themselves with their k
   Fashion-MNIST split as the data pipeline reads it (32x32, grey repeated to RGB), the demo's
   reference.
 Computed references are cached in `cache_dir` as ADM-compatible npz files (mu, sigma, mu_s,
-sigma_s) plus the pool3 features, their radii and the Inception weights' hash; a cache made with
-other weights, or of a changed file, is not used.
+sigma_s) plus the pool3 features, their radii, the image size and the Inception weights' hash; a
+cache made with other weights, or of a changed file, is not used.
+
+Every reference records the (height, width) of its images; `load_reference(..., image_size=)`
+refuses samples of another size (an FID across image sizes measures the resize, not the model). An
+npz of statistics only knows no size, unless it stores `meta_image_size` ([height, width]): that is
+said once, and the check is skipped. Statistics that hold NaN or inf are refused.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 
@@ -27,16 +33,21 @@ import numpy as np
 
 from lasadgen_jax.eval.features import FeatureExtractor, npz_keys, stream_npz_images
 from lasadgen_jax.eval.inception import POOL_DIM, SPATIAL_DIM
-from lasadgen_jax.eval.metrics import PR_NEIGHBOURHOOD, feature_statistics, manifold_radii
+from lasadgen_jax.eval.metrics import PR_NEIGHBOURHOOD, check_finite, feature_statistics, manifold_radii
+
+logger = logging.getLogger(__name__)
 
 DATASETS = {"fashion_mnist": ("train", "test")}
-CACHE_FORMAT = "lasadgen_jax.eval.reference/1"
+CACHE_FORMAT = "lasadgen_jax.eval.reference/2"   # /2: with meta_image_size
 STAT_PAIRS = (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM))
+IMAGE_SIZE_KEY = "meta_image_size"
+_SAID_NO_IMAGE_SIZE: set[str] = set()   # references whose missing image size was reported (once each)
 
 
 @dataclasses.dataclass
 class Reference:
-    """FID statistics (pool3), sFID statistics (spatial; None if unknown), pool3 features and radii for P/R."""
+    """FID statistics (pool3), sFID statistics (spatial; None if unknown), pool3 features and radii for P/R,
+    and the (height, width) of the reference images (None if unknown). Refuses NaN or inf statistics."""
 
     source: str
     mu: np.ndarray
@@ -45,6 +56,14 @@ class Reference:
     sigma_s: np.ndarray | None = None
     pool3: np.ndarray | None = None
     radii: np.ndarray | None = None
+    image_size: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        for name in ("mu", "sigma", "mu_s", "sigma_s", "pool3"):
+            if getattr(self, name) is not None:
+                check_finite(f"the reference {self.source}: {name!r}", getattr(self, name))
+        if self.image_size is not None:
+            self.image_size = tuple(int(length) for length in self.image_size)
 
     @property
     def num_images(self) -> int | None:
@@ -86,26 +105,60 @@ def reference_from_npz(path: str, extractor: FeatureExtractor | None, batch_size
     with np.load(path, allow_pickle=False) as npz:
         stats = {key: np.asarray(npz[key], np.float64) for key in ("mu", "sigma", "mu_s", "sigma_s") if key in npz.files}
     _check_stats(path, stats)
-    reference = None
-    if "arr_0" in keys:
-        if extractor is None:
-            raise ValueError(f"{path} holds images: computing their statistics needs the Inception network")
-        total, batches = stream_npz_images(path, "arr_0", batch_size)
-        features = extractor(batches, total=total, desc=f"reference features ({os.path.basename(path)})",
-                             progress=progress)
-        reference = reference_from_features(path, features.pool3, features.spatial)
+    if "arr_0" not in keys:   # statistics only
+        image_size = stored_image_size(path)
+        if image_size is None:
+            say_no_image_size(path)
+        return Reference(source=path, mu=stats["mu"], sigma=stats["sigma"], mu_s=stats.get("mu_s"),
+                         sigma_s=stats.get("sigma_s"), image_size=image_size)
+    if extractor is None:
+        raise ValueError(f"{path} holds images: computing their statistics needs the Inception network")
+    total, batches = stream_npz_images(path, "arr_0", batch_size)
+    features = extractor(batches, total=total, desc=f"reference features ({os.path.basename(path)})",
+                         progress=progress)
+    reference = reference_from_features(path, features.pool3, features.spatial, image_size=features.image_size)
     if stats:  # ADM: precomputed statistics take precedence over the images' own
-        reference = reference or Reference(source=path, mu=stats["mu"], sigma=stats["sigma"])
-        reference.mu, reference.sigma = stats["mu"], stats["sigma"]
-        reference.mu_s, reference.sigma_s = stats.get("mu_s"), stats.get("sigma_s")
+        reference = dataclasses.replace(reference, mu=stats["mu"], sigma=stats["sigma"], mu_s=stats.get("mu_s"),
+                                        sigma_s=stats.get("sigma_s"))
     return reference
 
 
-def reference_from_features(source: str, pool3, spatial=None) -> Reference:
+def stored_image_size(path: str) -> tuple[int, int] | None:
+    """The [height, width] an npz stores under meta_image_size, if it does."""
+    with np.load(path, allow_pickle=False) as npz:
+        if IMAGE_SIZE_KEY not in npz.files:
+            return None
+        size = np.asarray(npz[IMAGE_SIZE_KEY])
+    if size.shape != (2,) or size.dtype.kind not in "iu" or size.min() < 1:
+        raise ValueError(f"{path}: {IMAGE_SIZE_KEY!r} must be [height, width] (positive integers), got {size}")
+    return int(size[0]), int(size[1])
+
+
+def say_no_image_size(source: str) -> None:
+    """Logs once per reference that its image size is unknown (statistics only), so samples of any size pass."""
+    if source not in _SAID_NO_IMAGE_SIZE:
+        _SAID_NO_IMAGE_SIZE.add(source)
+        logger.warning("reference %s holds statistics only, no image size: the samples' image size cannot be "
+                       "checked against it (store [height, width] as %r to check it)", source, IMAGE_SIZE_KEY)
+
+
+def check_image_size(reference: Reference, image_size: tuple[int, int] | None) -> None:
+    """ValueError when the samples' (height, width) differs from the reference images'. Nothing to check
+    when either is unknown (a reference without a size was reported when it was read)."""
+    if image_size is None or reference.image_size is None:
+        return
+    if tuple(image_size) != tuple(reference.image_size):
+        (h, w), (rh, rw) = image_size, reference.image_size
+        raise ValueError(f"the samples are {h}x{w} images, the reference {reference.source} holds {rh}x{rw} "
+                         f"images: compare samples with a reference of their own image size")
+
+
+def reference_from_features(source: str, pool3, spatial=None, *, image_size: tuple[int, int] | None = None
+                            ) -> Reference:
     mu, sigma = feature_statistics(pool3)
     mu_s, sigma_s = feature_statistics(spatial) if spatial is not None else (None, None)
     return Reference(source=source, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
-                     pool3=np.asarray(pool3, np.float32))
+                     pool3=np.asarray(pool3, np.float32), image_size=image_size)
 
 
 def dataset_images(spec: str) -> np.ndarray:
@@ -148,7 +201,9 @@ def save_reference(reference: Reference, path: str, inception_id: str) -> None:
     """An ADM-compatible npz (mu, sigma, mu_s, sigma_s) plus pool3 features, radii and metadata; atomic."""
     arrays = {"mu": reference.mu, "sigma": reference.sigma, "meta_format": np.array(CACHE_FORMAT),
               "meta_source": np.array(reference.source), "meta_inception": np.array(inception_id)}
-    optional = {"mu_s": reference.mu_s, "sigma_s": reference.sigma_s, "pool3": reference.pool3, "radii": reference.radii}
+    optional = {"mu_s": reference.mu_s, "sigma_s": reference.sigma_s, "pool3": reference.pool3,
+                "radii": reference.radii,
+                IMAGE_SIZE_KEY: None if reference.image_size is None else np.array(reference.image_size, np.int64)}
     arrays.update({key: value for key, value in optional.items() if value is not None})
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -167,15 +222,18 @@ def _load_cached(path: str, inception_id: str) -> Reference | None:
             return None
         get = lambda key: npz[key] if key in npz.files else None
         return Reference(source=str(npz["meta_source"]), mu=npz["mu"], sigma=npz["sigma"], mu_s=get("mu_s"),
-                         sigma_s=get("sigma_s"), pool3=get("pool3"), radii=get("radii"))
+                         sigma_s=get("sigma_s"), pool3=get("pool3"), radii=get("radii"),
+                         image_size=get(IMAGE_SIZE_KEY))
 
 
 def load_reference(spec: str, extractor: FeatureExtractor, cache_dir: str | None = None,
-                   with_radii: bool = True, progress: bool = True) -> Reference:
+                   with_radii: bool = True, progress: bool = True, *,
+                   image_size: tuple[int, int] | None = None) -> Reference:
     """The Reference of `spec` (an .npz path or 'fashion_mnist:test'), from `cache_dir` when computed before.
 
     Dataset references are always cached when `cache_dir` is given; npz files holding images too
     (keyed by path, size and mtime). `with_radii` also computes (and caches) the k-NN radii.
+    image_size: the samples' (height, width); a reference of another image size is refused (ValueError).
     """
     if not is_dataset_spec(spec) and not os.path.isfile(spec):
         raise ValueError(f"--ref {spec} is neither an existing .npz file nor a known dataset "
@@ -183,16 +241,18 @@ def load_reference(spec: str, extractor: FeatureExtractor, cache_dir: str | None
     cache = _cache_path(spec, extractor, cache_dir) if cache_dir else None
     reference = _load_cached(cache, extractor.weights_id) if cache else None
     if reference is not None and (reference.radii is not None or reference.pool3 is None or not with_radii):
+        check_image_size(reference, image_size)
         return reference
     if reference is None:
         if is_dataset_spec(spec):
             features = extractor.features_of_array(dataset_images(spec), desc=f"reference features ({spec})",
                                                    progress=progress)
-            reference = reference_from_features(spec, features.pool3, features.spatial)
+            reference = reference_from_features(spec, features.pool3, features.spatial, image_size=features.image_size)
         else:
             reference = reference_from_npz(spec, extractor, progress=progress)
     if with_radii and reference.pool3 is not None:
         reference.ensure_radii()
     if cache and reference.pool3 is not None:
         save_reference(reference, cache, extractor.weights_id)
+    check_image_size(reference, image_size)
     return reference
