@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from lasadgen_jax.models.lasad_attention import LASADAttention
+from lasadgen_jax.models.rope import ROPE_LAYOUTS
 from lasadgen_jax.models.softmax_attention import SoftmaxAttention
 from lasadgen_jax.ops.lasad import common
 
@@ -50,6 +51,7 @@ class ModelConfig:
     resid_dropout: float = 0.1
     ffn_dropout: float = 0.1
     use_rope: bool = True
+    rope_layout: str = "target"
     lasad_impl: str = "auto"
     decay_range: tuple[float, float] = (0.5, 0.985)
     norm_eps: float = 1e-5
@@ -60,6 +62,12 @@ class ModelConfig:
     def __post_init__(self):
         if self.attention not in ATTENTION_TYPES:
             raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}")
+        if self.rope_layout != "target" and (self.attention != "softmax" or not self.use_rope):
+            raise ValueError(f"rope_layout {self.rope_layout!r} (LlamaGen's RoPE, for its converted checkpoints) needs "
+                             f"attention 'softmax' and use_rope True, got attention {self.attention!r}, use_rope "
+                             f"{self.use_rope}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         object.__setattr__(self, "grid", common.check_grid(self.grid))
@@ -116,7 +124,8 @@ def make_attention(config: ModelConfig, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     if config.attention == "softmax":
         return SoftmaxAttention(
-            config.dim, config.num_heads, use_rope=config.use_rope, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            config.dim, config.num_heads, use_rope=config.use_rope, rope_layout=config.rope_layout, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
         )
     return LASADAttention(
         config.dim, config.num_heads, variant=config.attention, use_rope=config.use_rope,

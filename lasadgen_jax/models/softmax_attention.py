@@ -17,7 +17,11 @@ from lasadgen_jax.ops.lasad import common
 
 
 class SoftmaxAttention(nnx.Module):
-    """q/k/v/o projections (no bias), optional 2D RoPE, causal softmax attention."""
+    """q/k/v/o projections (no bias), optional 2D RoPE, causal softmax attention.
+
+    rope_layout (rope.py): "target" rotates a query by the cell it predicts; "llamagen" by its own
+    token's cell, with the prefix positions' queries and keys zeroed, as LlamaGen's GPT does.
+    """
 
     def __init__(
         self,
@@ -26,6 +30,7 @@ class SoftmaxAttention(nnx.Module):
         *,
         use_rope: bool = True,
         rope_base: float = 10000.0,
+        rope_layout: str = "target",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -35,7 +40,11 @@ class SoftmaxAttention(nnx.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         if use_rope and self.head_dim % 4:
             raise ValueError(f"use_rope needs a head dim divisible by 4, got {self.head_dim}")
-        self.use_rope, self.rope_base, self.dtype = use_rope, rope_base, dtype
+        if rope_layout not in rope.ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout must be one of {rope.ROPE_LAYOUTS}, got {rope_layout!r}")
+        if rope_layout != "target" and not use_rope:
+            raise ValueError(f"rope_layout {rope_layout!r} needs use_rope=True")
+        self.use_rope, self.rope_base, self.rope_layout, self.dtype = use_rope, rope_base, rope_layout, dtype
         linear = lambda: nnx.Linear(dim, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (linear() for _ in range(4))
 
@@ -47,6 +56,11 @@ class SoftmaxAttention(nnx.Module):
             return x
         return rope.apply_rope(x, rope.rope_2d_angles(rows, cols, self.head_dim, self.rope_base))
 
+    @staticmethod
+    def _zero_prefix(x, num_prefix: int):
+        """x [batch, n, heads, head_dim] with its first num_prefix positions zeroed (LlamaGen's prefix rotation)."""
+        return x.at[:, :num_prefix].set(0)
+
     def _merge_heads(self, x):
         return self.out_proj(x.reshape(*x.shape[:-2], self.dim).astype(self.dtype))
 
@@ -54,8 +68,12 @@ class SoftmaxAttention(nnx.Module):
         """x: [batch, num_prefix + h*w - 1, dim] -> [batch, same, dim]."""
         h, w = alignment.check_sequence(x, self.dim, grid, num_prefix)
         query_rows, query_cols, key_rows, key_cols = alignment.sequence_cells((h, w), num_prefix)
+        if self.rope_layout == "llamagen":
+            query_rows, query_cols = key_rows, key_cols
         q = self._rotate(self._heads(self.q_proj(x)), query_rows, query_cols)
         k = self._rotate(self._heads(self.k_proj(x)), key_rows, key_cols)
+        if self.rope_layout == "llamagen":
+            q, k = self._zero_prefix(q, num_prefix), self._zero_prefix(k, num_prefix)
         v = self._heads(self.v_proj(x))
         return self._merge_heads(jax.nn.dot_product_attention(q, k, v, is_causal=True))
 
@@ -73,8 +91,10 @@ class SoftmaxAttention(nnx.Module):
         if x_prefix.ndim != 3 or x_prefix.shape[-1] != self.dim:
             raise ValueError(f"x_prefix must be [batch, P, dim={self.dim}], got shape {x_prefix.shape}")
         q, k, v = (self._heads(proj(x_prefix)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # prefix positions: identity rotation
         length = x_prefix.shape[1]
+        if self.rope_layout == "llamagen":
+            q, k = self._zero_prefix(q, length), self._zero_prefix(k, length)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # "target": prefix positions unrotated
         state = {
             "k": state["k"].at[:, :length].set(k.astype(state["k"].dtype)),
             "v": state["v"].at[:, :length].set(v.astype(state["v"].dtype)),
@@ -93,6 +113,8 @@ class SoftmaxAttention(nnx.Module):
         num_prefix = state["k"].shape[1] - h * w + 1
         position = num_prefix - 1 + jnp.asarray(cell)
         query_row, query_col, key_row, key_col = alignment.decode_cells(cell, w)
+        if self.rope_layout == "llamagen":
+            query_row, query_col = key_row, key_col
         x = x[:, None]
         q = self._rotate(self._heads(self.q_proj(x)), query_row, query_col)
         k = self._rotate(self._heads(self.k_proj(x)), key_row, key_col)
