@@ -119,28 +119,35 @@ def infer_model_config(state_dict: dict, grid: tuple[int, int], size: str | None
     if not depth or layers != set(range(depth)):
         raise ValueError(f"{source}: transformer layers {sorted(layers)[:8]} are not layers.0 .. layers.N-1")
     hidden = _shape(state_dict, "layers.0.feed_forward.w1.weight", 2, source)[0]
-    matching_sizes = [name for name, (d, _, m) in SIZES.items() if (d, m) == (depth, dim)]
-    if size is not None:
-        if size not in SIZES:
-            raise ValueError(f"--size must be one of {tuple(SIZES)}, got {size!r}")
-        if size not in matching_sizes:
-            raise ValueError(f"{source}: --size {size} is depth {SIZES[size][0]}, dim {SIZES[size][2]}; the "
-                             f"checkpoint has depth {depth}, dim {dim}" +
-                             (f" (LlamaGen-{matching_sizes[0]})" if matching_sizes else ""))
-    elif matching_sizes:
-        size = matching_sizes[0]
-    if size is not None and num_heads is not None and num_heads != SIZES[size][1]:
-        raise ValueError(f"--num_heads {num_heads} disagrees with LlamaGen-{size}'s {SIZES[size][1]} heads")
-    if size is None and num_heads is None:
-        raise ValueError(f"{source}: depth {depth}, dim {dim} is none of LlamaGen's sizes "
-                         f"{ {name: (d, m) for name, (d, _, m) in SIZES.items()} }; pass num_heads")
     config = ModelConfig(vocab_size=vocab_size, num_classes=class_rows - 1, grid=grid, dim=dim, depth=depth,
-                         num_heads=num_heads if size is None else SIZES[size][1], attention="softmax",
+                         num_heads=head_count(depth, dim, size, num_heads, source), attention="softmax",
                          num_prefix=CLASS_TOKENS, rope_layout="llamagen")
     if config.ffn_hidden != hidden:
         raise ValueError(f"{source}: layers.0.feed_forward.w1.weight has {hidden} hidden features; LlamaGen's rule "
                          f"(2/3 of 4 dim, a multiple of 256) gives {config.ffn_hidden} for dim {dim}")
     return config
+
+
+def head_count(depth: int, dim: int, size: str | None, num_heads: int | None, source: str) -> int:
+    """The head count, which no shape shows: LlamaGen's for the size whose (depth, dim) the shapes have
+    (`size`, if given, must be that one), else `num_heads`."""
+    matching = [name for name, (d, _, m) in SIZES.items() if (d, m) == (depth, dim)]
+    if size is not None:
+        if size not in SIZES:
+            raise ValueError(f"--size must be one of {tuple(SIZES)}, got {size!r}")
+        if size not in matching:
+            raise ValueError(f"{source}: --size {size} is depth {SIZES[size][0]}, dim {SIZES[size][2]}; the "
+                             f"checkpoint has depth {depth}, dim {dim}" +
+                             (f" (LlamaGen-{matching[0]})" if matching else ""))
+    size = size or (matching[0] if matching else None)
+    if size is None:
+        if num_heads is None:
+            raise ValueError(f"{source}: depth {depth}, dim {dim} is none of LlamaGen's sizes "
+                             f"{ {name: (d, m) for name, (d, _, m) in SIZES.items()} }; pass num_heads")
+        return num_heads
+    if num_heads is not None and num_heads != SIZES[size][1]:
+        raise ValueError(f"--num_heads {num_heads} disagrees with LlamaGen-{size}'s {SIZES[size][1]} heads")
+    return SIZES[size][1]
 
 
 def grid_from(image_size: int | None, src: str, state_dict: dict) -> tuple[int, int]:
