@@ -44,6 +44,7 @@ class ModelConfig:
     depth: int = 12
     num_heads: int = 12
     attention: str = "2d"
+    rope_layout: str = "target"  # softmax only: "llamagen" for LlamaGen's converted GPTs (models/rope.py)
     num_prefix: int = 1
     ffn_multiple_of: int = 256
     class_dropout: float = 0.1
@@ -51,7 +52,6 @@ class ModelConfig:
     resid_dropout: float = 0.1
     ffn_dropout: float = 0.1
     use_rope: bool = True
-    rope_layout: str = "target"
     lasad_impl: str = "auto"
     decay_range: tuple[float, float] = (0.5, 0.985)
     norm_eps: float = 1e-5
