@@ -7,7 +7,8 @@ computed the way flash attention computes softmax attention: tiles of queries ag
 keys, the decay D(a, m) = exp(log D) evaluated on chip from the two tiles' grid positions, the
 N x N weights never leaving the chip. O(N^2 d) work and no states, against O(N d dv) for the
 chunked kernels: at short sequences (the 16x16 and 24x24 token grids of the configs) fewer,
-larger matmuls and no sequential walk win. Every variant uses the same body; only the formula of
+larger matmuls and no sequential walk win (benchmarks/RESULTS.md, "The fused parallel-form kernel
+(`impl="pallas_parallel"`)"). Every variant uses the same body; only the formula of
 log D and of its derivatives along the two log decays differ (`common.pair_log_decay`).
 
 Backward, as in flash attention, two kernels: one per key tile (dk, dv and the decay gradients,
