@@ -1,4 +1,4 @@
-"""Does 2D decay matter? The attention ablation of issue 9, on Fashion-MNIST tokens of a 16x16 grid.
+"""Does 2D decay matter? The attention ablation, on Fashion-MNIST tokens of a 16x16 grid.
 
 Three stages; only the second needs the GPU:
 

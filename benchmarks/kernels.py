@@ -11,30 +11,33 @@
    the kernel against the pure-XLA `chunked` algorithm (forward and all gradients, bf16), and
    that it writes every output element: a Triton kernel's output buffer poisoned with NaN first, a
    Mosaic GPU kernel's output for v doubled compared with twice its output (`written_check`).
-   Row "pallas" is the default BlockSizes (gpu_lowering "auto": Mosaic GPU on a Hopper GPU where
-   it applies), "pallas triton" the all-Triton kernels.
+   Row "pallas" is the default chunk kernel (ChunkOptions.gpu_lowering "auto": Mosaic GPU on a
+   Hopper GPU where it applies), "pallas triton" the all-Triton kernels.
 3. Table: for each N (square grid, batch = tokens // N), the median forward and forward+backward
    time of cuDNN flash attention (causal), the `chunked` algorithm and the Pallas kernel of each
    variant, as ratios to flash in the same run; GB/s of the forward's compulsory traffic (q, k, v
    read, out written) against the copy ceiling. `--backward-2d` picks the `2d` kernel's backward(s)
-   (`BlockSizes.backward_2d`): `refwd` (the default, row "pallas") and/or `sweep` (row "pallas sweep").
+   (`ChunkOptions.backward_2d`): `refwd` (the default, row "pallas") and/or `sweep` (row "pallas sweep").
 Exit status 1 if a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lasadgen_jax.ops import lasad
-from lasadgen_jax.ops.lasad import BlockSizes, ParallelBlocks, pallas, pallas_parallel
+from lasadgen_jax.ops.lasad import BlockSizes, ChunkOptions, ParallelBlocks
+from lasadgen_jax.ops.lasad.kernels import chunk, parallel_form
 
 DIFF = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")
 
@@ -62,11 +65,26 @@ def rel_error(actual, expected):
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
+class ChunkConfig(NamedTuple):
+    """One configuration of the chunk kernel: its tiles and its options."""
+
+    tiles: BlockSizes
+    options: ChunkOptions
+
+
+def chunk_config(**fields) -> ChunkConfig:
+    """A ChunkConfig from BlockSizes and ChunkOptions fields, each to the dataclass that has it."""
+    option_names = {field.name for field in dataclasses.fields(ChunkOptions)}
+    return ChunkConfig(BlockSizes(**{name: value for name, value in fields.items() if name not in option_names}),
+                       ChunkOptions(**{name: value for name, value in fields.items() if name in option_names}))
+
+
 def op(grid, variant, impl, block=None):
     if impl == "pallas_parallel" and block is not None:
         return lambda x: lasad.lasad_attention_parallel(**x, grid=grid, variant=variant, blocks=block)
     if impl == "pallas" and block is not None:
-        return lambda x: lasad.lasad_attention_pallas(**x, grid=grid, variant=variant, backend="gpu", block_sizes=block)
+        return lambda x: lasad.lasad_attention_pallas(**x, grid=grid, variant=variant, backend="gpu",
+                                                      block_sizes=block.tiles, options=block.options)
     return lambda x: lasad.lasad_attention(**x, grid=grid, variant=variant, impl=impl)
 
 
@@ -105,14 +123,14 @@ def ceilings():
 
 
 def kernel_runs(variant, backwards_2d, impls=("pallas",)):
-    """(label, impl, block sizes) of each Pallas configuration to run: for impl 'pallas' one, or
+    """(label, impl, configuration) of each Pallas configuration to run: for impl 'pallas' one, or
     for `2d` one per backward; for 'pallas_parallel' the fused parallel-form kernel."""
     runs = []
     if "pallas" in impls and variant != "2d":
-        runs.append(("pallas", "pallas", BlockSizes()))  # gpu_lowering "auto": Mosaic GPU where it applies
-        runs.append(("pallas triton", "pallas", BlockSizes(gpu_lowering="triton")))
+        runs.append(("pallas", "pallas", chunk_config()))  # gpu_lowering "auto": Mosaic GPU where it applies
+        runs.append(("pallas triton", "pallas", chunk_config(gpu_lowering="triton")))
     if "pallas" in impls and variant == "2d":
-        runs += [("pallas" if backward == "refwd" else f"pallas {backward}", "pallas", BlockSizes(backward_2d=backward))
+        runs += [("pallas" if backward == "refwd" else f"pallas {backward}", "pallas", chunk_config(backward_2d=backward))
                  for backward in backwards_2d]
     if "pallas_parallel" in impls:
         runs.append(("pallas parallel", "pallas_parallel", ParallelBlocks()))
@@ -148,9 +166,10 @@ def small_checks(variants, backwards_2d, impls) -> bool:
 
 
 def runs_mosaic_gpu(inputs, grid, variant, block) -> bool:
-    """Whether `impl="pallas"` with these block sizes runs the Mosaic GPU kernels on this machine."""
-    return isinstance(block, BlockSizes) and pallas.uses_mosaic_gpu(
-        "gpu", block, inputs["q"], inputs["v"], grid=grid, variant=variant, interpret=False, poison=False)
+    """Whether `impl="pallas"` with this configuration runs the Mosaic GPU kernels on this machine."""
+    return isinstance(block, ChunkConfig) and chunk.uses_mosaic_gpu(
+        "gpu", block.tiles, block.options, inputs["q"], inputs["v"], grid=grid, variant=variant, interpret=False,
+        poison=False)
 
 
 def written_check(inputs, grid, variant, block, out):
@@ -171,12 +190,12 @@ def written_check(inputs, grid, variant, block, out):
 def poisoned_forward(inputs, grid, variant, block):
     if isinstance(block, ParallelBlocks):
         decays = jnp.stack([inputs["log_decay_row"], inputs["log_decay_col"]], axis=1)
-        return pallas_parallel.forward(inputs["q"], inputs["k"], inputs["v"], decays, grid=grid, variant=variant,
+        return parallel_form.forward(inputs["q"], inputs["k"], inputs["v"], decays, grid=grid, variant=variant,
                                        blocks=block, interpret=False, poison=True)
-    return pallas.run_kernel(
+    return chunk.run_kernel(
         inputs["q"], inputs["k"], inputs["v"], inputs["log_decay_row"], inputs["log_decay_col"], grid=grid,
-        variant=variant, backend="gpu", interpret=False, block=block, tangent=None, out_dtype=inputs["q"].dtype,
-        poison=True,
+        variant=variant, backend="gpu", interpret=False, tiles=block.tiles, options=block.options, tangent=None,
+        out_dtype=inputs["q"].dtype, poison=True,
     )
 
 
@@ -234,15 +253,15 @@ def table(args) -> bool:
     return ok
 
 
-EXTRAS = [  # (variant, label, impl, block sizes): other tilings after the table, `--extras`
-    ("1d", "refwd backward (re-run forward + tangent calls)", "pallas", BlockSizes(backward_generic="refwd")),
-    ("1d", "1 pipeline stage", "pallas", BlockSizes(num_stages=1)),
-    ("1d", "value tiles of 32", "pallas", BlockSizes(dv_block=32)),
-    ("1d", "two passes at every N", "pallas", BlockSizes(parallel_chunks=1)),
-    ("1d", "T=128 chunks", "pallas", BlockSizes(block_tokens=128)),
-    ("2d", "R=1 row per chunk", "pallas", BlockSizes(block_tokens_2d=16)),
-    ("2d", "R = 128 / wp rows per chunk", "pallas", BlockSizes(block_tokens_2d=128)),
-    ("2d", "8 warps", "pallas", BlockSizes(num_warps_2d=8)),
+EXTRAS = [  # (variant, label, impl, configuration): other tilings after the table, `--extras`
+    ("1d", "refwd backward (re-run forward + tangent calls)", "pallas", chunk_config(backward_generic="refwd")),
+    ("1d", "1 pipeline stage", "pallas", chunk_config(num_stages=1)),
+    ("1d", "value tiles of 32", "pallas", chunk_config(dv_block=32)),
+    ("1d", "two passes at every N", "pallas", chunk_config(parallel_chunks=1)),
+    ("1d", "T=128 chunks", "pallas", chunk_config(block_tokens=128)),
+    ("2d", "R=1 row per chunk", "pallas", chunk_config(block_tokens_2d=16)),
+    ("2d", "R = 128 / wp rows per chunk", "pallas", chunk_config(block_tokens_2d=128)),
+    ("2d", "8 warps", "pallas", chunk_config(num_warps_2d=8)),
     ("2d", "parallel, 32-token tiles", "pallas_parallel", ParallelBlocks(block=32)),
     ("2d", "parallel, 128-token tiles, 8 warps", "pallas_parallel", ParallelBlocks(block=128, num_warps=8)),
     ("2d", "parallel, 64-token tiles, 3 stages", "pallas_parallel", ParallelBlocks(num_stages=3)),
@@ -295,7 +314,7 @@ def main(argv=None):
             print(f"--impls: unknown kernel {impl!r} (pallas, pallas_parallel)", file=sys.stderr)
             return 2
     for backward in args.backward_2d:
-        BlockSizes(backward_2d=backward)  # raises for an unknown backward before any GPU time is spent
+        ChunkOptions(backward_2d=backward)  # raises for an unknown backward before any GPU time is spent
     if jax.default_backend() != "gpu":
         print(f"this benchmark needs a GPU; jax's default backend is {jax.default_backend()!r}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""The Mosaic GPU kernels of the generic kernel (ops/lasad/pallas_mgpu.py: the forward and the
+"""The Mosaic GPU kernels of the generic kernel (ops/lasad/kernels/chunk_mgpu.py: the forward and the
 chunk backward's gradient step) on a Hopper GPU: check them against `chunked` and the Triton
 kernels, then time forward and forward+backward against the Triton kernels and cuDNN flash.
 
@@ -6,10 +6,10 @@ kernels, then time forward and forward+backward against the Triton kernels and c
     python benchmarks/mosaic_gpu.py --sizes 16,64 --variants 1d
 
 Shapes as benchmarks/kernels.py: square grids, batch = tokens // N, H = 16, d = dv = 64, bf16.
-`mosaic` is `lasad_attention_pallas(..., block_sizes=BlockSizes(gpu_lowering="mosaic"))`: the
+`mosaic` is `lasad_attention_pallas(..., options=ChunkOptions(gpu_lowering="mosaic"))`: the
 Mosaic GPU forward (one pass, or from `parallel_chunks` chunks on the Triton state pass and a
 Mosaic GPU output pass; both are timed), the Triton state/adjoint passes, the Mosaic GPU gradient
-step; `triton` BlockSizes(gpu_lowering="triton"). Checks: forward and every gradient against
+step; `triton` ChunkOptions(gpu_lowering="triton"). Checks: forward and every gradient against
 `chunked` and the Triton kernels, and every output element written (the Mosaic kernels cannot
 alias a poisoned buffer, so forward and backward run again with v doubled: the output, dq, dk
 and the decay gradients are linear in v, dv does not depend on it, and doubling is exact, so each
@@ -28,9 +28,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from kernels import compiled_pair, flash, op, random_inputs, rel_error, time_ms
-from lasadgen_jax.ops.lasad import pallas_mgpu
-from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes
+from kernels import chunk_config, compiled_pair, flash, op, random_inputs, rel_error, time_ms
+from lasadgen_jax.ops.lasad.kernels import chunk_mgpu
 
 TOLERANCE = 2e-2  # bf16, as benchmarks/kernels.py
 
@@ -70,14 +69,14 @@ def main(argv=None):
         flash_fwd, flash_both, flash_args = compiled_pair(flash, inputs, cotangent)
         flash_ms = (time_ms(flash_fwd, flash_args, args.repeats), time_ms(flash_both, flash_args, args.repeats))
         for variant in args.variants.split(","):
-            reason = pallas_mgpu.unsupported(grid, variant, jnp.bfloat16, args.dim, args.dim)
+            reason = chunk_mgpu.unsupported(grid, variant, jnp.bfloat16, args.dim, args.dim)
             if reason:
                 print(f"| {n} | {variant} | skipped: {reason} |", flush=True)
                 continue
-            configs = (("mosaic", "pallas", BlockSizes(gpu_lowering="mosaic")),  # first: fresh output buffers
-                       ("chunked", "chunked", None), ("triton", "pallas", BlockSizes(gpu_lowering="triton")),
-                       ("mosaic 1-pass", "pallas", BlockSizes(gpu_lowering="mosaic", parallel_chunks=1 << 30)),
-                       ("mosaic 2-pass", "pallas", BlockSizes(gpu_lowering="mosaic", parallel_chunks=1)))
+            configs = (("mosaic", "pallas", chunk_config(gpu_lowering="mosaic")),  # first: fresh output buffers
+                       ("chunked", "chunked", None), ("triton", "pallas", chunk_config(gpu_lowering="triton")),
+                       ("mosaic 1-pass", "pallas", chunk_config(gpu_lowering="mosaic", parallel_chunks=1 << 30)),
+                       ("mosaic 2-pass", "pallas", chunk_config(gpu_lowering="mosaic", parallel_chunks=1)))
             try:
                 runs = {label: compiled_pair(op(grid, variant, impl, block), inputs, cotangent)
                         for label, impl, block in configs}

@@ -1,4 +1,4 @@
-"""Multi-GPU data + FSDP training (issue 10): the trainer's step over meshes of n devices vs one.
+"""Multi-GPU data + FSDP training: the trainer's step over meshes of n devices vs one.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
         python3 benchmarks/multi_gpu.py --size L --attention 2d_row --steps 50 --json_out R.json

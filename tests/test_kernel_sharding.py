@@ -133,11 +133,11 @@ def test_mosaic_gpu_kernels_lower_per_device_under_shard_map():
     from jax.sharding import Mesh
 
     from lasadgen_jax import sharding
-    from lasadgen_jax.ops.lasad import BlockSizes, lasad_attention_pallas
+    from lasadgen_jax.ops.lasad import ChunkOptions, lasad_attention_pallas
 
     mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     op = functools.partial(lasad_attention_pallas, grid=(4, 32), variant="1d", backend="gpu",
-                           block_sizes=BlockSizes(gpu_lowering="mosaic"))
+                           options=ChunkOptions(gpu_lowering="mosaic"))
     x = jnp.ones((2, 128, 4, 64), jnp.bfloat16)
     decays = -0.1 * jnp.ones((4,))
     per_device = sharding.per_device_heads(op, mesh, batch=2, heads=4)

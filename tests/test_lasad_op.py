@@ -88,9 +88,9 @@ def test_forward_bfloat16_matches_reference(variant, impl, case_name):
     assert rel_error(actual, expected) < 2e-2
 
 
-# What impl="auto" must resolve to (docs/lasad.md §6, benchmarks/RESULTS.md issue 6), by backend,
-# variant and sequence length: written out here, not read from AUTO_IMPL, so that a change of the
-# table is a visible change of this test.
+# What impl="auto" must resolve to (docs/lasad.md §6; benchmarks/RESULTS.md, "`impl="auto"` from
+# these runs"), by backend, variant and sequence length: written out here, not read from AUTO_IMPL,
+# so that a change of the table is a visible change of this test.
 AUTO_EXPECTED = {
     "cpu": {
         "2d": {1: "parallel", 64: "parallel", 256: "parallel", 576: "parallel", 577: "chunked", 4096: "chunked"},

@@ -9,7 +9,6 @@ Sizes are small so that interpret mode stays quick on a CPU; the full-size check
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import zlib
 
@@ -21,8 +20,10 @@ import pytest
 
 from helpers import Case, make_inputs, rel_error
 from lasadgen_jax.ops import lasad
-from lasadgen_jax.ops.lasad import (BlockSizes, ParallelBlocks, lasad_attention, lasad_attention_pallas,
-                                    lasad_attention_parallel, pallas, pallas_mgpu)
+from lasadgen_jax.ops.lasad import (BlockSizes, ChunkOptions, ParallelBlocks, lasad_attention, lasad_attention_pallas,
+                                    lasad_attention_parallel)
+from lasadgen_jax.ops.lasad.kernels import backend as kernel_backend
+from lasadgen_jax.ops.lasad.kernels import chunk, chunk_mgpu
 
 BACKENDS = ("gpu", "tpu")
 CASES = {
@@ -48,7 +49,7 @@ def seed_of(*parts) -> int:
 
 
 @functools.cache
-def jitted_op(grid, variant, backend, block=BlockSizes()):
+def jitted_op(grid, variant, backend, block=BlockSizes(), options=ChunkOptions()):
     if backend == "reference":
         return jax.jit(functools.partial(lasad_attention, grid=grid, variant=variant, impl="reference"))
     if backend.startswith("parallel_"):
@@ -56,13 +57,14 @@ def jitted_op(grid, variant, backend, block=BlockSizes()):
         return jax.jit(functools.partial(lasad_attention_parallel, grid=grid, variant=variant, interpret=True,
                                          backend=backend.removeprefix("parallel_"), blocks=blocks))
     return jax.jit(functools.partial(
-        lasad_attention_pallas, grid=grid, variant=variant, backend=backend, interpret=True, block_sizes=block
+        lasad_attention_pallas, grid=grid, variant=variant, backend=backend, interpret=True, block_sizes=block,
+        options=options,
     ))
 
 
 @functools.cache
-def jitted_grads(grid, variant, backend, block=BlockSizes()):
-    op = jitted_op(grid, variant, backend, block)
+def jitted_grads(grid, variant, backend, block=BlockSizes(), options=ChunkOptions()):
+    op = jitted_op(grid, variant, backend, block, options)
 
     def loss(diff, cotangent):
         return jnp.sum(cotangent.astype(jnp.float32) * op(**diff).astype(jnp.float32))
@@ -70,17 +72,18 @@ def jitted_grads(grid, variant, backend, block=BlockSizes()):
     return jax.jit(jax.grad(loss))
 
 
-def check_forward(case, variant, backend, dtype, tolerance, block=BlockSizes()):
+def check_forward(case, variant, backend, dtype, tolerance, block=BlockSizes(), options=ChunkOptions()):
     inputs = make_inputs(case, seed=seed_of(case, variant, backend, dtype), dtype=dtype)
     expected = jitted_op(case.grid, variant, "reference")(**inputs)
-    actual = jitted_op(case.grid, variant, backend, block)(**inputs)
+    actual = jitted_op(case.grid, variant, backend, block, options)(**inputs)
     chex.assert_shape(actual, (case.batch, case.grid[0] * case.grid[1], case.heads, case.dv))
     chex.assert_type(actual, dtype)
     error = rel_error(actual, expected)
     assert error < tolerance, f"forward: relative error {error:.2e} >= {tolerance}"
 
 
-def check_grads(case, variant, backend, dtype, tolerance, block=BlockSizes(), log_decay_range=(-1.0, -0.05)):
+def check_grads(case, variant, backend, dtype, tolerance, block=BlockSizes(), log_decay_range=(-1.0, -0.05),
+                options=ChunkOptions()):
     """Every gradient against the reference's, norm-wise relative error < tolerance.
 
     Except in bf16 for the log decays: each is one sum over all pairs (a, m) of terms of both signs,
@@ -92,7 +95,7 @@ def check_grads(case, variant, backend, dtype, tolerance, block=BlockSizes(), lo
     inputs = make_inputs(case, seed=seed, dtype=dtype, log_decay_range=log_decay_range)
     cotangent = jax.random.normal(jax.random.PRNGKey(seed + 1), inputs["v"].shape).astype(dtype)
     expected = jitted_grads(case.grid, variant, "reference")(inputs, cotangent)
-    actual = jitted_grads(case.grid, variant, backend, block)(inputs, cotangent)
+    actual = jitted_grads(case.grid, variant, backend, block, options)(inputs, cotangent)
     decay_scale = None
     if jnp.dtype(dtype).itemsize < 4:
         absolute = {name: None if x is None or name.startswith("log_") else jnp.abs(x) for name, x in inputs.items()}
@@ -150,11 +153,11 @@ def test_forward_small_tiles_many_chunks(variant):
 
 def test_two_pass_gpu_kernel_forward_and_gradients():
     """The GPU generic kernel's two-pass form (chunk states first, then all chunks in parallel)."""
-    two_pass = BlockSizes(block_tokens=32, parallel_chunks=2)
+    block, two_pass = BlockSizes(block_tokens=32), ChunkOptions(parallel_chunks=2)
     case = Case("grid6x20_prefix1", batch=1, grid=(6, 20), heads=2, d=16, dv=32, prefix=1)
-    check_forward(case, "2d_row", "gpu", jnp.float32, 1e-4, block=two_pass)
-    check_forward(case, "1d", "gpu", jnp.float32, 1e-4, block=two_pass)
-    check_grads(case, "1d", "gpu", jnp.float32, 1e-4, block=two_pass)
+    check_forward(case, "2d_row", "gpu", jnp.float32, 1e-4, block=block, options=two_pass)
+    check_forward(case, "1d", "gpu", jnp.float32, 1e-4, block=block, options=two_pass)
+    check_grads(case, "1d", "gpu", jnp.float32, 1e-4, block=block, options=two_pass)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -206,9 +209,9 @@ def test_chunk_backward_tpu_body_1d_many_chunks():
 
 
 def test_refwd_backward_of_the_generic_kernel():
-    """BlockSizes(backward_generic="refwd"): the forward kernel re-run plus decay-tangent calls."""
-    block = BlockSizes(block_tokens=16, backward_generic="refwd")
-    check_grads(CASES["grid3x7_prefix2"], "2d_row", "gpu", jnp.float32, 1e-4, block=block)
+    """ChunkOptions(backward_generic="refwd"): the forward kernel re-run plus decay-tangent calls."""
+    check_grads(CASES["grid3x7_prefix2"], "2d_row", "gpu", jnp.float32, 1e-4, block=BlockSizes(block_tokens=16),
+                options=ChunkOptions(backward_generic="refwd"))
 
 
 @pytest.mark.parametrize("backward, kernels", [("chunks", ("lasad_1d_states_adjoints", "lasad_1d_gradients")),
@@ -217,7 +220,7 @@ def test_generic_backward_runs_the_chosen_kernels(backward, kernels):
     case = CASES["grid3x7_prefix2"]
     inputs = {name: x for name, x in make_inputs(case, seed=0).items() if x is not None}
     op = functools.partial(lasad_attention_pallas, grid=case.grid, variant="1d", backend="gpu", interpret=True,
-                           block_sizes=BlockSizes(block_tokens=16, backward_generic=backward))
+                           block_sizes=BlockSizes(block_tokens=16), options=ChunkOptions(backward_generic=backward))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(op(**x))))(inputs))
     for name in kernels:
         assert f"name={name}" in jaxpr, name
@@ -247,11 +250,11 @@ def test_chunk_backward_lowers_to_triton_and_mosaic_tpu():
 
 # ----------------------------------------------------------------------------- the 2d sweep backward
 
-# BlockSizes(backward_2d="sweep") (GPU body in interpret mode): every gradient against the reference.
+# ChunkOptions(backward_2d="sweep") (GPU body in interpret mode): every gradient against the reference.
 # Key and value tiles of 16, so that d or dv of 36 (padded to 64) splits into several tiles whose
 # partial sums must add up; 16 slots per row, so block_tokens_2d 16 / 32 gives 1 / 2 rows per chunk.
 SWEEP_CASES = {
-    case.name: (case, BlockSizes(block_tokens_2d=tokens, d_block_2d=16, dv_block_2d=16, backward_2d="sweep"))
+    case.name: (case, BlockSizes(block_tokens_2d=tokens, d_block_2d=16, dv_block_2d=16))
     for case, tokens in [
         # 2 chunks of 2 rows, the last with a padded row; batch 2 and prefix keys.
         (Case("grid3x5_prefix2", batch=2, grid=(3, 5), heads=2, d=16, dv=16, prefix=2), 32),
@@ -265,16 +268,19 @@ SWEEP_CASES = {
 }
 
 
+SWEEP = ChunkOptions(backward_2d="sweep")
+
+
 @pytest.mark.parametrize("case_name", list(SWEEP_CASES))
 def test_sweep_backward_2d_gradients_float32(case_name):
     case, block = SWEEP_CASES[case_name]
-    check_grads(case, "2d", "gpu", jnp.float32, 1e-4, block=block)
+    check_grads(case, "2d", "gpu", jnp.float32, 1e-4, block=block, options=SWEEP)
 
 
 @pytest.mark.parametrize("case_name", ["grid3x5_prefix2", "grid4x3_d12_dv36_prefix1"])
 def test_sweep_backward_2d_gradients_bfloat16(case_name):
     case, block = SWEEP_CASES[case_name]
-    check_grads(case, "2d", "gpu", jnp.bfloat16, 2e-2, block=block)
+    check_grads(case, "2d", "gpu", jnp.bfloat16, 2e-2, block=block, options=SWEEP)
 
 
 def test_sweep_backward_2d_runs_the_sweep():
@@ -284,7 +290,7 @@ def test_sweep_backward_2d_runs_the_sweep():
     inputs = make_inputs(case, seed=0)
     for backward, sweep_calls, tangent_calls in (("sweep", 1, 0), ("refwd", 0, 2)):
         op = functools.partial(lasad_attention_pallas, grid=case.grid, variant="2d", backend="gpu", interpret=True,
-                               block_sizes=dataclasses.replace(block, backward_2d=backward))
+                               block_sizes=block, options=ChunkOptions(backward_2d=backward))
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(op(**x))))(inputs))
         assert jaxpr.count("name=lasad_2d_sweep_backward") == sweep_calls, backward
         assert jaxpr.count("name=lasad_2d_d_") == tangent_calls, backward
@@ -296,7 +302,8 @@ def test_sweep_backward_lowers_to_triton_ir():
     compiler itself (PTX, registers) runs only on a GPU."""
     case, block = SWEEP_CASES["grid4x3_d12_dv36_prefix1"]
     inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
-    op = functools.partial(lasad_attention_pallas, grid=case.grid, variant="2d", backend="gpu", block_sizes=block)
+    op = functools.partial(lasad_attention_pallas, grid=case.grid, variant="2d", backend="gpu", block_sizes=block,
+                           options=SWEEP)
     grad = jax.jit(jax.grad(lambda x: jnp.sum(op(**x).astype(jnp.float32))))
     triton = "__gpu$xla.gpu.triton"
     exported = jax.export.export(
@@ -311,12 +318,12 @@ def test_sweep_backward_on_tpu_raises():
     case, block = SWEEP_CASES["grid3x5_prefix2"]
     with pytest.raises(ValueError, match="GPU .Triton. kernel only"):
         lasad_attention_pallas(**make_inputs(case, seed=0), grid=case.grid, variant="2d", backend="tpu",
-                               interpret=True, block_sizes=block)
+                               interpret=True, block_sizes=block, options=SWEEP)
 
 
 # ----------------------------------------------------------------------------- the parallel-form kernel
 
-# The fused parallel-form kernel (pallas_parallel.py), its bodies interpreted on CPU. GPU tiles of
+# The fused parallel-form kernel (kernels/parallel_form.py), its bodies interpreted on CPU. GPU tiles of
 # 16 tokens, so that even the 3x7 grid spans two query and two key tiles (the diagonal tile's
 # mask, the walk over earlier tiles and the zero-padded end of the sequence all take part). The
 # TPU body's tiles are 128 tokens: the 12x20 grid (240 tokens) spans two.
@@ -427,12 +434,14 @@ def test_unknown_backend_raises():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("block_tokens", 48), ("dv_block", 8), ("num_warps", 0), ("backward_2d", "reverse"),
-                     ("backward_generic", "sweep"), ("gradient_block", 8), ("num_stages", 0)]
+    "config, field, value",
+    [(BlockSizes, "block_tokens", 48), (BlockSizes, "dv_block", 8), (BlockSizes, "num_warps", 0),
+     (ChunkOptions, "backward_2d", "reverse"), (ChunkOptions, "backward_generic", "sweep"),
+     (BlockSizes, "gradient_block", 8), (BlockSizes, "num_stages", 0), (ChunkOptions, "parallel_chunks", 3)],
 )
-def test_block_sizes_validate_themselves(field, value):
+def test_block_sizes_and_options_validate_themselves(config, field, value):
     with pytest.raises(ValueError, match=field):
-        BlockSizes(**{field: value})
+        config(**{field: value})
 
 
 def test_2d_column_states_over_budget_raise():
@@ -444,16 +453,16 @@ def test_2d_column_states_over_budget_raise():
                                interpret=True, block_sizes=too_big)
 
 
-# ----------------------------------------------------------------------------- Mosaic GPU kernels (pallas_mgpu.py)
+# ----------------------------------------------------------------------------- Mosaic GPU kernels (chunk_mgpu.py)
 
 
 @pytest.mark.parametrize("variant, grid, d", [("1d", (3, 40), 64), ("2d_row", (6, 16), 48), ("none", (2, 64), 64)])
 def test_mosaic_gpu_forward_lowers(variant, grid, d):
-    """pallas_mgpu.forward passes Pallas's Mosaic GPU lowering (jax.export for CUDA on the CPU).
+    """chunk_mgpu.forward passes Pallas's Mosaic GPU lowering (jax.export for CUDA on the CPU).
     Its numerics need a GPU (benchmarks/mosaic_gpu.py); see the module docstring."""
     case = Case(f"grid{grid}", batch=1, grid=grid, heads=2, d=d, dv=d, prefix=0)
     inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
-    forward = jax.jit(functools.partial(pallas_mgpu.forward, grid=grid, variant=variant))
+    forward = jax.jit(functools.partial(chunk_mgpu.forward, grid=grid, variant=variant))
     module = jax.export.export(forward, platforms=["cuda"])(**inputs).mlir_module()
     assert "mosaic_gpu" in module
 
@@ -461,13 +470,13 @@ def test_mosaic_gpu_forward_lowers(variant, grid, d):
 @pytest.mark.parametrize("variant, grid, d, prefix", [("1d", (3, 40), 64, 2), ("2d_row", (6, 16), 48, 0),
                                                      ("none", (2, 64), 64, 0), ("2d_row", (4, 32), 128, 0)])
 def test_mosaic_gpu_lowering_forward_and_backward_lower(variant, grid, d, prefix):
-    """BlockSizes(gpu_lowering="mosaic"): the forward and the chunk backward's gradient step are
+    """ChunkOptions(gpu_lowering="mosaic"): the forward and the chunk backward's gradient step are
     Mosaic GPU kernels, the state/adjoint passes Triton; all pass lowering for CUDA on the CPU
     (their numerics: benchmarks/mosaic_gpu.py on a GPU)."""
     case = Case(f"grid{grid}", batch=2, grid=grid, heads=2, d=d, dv=d, prefix=prefix)
     inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
     op = functools.partial(lasad_attention_pallas, grid=grid, variant=variant, backend="gpu",
-                           block_sizes=BlockSizes(gpu_lowering="mosaic"))
+                           options=ChunkOptions(gpu_lowering="mosaic"))
     both = jax.jit(jax.value_and_grad(lambda x: jnp.sum(op(**x).astype(jnp.float32))))
     triton = "__gpu$xla.gpu.triton"
     module = jax.export.export(
@@ -482,7 +491,7 @@ def test_mosaic_gpu_two_pass_forward_lowers():
     case = Case("grid8x64", batch=2, grid=(8, 64), heads=2, d=64, dv=64, prefix=0)
     inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
     op = functools.partial(lasad_attention_pallas, grid=case.grid, variant="1d", backend="gpu",
-                           block_sizes=BlockSizes(gpu_lowering="mosaic", parallel_chunks=2))
+                           options=ChunkOptions(gpu_lowering="mosaic", parallel_chunks=2))
     triton = "__gpu$xla.gpu.triton"
     module = jax.export.export(jax.jit(lambda x: op(**x)), platforms=["cuda"],
                                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(inputs).mlir_module()
@@ -490,44 +499,49 @@ def test_mosaic_gpu_two_pass_forward_lowers():
     assert "mosaic_gpu" in module
 
 
+MOSAIC = ChunkOptions(gpu_lowering="mosaic")
+
+
 @pytest.mark.parametrize("block, grid, dtype, d, interpret, error", [
-    (BlockSizes(gpu_lowering="mosaic"), (4, 16), jnp.float32, 64, False, "bf16 or fp16"),
-    (BlockSizes(gpu_lowering="mosaic"), (4, 16), jnp.bfloat16, 256, False, "head dims up to 128"),
-    (BlockSizes(gpu_lowering="mosaic", block_tokens=128), (4, 64), jnp.bfloat16, 64, False, "64-slot chunks"),
-    (BlockSizes(gpu_lowering="mosaic"), (4, 16), jnp.bfloat16, 64, True, "no interpret mode"),
+    (BlockSizes(), (4, 16), jnp.float32, 64, False, "bf16 or fp16"),
+    (BlockSizes(), (4, 16), jnp.bfloat16, 256, False, "head dims up to 128"),
+    (BlockSizes(block_tokens=128), (4, 64), jnp.bfloat16, 64, False, "64-slot chunks"),
+    (BlockSizes(), (4, 16), jnp.bfloat16, 64, True, "no interpret mode"),
 ])
 def test_mosaic_gpu_lowering_refuses_what_it_does_not_cover(block, grid, dtype, d, interpret, error):
     case = Case("reject", batch=1, grid=grid, heads=1, d=d, dv=d, prefix=0)
     inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=dtype).items() if x is not None}
     with pytest.raises(ValueError, match=error):
-        lasad_attention_pallas(**inputs, grid=grid, variant="1d", backend="gpu", interpret=interpret, block_sizes=block)
+        lasad_attention_pallas(**inputs, grid=grid, variant="1d", backend="gpu", interpret=interpret, block_sizes=block,
+                               options=MOSAIC)
 
 
-@pytest.mark.parametrize("hopper, dtype, grid, interpret, block, expected", [
-    (True, jnp.bfloat16, (4, 16), False, BlockSizes(), True),
-    (False, jnp.bfloat16, (4, 16), False, BlockSizes(), False),  # no Hopper GPU: Triton
-    (True, jnp.float32, (4, 16), False, BlockSizes(), False),  # float32: Triton
-    (True, jnp.bfloat16, (2, 128), False, BlockSizes(), False),  # 128-slot rows: Triton
-    (True, jnp.bfloat16, (4, 16), True, BlockSizes(), False),  # interpret mode: Triton
-    (True, jnp.bfloat16, (4, 16), False, BlockSizes(backward_generic="refwd"), False),
-    (True, jnp.bfloat16, (4, 16), False, BlockSizes(gpu_lowering="triton"), False),
-    (False, jnp.bfloat16, (4, 16), False, BlockSizes(gpu_lowering="mosaic"), True),  # explicit: not second-guessed
+@pytest.mark.parametrize("hopper, dtype, grid, interpret, options, expected", [
+    (True, jnp.bfloat16, (4, 16), False, ChunkOptions(), True),
+    (False, jnp.bfloat16, (4, 16), False, ChunkOptions(), False),  # no Hopper GPU: Triton
+    (True, jnp.float32, (4, 16), False, ChunkOptions(), False),  # float32: Triton
+    (True, jnp.bfloat16, (2, 128), False, ChunkOptions(), False),  # 128-slot rows: Triton
+    (True, jnp.bfloat16, (4, 16), True, ChunkOptions(), False),  # interpret mode: Triton
+    (True, jnp.bfloat16, (4, 16), False, ChunkOptions(backward_generic="refwd"), False),
+    (True, jnp.bfloat16, (4, 16), False, ChunkOptions(gpu_lowering="triton"), False),
+    (False, jnp.bfloat16, (4, 16), False, ChunkOptions(gpu_lowering="mosaic"), True),  # explicit: not second-guessed
 ])
-def test_gpu_lowering_auto_picks_mosaic_only_where_it_applies(monkeypatch, hopper, dtype, grid, interpret, block,
+def test_gpu_lowering_auto_picks_mosaic_only_where_it_applies(monkeypatch, hopper, dtype, grid, interpret, options,
                                                               expected):
-    monkeypatch.setattr(pallas, "is_hopper", lambda: hopper)
+    monkeypatch.setattr(kernel_backend, "is_hopper", lambda: hopper)
     q = jnp.zeros((1, grid[0] * grid[1], 2, 64), dtype)
-    assert pallas.uses_mosaic_gpu("gpu", block, q, q, grid=grid, variant="2d_row", interpret=interpret,
-                                  poison=False) is expected
-    assert not pallas.uses_mosaic_gpu("tpu", block, q, q, grid=grid, variant="2d_row", interpret=interpret,
-                                      poison=False)
+    block = BlockSizes()
+    assert chunk.uses_mosaic_gpu("gpu", block, options, q, q, grid=grid, variant="2d_row", interpret=interpret,
+                                 poison=False) is expected
+    assert not chunk.uses_mosaic_gpu("tpu", block, options, q, q, grid=grid, variant="2d_row", interpret=interpret,
+                                     poison=False)
 
 
 def test_mosaic_gpu_lowering_needs_the_chunk_backward():
     with pytest.raises(ValueError, match="chunk backward only"):
-        BlockSizes(gpu_lowering="mosaic", backward_generic="refwd")
+        ChunkOptions(gpu_lowering="mosaic", backward_generic="refwd")
     with pytest.raises(ValueError, match="gpu_lowering must be one of"):
-        BlockSizes(gpu_lowering="cuda")
+        ChunkOptions(gpu_lowering="cuda")
 
 
 @pytest.mark.parametrize("variant, grid, dtype, error", [
@@ -539,4 +553,4 @@ def test_mosaic_gpu_forward_rejects_what_it_does_not_cover(variant, grid, dtype,
     case = Case("reject", batch=1, grid=grid, heads=1, d=64, dv=64, prefix=0)
     inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=dtype).items() if x is not None}
     with pytest.raises(ValueError, match=error):
-        pallas_mgpu.forward(**inputs, grid=grid, variant=variant)
+        chunk_mgpu.forward(**inputs, grid=grid, variant=variant)

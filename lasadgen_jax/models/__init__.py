@@ -1,4 +1,4 @@
-"""Model building blocks. The LASADGen decoder lands here with the model issue."""
+"""Model building blocks: the LASAD attention block (the LASADGen decoder is models/lasadgen.py)."""
 
 from lasadgen_jax.models.lasad_attention import LASADAttention
 

@@ -11,19 +11,21 @@ import functools
 
 import jax
 
-from lasadgen_jax.ops.lasad import (autodiff, chunked, common, pallas, pallas_parallel, parallel, recurrent,
-                                    reference, scan)
+from lasadgen_jax.ops.lasad import autodiff, chunked, common, parallel, recurrent, reference, scan
 from lasadgen_jax.ops.lasad.common import VARIANTS
-from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes
-from lasadgen_jax.ops.lasad.pallas_parallel import ParallelBlocks
+from lasadgen_jax.ops.lasad.kernels import backend as kernel_backend
+from lasadgen_jax.ops.lasad.kernels import chunk, parallel_form
+from lasadgen_jax.ops.lasad.kernels.chunk import BlockSizes, ChunkOptions
+from lasadgen_jax.ops.lasad.kernels.parallel_form import ParallelBlocks
 from lasadgen_jax.ops.lasad.recurrent import decode_step, fold_prefix, init_state
 
 __all__ = [
-    "BlockSizes",
     "AUTO_IMPL",
     "IMPLS",
-    "ParallelBlocks",
     "VARIANTS",
+    "BlockSizes",
+    "ChunkOptions",
+    "ParallelBlocks",
     "auto_impl",
     "decode_step",
     "fold_prefix",
@@ -36,40 +38,35 @@ __all__ = [
 
 IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "parallel", "pallas", "pallas_parallel")
 
-# What impl="auto" runs, by backend, variant and sequence length N = h*w: a fixed table, decided by
-# the H200 runs of benchmarks/kernels.py (benchmarks/RESULTS.md, issue 6, 2026-11-29; B*N = 32768
-# tokens, H = 16, d = dv = 64, bf16). Each entry: (largest N, algorithm) steps, the first that
-# holds wins, None = any N. A step's bound is the largest N where its choice was measured to win:
-# between measured sizes the table takes the choice measured at the smaller one.
+# What impl="auto" runs, by backend, variant and sequence length N = h*w: a fixed table. Each entry:
+# (largest N, algorithm) steps, the first that holds wins, None = any N. A step's bound is the
+# largest N where its choice was measured to win; between measured sizes the table takes the
+# choice measured at the smaller one. Why each choice: benchmarks/RESULTS.md, "`impl="auto"` from
+# these runs", and the sections cited below.
 
-# Between the pure-XLA algorithms (CPU; benchmarks/lasad_ops.py on 2 cores, batch 32, 4 heads,
-# d = 48, float32): the `parallel` form's forward+backward against `chunked`: `2d` 3.3x / 2.2x /
-# 1.6x faster at N = 64 / 256 / 576 and even at 1024; `1d`, `2d_row`, `none` 1.9x / 2.3x / 1.6x
-# faster at 64, even or slower from 256 on.
+# Between the pure-XLA algorithms: the quadratic `parallel` form while it was measured faster
+# forward+backward than `chunked`, `chunked` above (RESULTS.md, "CPU: the `parallel` algorithm
+# against `chunked`, for `auto`").
 _XLA_STEPS = {
     "2d": ((576, "parallel"), (None, "chunked")),
     **{variant: ((64, "parallel"), (None, "chunked")) for variant in ("2d_row", "1d", "none")},
 }
 AUTO_IMPL = {
     **{("cpu", variant): steps for variant, steps in _XLA_STEPS.items()},  # no kernels on CPU
-    # The generic kernel with its chunk backward, forward+backward against the parallel-form
-    # kernel's: N = 256 0.55-0.63 ms against 0.78-0.97 (flash 0.73), N = 1024 0.55-0.63 against
-    # 1.52-2.27; 4.1-4.8x faster than flash at 4096 and 9.6-11.6x at 16384. The generic kernel at
-    # every N (on a Hopper its Mosaic GPU bodies, BlockSizes.gpu_lowering: 1.4-1.6x / 4.9-6.0x /
-    # 9.4-12.9x faster than flash at 256 / 4096 / 16384).
+    # GPU, `1d`, `2d_row`, `none`: the chunk kernel at every N (on a Hopper its Mosaic GPU bodies,
+    # ChunkOptions.gpu_lowering), faster than the parallel-form kernel from the shortest N measured
+    # (RESULTS.md, "The generic kernel with its chunk backward" and "Mosaic GPU bodies of the
+    # generic kernel").
     **{("gpu", variant): ((None, "pallas"),) for variant in ("1d", "2d_row", "none")},
-    # Parallel kernel 37x / 28x / 20x faster than chunked at N = 256 / 1024 / 4096 (and 124x / 30x
-    # faster than the 2d chunked kernel at 256 / 1024); 22 ms forward+backward at 16384. Its
-    # quadratic work grows 4x per doubling of the side, chunked's linearly: chunked above 16384.
+    # GPU, `2d`: the parallel-form kernel, far faster than `chunked` and the `2d` chunk kernel up to
+    # the largest N measured (RESULTS.md, "The fused parallel-form kernel"); its quadratic work grows
+    # 4x per doubling of the side, chunked's linearly: `chunked` above (not measured there).
     ("gpu", "2d"): ((16384, "pallas_parallel"), (None, "chunked")),
-    # TPU: nothing has been timed on a TPU. The Mosaic TPU kernels (chunked and parallel-form) have
-    # run in interpret mode only, never through Mosaic's compiler on a TPU: a default must not rest
-    # on them (impl="pallas" / "pallas_parallel" ask for them explicitly). Between the two pure-XLA
-    # algorithms, the CPU's choices, the only measured ones: a TPU's matrix units make the quadratic
-    # form's matmuls cheaper against memory traffic than a CPU does, so they favour `parallel` at
-    # least as much, while `2d`'s `chunked` moves the w column states through HBM every row (at
-    # 16x16, batch 32, 16 heads: 134 MB per row step, forward and backward; on the H200 it was 35x
-    # slower than flash at N = 256). Not measured on a TPU.
+    # TPU: nothing has been timed on a TPU, and the Mosaic TPU kernels have only run in interpret
+    # mode, so a default must not rest on them (impl="pallas" / "pallas_parallel" ask for them). The
+    # CPU's choices between the XLA algorithms: a TPU's matrix units make the quadratic form's
+    # matmuls cheaper against memory traffic than a CPU does, and `2d`'s `chunked` moves the w column
+    # states through HBM every row (RESULTS.md, "`impl="auto"` from these runs").
     **{("tpu", variant): steps for variant, steps in _XLA_STEPS.items()},
 }
 
@@ -102,9 +99,10 @@ def resolve_impl(impl: str, variant: str | None = None, backend: str | None = No
 
     Any impl but 'auto' is returned as given (the kernels raise later, on CPU). 'auto' becomes
     `auto_impl(backend, variant, tokens)`, backend defaulting to jax's default backend: on the GPU
-    a Pallas kernel (which one depends on the variant), `chunked` for `2d` beyond 16384 tokens; on
-    CPU `parallel` at short N, else `chunked`; `chunked` on TPU. Without a variant only `impl` is checked and returned unchanged
-    (how callers validate a config before the variant matters); with one, tokens is required.
+    a Pallas kernel (which one depends on the variant), `chunked` for `2d` at long N; on CPU and
+    TPU `parallel` at short N, else `chunked` (AUTO_IMPL). Without a variant only `impl` is checked
+    and returned unchanged (how callers validate a config before the variant matters); with one,
+    tokens is required.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -112,7 +110,7 @@ def resolve_impl(impl: str, variant: str | None = None, backend: str | None = No
         return impl
     if tokens is None:
         raise ValueError("resolve_impl('auto', variant) needs tokens= (the sequence length h*w)")
-    backend = pallas.backend_name(jax.default_backend()) if backend is None else backend
+    backend = kernel_backend.backend_name(jax.default_backend()) if backend is None else backend
     return auto_impl(backend, variant, tokens)
 
 
@@ -145,8 +143,8 @@ def lasad_attention(
         XLA: O(N^2 d), fast at short sequences), 'pallas' (the chunked GPU or TPU
         kernel of jax's default backend; an error on CPU) or 'pallas_parallel' (the fused
         parallel-form GPU kernel, O(N^2 d): fastest at short sequences). 'auto' is a fixed choice by
-        backend, variant and N (AUTO_IMPL): a kernel on GPU; on CPU 'parallel' at short N, else
-        'chunked'; 'chunked' on TPU.
+        backend, variant and N (AUTO_IMPL): a kernel on GPU; on CPU and TPU 'parallel' at short N,
+        else 'chunked'.
 
     Returns:
       [batch, h*w, heads, dv] in q's dtype; computed with float32 states and accumulation.
@@ -154,15 +152,10 @@ def lasad_attention(
     h, w = common.check_grid(grid)
     impl = resolve_impl(impl, variant, tokens=h * w)
     if impl == "pallas":
-        cells = pallas.pallas_cells(pallas.default_backend(), False, BlockSizes())
+        cells = chunk.chunk_cells(kernel_backend.default_backend("pallas"), False, BlockSizes(), ChunkOptions())
     elif impl == "pallas_parallel":
-        if pallas.PLATFORMS.get(jax.default_backend()) not in pallas_parallel.BACKENDS:
-            raise ValueError(
-                f"impl='pallas_parallel' needs a GPU or TPU, but jax's default backend is {jax.default_backend()!r}; "
-                "use impl='chunked' (or 'auto'), or lasad_attention_parallel(..., interpret=True) to run the "
-                "kernel in interpret mode"
-            )
-        cells = pallas_parallel.parallel_cells(pallas.default_backend(), False, ParallelBlocks())
+        cells = parallel_form.parallel_form_cells(kernel_backend.default_backend("pallas_parallel"), False,
+                                                  ParallelBlocks())
     else:
         cells = None if impl == "reference" else _CELL_ALGORITHMS[impl]
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
@@ -182,10 +175,13 @@ def lasad_attention_pallas(
     backend: str,
     interpret: bool = False,
     block_sizes: BlockSizes = BlockSizes(),
+    options: ChunkOptions = ChunkOptions(),
 ) -> jax.Array:
-    """`lasad_attention` through an explicit Pallas kernel: backend 'gpu' (Triton) or 'tpu'
-    (Mosaic TPU), optionally in interpret mode (how the tests run the kernels on CPU)."""
-    cells = pallas.pallas_cells(backend, bool(interpret), block_sizes)
+    """`lasad_attention` through the chunk kernel of an explicit backend: 'gpu' (Triton, or Mosaic
+    GPU on a Hopper: `options.gpu_lowering`) or 'tpu' (Mosaic TPU), optionally in interpret mode
+    (how the tests run the kernels on CPU). block_sizes: tiles; options: which algorithm each pass
+    runs (kernels/chunk_config.py)."""
+    cells = chunk.chunk_cells(backend, bool(interpret), block_sizes, options)
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
 
 
@@ -204,10 +200,10 @@ def lasad_attention_parallel(
     interpret: bool = False,
     blocks: ParallelBlocks = ParallelBlocks(),
 ) -> jax.Array:
-    """`lasad_attention` through the fused parallel-form kernel (pallas_parallel.py) of an explicit
+    """`lasad_attention` through the fused parallel-form kernel (kernels/parallel_form.py) of an explicit
     backend ('gpu': Triton, with `blocks`; 'tpu': Mosaic TPU, 128-token tiles), optionally in
     interpret mode (how the tests run it on CPU)."""
-    cells = pallas_parallel.parallel_cells(backend, bool(interpret), blocks)
+    cells = parallel_form.parallel_form_cells(backend, bool(interpret), blocks)
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
 
 

@@ -13,8 +13,11 @@ and after the block the state moves on by R rows (T tokens): it decays by g_row^
 the block's keys weighted by g_row^(R - i) (g^(T - i)); for `2d` each row is first smoothed
 two-sidedly along the row. States are float32; matmul inputs keep the input dtype.
 
+The blocks are a dense `ChunkLayout` (chunk_math.py, `block_layout` below): the blocking of the
+Pallas chunk kernels without their power-of-two padding, for the forward and the backward alike.
+
 Gradients (`chunked_with_vjp`): for `1d`, `2d_row`, `none` the chunk backward of the Pallas
-kernels (docs/lasad.md §6) in XLA, on the same per-chunk arithmetic (pallas_chunk.py): every
+kernels (docs/lasad.md §6) in XLA, on the same per-chunk arithmetic (chunk_math.py): every
 chunk's starting state by a scan, the states' adjoints by a reverse scan, then every chunk's
 gradients at once. `2d` (whose state is w column states) by recomputation (autodiff.py).
 """
@@ -26,35 +29,34 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lasadgen_jax.ops.lasad import autodiff, common, pallas_chunk
-from lasadgen_jax.ops.lasad.pallas_chunk import ChunkLayout
+from lasadgen_jax.ops.lasad import autodiff, chunk_math, common
+from lasadgen_jax.ops.lasad.chunk_math import ChunkLayout
 
+# Tokens per block of the forward and of the chunk backward: the sizes the CPU and H200 timings of
+# `chunked` were taken with (benchmarks/RESULTS.md, "LASAD op, pure-JAX algorithms": the forward;
+# its "CPU: `chunked` with the chunk backward against recomputation": the backward). No run has
+# compared other sizes.
 DEFAULT_BLOCK_TOKENS = 128
+GRADIENT_BLOCK_TOKENS = 64
 
 
-def block_shape(grid, variant: str, block_tokens: int) -> tuple[int, int, int]:
-    """(rows per block R, tokens per block T, number of blocks). R = 0 for the 1d/none blocks."""
-    if block_tokens < 1:
-        raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
-    h, w = grid
-    if variant in ("2d", "2d_row"):
-        rows = min(h, max(1, block_tokens // w))
-        return rows, rows * w, -(-h // rows)
-    tokens = min(block_tokens, h * w)
-    return 0, tokens, -(-(h * w) // tokens)
+def block_layout(grid, variant: str, block_tokens: int) -> ChunkLayout:
+    """The blocks of `chunked`: R whole rows of about block_tokens tokens (`2d`, `2d_row`) or
+    block_tokens consecutive tokens (`1d`, `none`), nothing padded inside a block."""
+    return ChunkLayout.make(grid, variant, block_tokens, block_tokens, dense=True)
 
 
 def chunked_cells(q, k, v, log_decay_row, log_decay_col, *, grid, variant, block_tokens=DEFAULT_BLOCK_TOKENS):
     """Float32 [B, N, H, dv] for the cell part of LASAD (no prefix)."""
     _, w = grid
-    batch, n, heads, d = q.shape
+    batch, _, heads, d = q.shape
     dv = v.shape[-1]
-    rows, tokens, num_blocks = block_shape(grid, variant, block_tokens)
+    layout = block_layout(grid, variant, block_tokens)
+    rows, tokens, num_blocks = layout.rows_per_chunk, layout.chunk_tokens, layout.num_chunks
     dtype = q.dtype
 
     def to_blocks(x):  # [B, N, H, e] -> [blocks, B, H, T, e], zero tokens padded at the end
-        x = jnp.pad(x, ((0, 0), (0, num_blocks * tokens - n), (0, 0), (0, 0)))
-        return x.reshape(batch, num_blocks, tokens, heads, x.shape[-1]).transpose(1, 0, 3, 2, 4)
+        return layout.pack(x).reshape(batch, num_blocks, tokens, heads, x.shape[-1]).transpose(1, 0, 3, 2, 4)
 
     local = jnp.arange(tokens)
     causal = local[None, :] < local[:, None]
@@ -97,23 +99,18 @@ def chunked_cells(q, k, v, log_decay_row, log_decay_col, *, grid, variant, block
         return state, out
 
     _, out = jax.lax.scan(block_step, state, (to_blocks(q), to_blocks(k), to_blocks(v)))
-    out = out.transpose(1, 0, 3, 2, 4).reshape(batch, num_blocks * tokens, heads, dv)
-    return out[:, :n]
-
-
-# The chunk backward's chunk length (slots; a power of two, as ChunkLayout packs).
-GRADIENT_CHUNK_TOKENS = 64
+    return layout.unpack(out.transpose(1, 0, 3, 2, 4).reshape(batch, num_blocks * tokens, heads, dv))
 
 
 def chunk_gradients(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, variant,
-                    block_tokens=GRADIENT_CHUNK_TOKENS):
+                    block_tokens=GRADIENT_BLOCK_TOKENS):
     """(dq, dk, dv, d log_decay_row, d log_decay_col) in float32 for `1d`, `2d_row`, `none`: the
     states by a scan over chunks, their adjoints by a reverse scan, then every chunk's gradients
-    in parallel (vmapped pallas_chunk.generic_gradients). Keeps one d x dv state and adjoint per
+    in parallel (vmapped chunk_math.generic_gradients). Keeps one d x dv state and adjoint per
     chunk, batch element and head; d_out is the cotangent of the cell output."""
-    if variant not in pallas_chunk.GENERIC_VARIANTS:
-        raise ValueError(f"the chunk backward covers {pallas_chunk.GENERIC_VARIANTS}, got {variant!r}")
-    layout = ChunkLayout.make(grid, variant, block_tokens)
+    if variant not in chunk_math.GENERIC_VARIANTS:
+        raise ValueError(f"the chunk backward covers {chunk_math.GENERIC_VARIANTS}, got {variant!r}")
+    layout = block_layout(grid, variant, block_tokens)
     batch, _, heads, d = q.shape
     dv = v.shape[-1]
     chunks, tokens = layout.num_chunks, layout.chunk_tokens
@@ -131,8 +128,8 @@ def chunk_gradients(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, varia
         return jax.vmap(by_head, in_axes=(0,) * arrays + (None, None))
 
     q_c, k_c, v_c, d_out_c = map(to_chunks, (q, k, v, d_out.astype(q.dtype)))
-    next_state = per_batch_and_head(functools.partial(pallas_chunk.generic_next_state, layout), 3)
-    previous_adjoint = per_batch_and_head(functools.partial(pallas_chunk.generic_previous_adjoint, layout), 3)
+    next_state = per_batch_and_head(functools.partial(chunk_math.generic_next_state, layout), 3)
+    previous_adjoint = per_batch_and_head(functools.partial(chunk_math.generic_previous_adjoint, layout), 3)
     zero = jnp.zeros((batch, heads, d, dv), jnp.float32)
     _, states = jax.lax.scan(
         lambda state, kv: (next_state(*kv, state, log_decay_row, log_decay_col), state), zero, (k_c, v_c))
@@ -141,7 +138,7 @@ def chunk_gradients(q, k, v, log_decay_row, log_decay_col, d_out, *, grid, varia
         (q_c, d_out_c), reverse=True)
 
     def one_chunk(q1, k1, v1, d_out1, state, adjoint, log_row, log_col):
-        (dq,), (dk,), (d_v,), d_row, d_col = pallas_chunk.generic_gradients(
+        (dq,), (dk,), (d_v,), d_row, d_col = chunk_math.generic_gradients(
             layout, ([q1], [k1], [v1], [d_out1]), state, adjoint, log_row, log_col)
         return dq, dk, d_v, d_row, d_col
 

@@ -148,7 +148,7 @@ def pair_log_decay(variant: str, width: int, query_pos, key_pos, log_row, log_co
     log_row, log_col broadcast against the pair shape (scalars in a kernel, [heads, 1, 1] outside).
     Valid where key < query; callers mask. Only position differences enter, so block-local
     positions give true decays as long as the block starts at a row boundary (chunked.py). Used
-    by the chunked and parallel forms and inside the kernels of pallas_parallel.py.
+    by the chunked and parallel forms and inside the kernels of kernels/parallel_form.py.
     """
     if variant == "none":
         return None, None, None

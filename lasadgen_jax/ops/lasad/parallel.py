@@ -4,8 +4,9 @@
 
 Per layer it does O(N^2 d) work in a few large matmuls and no sequential steps, against the
 `chunked` algorithm's scan over blocks with its states: at short sequences (the CPU demo's 8x8
-grid, 16x16) that is the faster form; `chunked` wins as N grows (benchmarks/RESULTS.md). The
-Pallas kernel `pallas_parallel` computes the same form without the N x N arrays in HBM.
+grid, 16x16) that is the faster form; `chunked` wins as N grows (benchmarks/RESULTS.md, "CPU: the
+`parallel` algorithm against `chunked`, for `auto`"). The Pallas kernel of impl="pallas_parallel"
+(kernels/parallel_form.py) computes the same form without the N x N arrays in HBM.
 
 Backward (a custom_vjp, so nothing N x N is kept between the passes): with S = q k^T,
 dP = dO v^T and dS = D * dP,

@@ -1,12 +1,12 @@
 """Mosaic GPU (Hopper) bodies of the generic kernel (`1d`, `2d_row`, `none`): the forward (one
 pass, or the output pass of the two-pass forward) and the chunk backward's gradient step.
 
-`BlockSizes(gpu_lowering=...)` picks them (pallas.py): "auto", the default, runs them on a Hopper
+`ChunkOptions(gpu_lowering=...)` picks them (chunk.py): "auto", the default, runs them on a Hopper
 GPU wherever they apply (bf16/fp16 inputs, 64-slot chunks, head dims up to 128), "mosaic" always
 (raising where they do not apply), "triton" never. The two sequential passes (every chunk's
-starting state; the adjoints) stay the Triton kernels of pallas_gpu.py, whose outputs these read.
-Checked and timed on the H200 (benchmarks/mosaic_gpu.py, benchmarks/kernels.py; numbers in
-benchmarks/RESULTS.md): forward and every gradient against `chunked` and the Triton kernels, every
+starting state; the adjoints) stay the Triton kernels of chunk_gpu.py, whose outputs these read.
+Checked and timed on a Hopper GPU (benchmarks/mosaic_gpu.py, benchmarks/kernels.py; RESULTS.md,
+"Mosaic GPU bodies of the generic kernel"): forward and every gradient against `chunked` and the Triton kernels, every
 output element written.
 
 Why they are not checked on CPU: neither interpret mode of jax 0.10 runs them. The generic one
@@ -23,14 +23,14 @@ then `plgpu.emit_pipeline` walks the chunks, TMA-loading the next chunks' q, k, 
 registers (a WGMMA accumulator). Per chunk
     out   = ((q k^T) * D) v + w_q * (q S)
     S    <- g^L S + k^T (w_k * v)
-with D, w_q, w_k, g^L the chunk's decay tables (pallas_chunk: `intra_chunk_decay`,
+with D, w_q, w_k, g^L the chunk's decay tables (chunk_math: `intra_chunk_decay`,
 `generic_weights`), computed per head in XLA before the call — every chunk of a head shares them.
 Row scalings ride on the accumulators (w_q, g^L) or on a shared-memory copy of v (w_k), so every
 matmul operand is an unscaled tile or a staged copy. From `parallel_chunks` chunks on, the Triton
 state pass writes every chunk's starting state and a block per (batch, head, 8 chunks) computes
 the outputs (`_output_kernel`), as the Triton two-pass forward does.
 
-Gradient step (pallas_chunk.generic_gradients at T = 64): a block per (batch, head, 8 chunks),
+Gradient step (chunk_math.generic_gradients at T = 64): a block per (batch, head, 8 chunks),
 its head's tables in shared memory, a pipeline over the chunks loading q, k, v, do and the
 chunk's state and adjoint. The within-chunk products are formed key-major (k q^T, v do^T) so that
 dS^T and P^T are wgmma operands straight from registers (dk = dS^T q, dv = P^T do); dq = dS k
@@ -50,13 +50,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lasadgen_jax.ops.lasad import pallas_chunk, pallas_gpu
-from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout
+from lasadgen_jax.ops.lasad import chunk_math
+from lasadgen_jax.ops.lasad.chunk_math import ChunkLayout
+from lasadgen_jax.ops.lasad.kernels import chunk_gpu
+from lasadgen_jax.ops.lasad.kernels.backend import stack_decays
+from lasadgen_jax.ops.lasad.kernels.chunk_config import BlockSizes, ChunkOptions
 
 CHUNK = 64  # slots per chunk: the wgmma M of one warpgroup
 DIM_MULTIPLE = 64  # head dims padded to a 128-byte swizzle row of bf16
 MAX_DIM = 128  # head dims up to this: two 128-wide pipeline stages of the gradient kernel exceed shared memory
-VARIANTS = pallas_chunk.GENERIC_VARIANTS
+VARIANTS = chunk_math.GENERIC_VARIANTS
 WGMMA = plgpu.Layout.WGMMA
 
 
@@ -119,7 +122,7 @@ def unsupported(grid, variant: str, dtype, d: int = DIM_MULTIPLE, dv: int = DIM_
     return ""
 
 
-def padded_dim(size: int) -> int:
+def mosaic_padded_dim(size: int) -> int:
     """A head dim padded to a multiple of 64 (at most MAX_DIM, so also a power of two: the Triton
     passes these kernels share need one)."""
     return -(-size // DIM_MULTIPLE) * DIM_MULTIPLE
@@ -206,37 +209,38 @@ def decay_tables(layout: ChunkLayout, log_decay_row, log_decay_col, d: int):
     """Per head: intra-chunk decays [H, T, T], query and key weights [H, T], the chunk decay
     repeated over the state's d rows [H, d]; float32."""
     def one_head(log_row, log_col):
-        query_w, key_w, chunk_decay = pallas_chunk.generic_weights(layout, log_row, log_col)
-        return (pallas_chunk.intra_chunk_decay(layout, log_row, log_col), query_w[:, 0], key_w[:, 0],
+        query_w, key_w, chunk_decay = chunk_math.generic_weights(layout, log_row, log_col)
+        return (chunk_math.intra_chunk_decay(layout, log_row, log_col), query_w[:, 0], key_w[:, 0],
                 jnp.full((d,), chunk_decay, jnp.float32))
 
     return jax.vmap(one_head)(log_decay_row.astype(jnp.float32), log_decay_col.astype(jnp.float32))
 
 
 def forward(q, k, v, log_decay_row, log_decay_col, *, grid, variant: str, max_concurrent_steps: int = 2,
-            block: BlockSizes | None = None):
+            tiles: BlockSizes | None = None, options: ChunkOptions | None = None):
     """The cell output [B, N, H, dv] for q, k [B, N, H, d], v [B, N, H, dv] (bf16 or fp16; no
     prefix) on a Hopper GPU.
 
-    Below `block.parallel_chunks` chunks (default BlockSizes()) one pass: a block per
+    Below `options.parallel_chunks` chunks (default ChunkOptions()) one pass: a block per
     (batch, head) walks its chunks carrying the state. From there on two passes, as the Triton
-    kernel: its state pass (pallas_gpu.chunk_states, with `block`'s launch parameters) writes
+    kernel: its state pass (chunk_gpu.chunk_states, with `tiles`' launch parameters) writes
     every chunk's starting state, then Mosaic GPU blocks of 8 chunks compute the outputs in parallel."""
     reason = unsupported(grid, variant, q.dtype, q.shape[-1], v.shape[-1])
     if reason:
         raise ValueError(reason)
-    block = BlockSizes() if block is None else block
+    tiles = BlockSizes() if tiles is None else tiles
+    options = ChunkOptions() if options is None else options
     layout = ChunkLayout.make(grid, variant, CHUNK)
     d, dv = q.shape[-1], v.shape[-1]
-    d_pad, dv_pad = padded_dim(d), padded_dim(dv)
+    d_pad, dv_pad = mosaic_padded_dim(d), mosaic_padded_dim(dv)
     pad = lambda x, size: jnp.pad(layout.pack(x), ((0, 0),) * 3 + ((0, size - x.shape[-1]),))
     q_p, k_p, v_p = pad(q, d_pad), pad(k, d_pad), pad(v, dv_pad)
     batch, length, heads, _ = q_p.shape
     decay, query_w, key_w, chunk_w = decay_tables(layout, log_decay_row, log_decay_col, d_pad)
     out_type = jax.ShapeDtypeStruct((batch, length, heads, dv_pad), q.dtype)
-    if layout.num_chunks >= block.parallel_chunks:
-        decays = jnp.stack([log_decay_row, log_decay_col], axis=1).astype(jnp.float32)
-        states = pallas_gpu.chunk_states(k_p, v_p, decays, layout=layout, block=block, interpret=False)
+    if layout.num_chunks >= options.parallel_chunks:
+        decays = stack_decays(log_decay_row, log_decay_col)
+        states = chunk_gpu.chunk_states(k_p, v_p, decays, layout=layout, tiles=tiles, interpret=False)
         group = chunk_group(layout.num_chunks)
         out = plgpu.kernel(
             functools.partial(_output_kernel, group=group, max_concurrent_steps=max_concurrent_steps),
@@ -270,7 +274,7 @@ SHARES = {"1d": ("col",), "2d_row": ("row", "col"), "none": ()}  # the decay-gra
 
 def _gradient_step(tables, scores_t_smem, variant, whole_in_kernel, _, q_ref, k_ref, v_ref, d_out_ref, state_ref,
                    adjoint_ref, dq_ref, dk_ref, dv_ref, *share_refs):
-    """One chunk's dq, dk, dv and per-slot shares of the decay gradients (pallas_chunk.
+    """One chunk's dq, dk, dv and per-slot shares of the decay gradients (chunk_math.
     generic_gradients, with T = 64 slots, one sub-block). The within-chunk products are formed
     key-major (rows: keys m, columns: queries a) so that their transposes are wgmma operands in
     registers; dq reads the transposed dS back from shared memory."""
@@ -352,12 +356,12 @@ def gradient_tables(layout: ChunkLayout, log_decay_row, log_decay_col, d: int) -
     t, variant = layout.chunk_tokens, layout.variant
 
     def one_head(log_row, log_col):
-        decay = pallas_chunk.intra_chunk_decay(layout, log_row, log_col)
+        decay = chunk_math.intra_chunk_decay(layout, log_row, log_col)
         if variant == "none":
             return {"decay_t": decay.T}
-        row_factor, col_factor = pallas_chunk._intra_exponent_factors(layout, 0, t, 0, t)
-        query_w, key_w, chunk_decay = pallas_chunk.generic_weights(layout, log_row, log_col)
-        _, steps, length = pallas_chunk._generic_weights(layout, log_row, log_col)
+        row_factor, col_factor = chunk_math.intra_exponent_factors(layout, 0, t, 0, t)
+        query_w, key_w, chunk_decay = chunk_math.generic_weights(layout, log_row, log_col)
+        _, steps, length = chunk_math.generic_steps(layout, log_row, log_col)
         return {"decay_t": decay.T, "factor_t": (col_factor - row_factor).T, "query_w": query_w[:, 0],
                 "key_w": key_w[:, 0], "steps": steps[:, 0], "rest": (length - steps)[:, 0],
                 "whole": jnp.full((d,), length * chunk_decay, jnp.float32)}
@@ -375,11 +379,11 @@ def chunk_group(num_chunks: int, target: int = 8) -> int:
 
 def chunk_gradients(q, k, v, d_out, states, log_decay_row, log_decay_col, *, layout: ChunkLayout,
                     chunks_per_block: int = 8, max_concurrent_steps: int | None = None):
-    """The chunk backward's gradient step (pallas_gpu.chunk_gradients' third step) on a Hopper GPU.
+    """The chunk backward's gradient step (chunk_gpu.chunk_gradients' third step) on a Hopper GPU.
 
     q, k [B, L, H, d], v, d_out [B, L, H, dv]: packed into 64-slot chunks, head dims multiples of
     64, bf16 or fp16; states: [2, B, H, C * d, dv], every chunk's starting state and the adjoint
-    dL/d(next chunk's starting state) (pallas_gpu.states_and_adjoints). Returns (dq, dk, dv) in
+    dL/d(next chunk's starting state) (chunk_gpu.states_and_adjoints). Returns (dq, dk, dv) in
     q.dtype and the log-decay gradients (row, column) [H] float32. max_concurrent_steps: pipeline
     stages (default 2 for head dims of 64, else 1: two stages of 128-wide tiles exceed shared memory)."""
     batch, length, heads, d = q.shape
@@ -408,7 +412,7 @@ def chunk_gradients(q, k, v, d_out, states, log_decay_row, log_decay_col, *, lay
     if not whole_in_kernel:
         overlap = jnp.einsum("bhcde,bhcde->h", *(x.reshape(batch, heads, chunks, d, dv).astype(jnp.float32)
                                                  for x in (states[0], states[1])))
-        log_step, _, chunk_length = pallas_chunk._generic_weights(layout, log_decay_row.astype(jnp.float32),
+        log_step, _, chunk_length = chunk_math.generic_steps(layout, log_decay_row.astype(jnp.float32),
                                                                    log_decay_col.astype(jnp.float32))
         whole = chunk_length * jnp.exp(log_step * chunk_length) * overlap
         d_row, d_col = (d_row + whole, d_col) if variant == "2d_row" else (d_row, d_col + whole)

@@ -1,18 +1,19 @@
-"""What the LASAD Pallas kernels share: block sizes, the chunk layout, and the math of one chunk.
+"""The chunked algorithm's blocking and the arithmetic of one chunk, in plain jnp.
 
-The GPU kernel (pallas_gpu.py, Triton lowering) walks the chunks of one (batch, head) in a loop
-with the state as the loop carry; the TPU kernel (pallas_tpu.py, Mosaic) walks them as the last,
-"arbitrary" grid axis with the state in VMEM scratch. Both load a chunk with `load_chunk`, call
-the step function below on its values and store with `store_chunk`, so the arithmetic is written
-once (and differentiated once: `step_with_tangent`).
+Shared by the XLA `chunked` algorithm (chunked.py) and the Pallas chunk kernels (kernels/chunk*.py):
+the Triton bodies walk the chunks of one (batch, head) in a loop with the state as the loop carry,
+the Mosaic TPU bodies walk them as the last, "arbitrary" grid axis with the state in VMEM scratch,
+`chunked` scans over them. Each calls the step functions below on one chunk's values, so the
+arithmetic is written once (and differentiated once: `step_with_tangent`).
 
-Chunk layout (docs/lasad.md §6). The kernels see tokens packed into chunks of `chunk_tokens`
-slots, a power of two (Triton needs power-of-two shapes):
+Chunk layout (docs/lasad.md §6), `ChunkLayout`: tokens packed into chunks of `chunk_tokens` slots.
   - `1d`, `none`: T consecutive tokens per chunk (zero tokens pad the end of the sequence).
   - `2d_row`: R whole rows per chunk (R*w tokens), zero slots pad each chunk to T.
   - `2d`: R whole rows per chunk, each row padded to wp >= w slots (T = R*wp), so that column c
     of every row sits at slot c of its row: the column states are [wp, d, dv].
-Padding keys and values are zero, so padded slots add nothing; their outputs are dropped.
+The kernels need T and wp powers of two (Triton shapes); XLA does not, so `chunked` asks for a
+dense layout (`dense=True`: T = R*w, wp = w, no padding inside a chunk). Padding keys and values
+are zero, so padded slots add nothing; their outputs are dropped.
 """
 
 from __future__ import annotations
@@ -21,94 +22,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-BACKWARDS_2D = ("refwd", "sweep")
-BACKWARDS_GENERIC = ("chunks", "refwd")
-GPU_LOWERINGS = ("auto", "triton", "mosaic")
 GENERIC_VARIANTS = ("1d", "2d_row", "none")  # the variants of the generic (one-state) kernel
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes of the kernels; every field but the stage counts a power of two, checked on construction.
-
-    block_tokens: target tokens per chunk of the generic kernel (`2d_row` rounds to whole rows).
-    dv_block: value columns per program of the generic kernel (the state is d x dv_block).
-    block_tokens_2d: target slots per chunk of the `2d` kernel (R = block_tokens_2d // wp rows).
-    d_block_2d, dv_block_2d: the `2d` kernel's tile of each column state (wp x d_block x dv_block
-      floats stay on chip); key-dim tiles give partial outputs that are summed afterwards.
-      d_block_2d = 0: the largest tile whose states fit `STATE_FLOATS_2D` (at least 16).
-    num_warps, num_stages: Triton launch parameters (GPU only); num_warps_2d, num_stages_2d for the
-      `2d` kernel and its sweep backward (1 stage: the setting its timings were taken with);
-      num_warps_2d (0: 4 warps while its states fit STATE_FLOATS_2D, else 8); num_warps_gradients for the chunk
-      backward's per-chunk kernel (0: num_warps)
-    gradient_block: the GPU chunk backward forms its within-chunk products per pair of sub-blocks
-      of this many slots (T x T float32 tiles spill registers above 64).
-    parallel_chunks: from this many chunks on, the GPU generic kernel runs in two passes (a
-      sequential pass that writes each chunk's starting state, then every chunk in parallel).
-    backward_generic: the generic kernel's backward (`1d`, `none`, `2d_row`): "chunks" (the
-      default: chunk states, their adjoints by a reverse pass, then every chunk's gradients in
-      parallel) or "refwd" (the forward kernel re-run on flipped inputs plus decay-tangent calls).
-    backward_2d: the `2d` kernel's backward (not a tile size): "refwd" (the default: the forward
-      kernel re-run on flipped grids plus two decay-tangent calls) or "sweep" (opt-in, GPU only:
-      dq by one forward call, dk, dv and the decay gradients by one reverse row sweep;
-      pallas_sweep.py). Faster than "refwd" on the H200 at N = 256 and 1024 (benchmarks/RESULTS.md)
-      but GPU-only, and `auto` runs the parallel-form kernel for `2d` there, so not the default.
-    gpu_lowering: the generic kernel's GPU lowering (not a tile size): "mosaic" (Hopper: the
-      Mosaic GPU forward, output pass and gradient step of pallas_mgpu.py, with the Triton
-      state/adjoint passes; 64-slot chunks, bf16/fp16 inputs, head dims up to 128, the chunk
-      backward; anything else raises), "triton" (every kernel Triton), or "auto" (the default):
-      "mosaic" where the device is a Hopper GPU (compute capability 9.x) and the call fits it,
-      else "triton" — on the H200 "mosaic" was 1.11-1.26x faster forward+backward at N = 256 to
-      16384 (benchmarks/RESULTS.md).
-    """
-
-    block_tokens: int = 64
-    dv_block: int = 64
-    block_tokens_2d: int = 64
-    d_block_2d: int = 0
-    dv_block_2d: int = 16
-    num_warps: int = 4
-    num_warps_2d: int = 0
-    num_warps_gradients: int = 0
-    gradient_block: int = 64
-    num_stages: int = 3
-    num_stages_2d: int = 1
-    parallel_chunks: int = 128
-    backward_2d: str = "refwd"
-    backward_generic: str = "chunks"
-    gpu_lowering: str = "auto"
-
-    def __post_init__(self):
-        if self.backward_2d not in BACKWARDS_2D:
-            raise ValueError(f"BlockSizes.backward_2d must be one of {BACKWARDS_2D}, got {self.backward_2d!r}")
-        if self.backward_generic not in BACKWARDS_GENERIC:
-            raise ValueError(
-                f"BlockSizes.backward_generic must be one of {BACKWARDS_GENERIC}, got {self.backward_generic!r}")
-        if self.gpu_lowering not in GPU_LOWERINGS:
-            raise ValueError(f"BlockSizes.gpu_lowering must be one of {GPU_LOWERINGS}, got {self.gpu_lowering!r}")
-        if self.gpu_lowering == "mosaic" and self.backward_generic != "chunks":
-            raise ValueError("BlockSizes(gpu_lowering='mosaic') has the chunk backward only; use backward_generic='chunks'")
-        for field in dataclasses.fields(self):
-            if field.name in ("backward_2d", "backward_generic", "gpu_lowering"):
-                continue
-            value = getattr(self, field.name)
-            if field.name in ("num_stages", "num_stages_2d"):  # any count of pipeline stages
-                if not isinstance(value, int) or value < 1:
-                    raise ValueError(f"BlockSizes.{field.name} must be an int >= 1, got {value!r}")
-                continue
-            auto = field.name in ("d_block_2d", "num_warps_2d", "num_warps_gradients") and value == 0
-            if not isinstance(value, int) or (not auto and (value < 1 or value & (value - 1))):
-                raise ValueError(f"BlockSizes.{field.name} must be a power of two >= 1, got {value!r}")
-        for name in ("block_tokens", "dv_block", "block_tokens_2d", "d_block_2d", "dv_block_2d", "gradient_block"):
-            if 0 < getattr(self, name) < 16:
-                raise ValueError(f"BlockSizes.{name} must be >= 16 (matrix-unit tiles), got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +40,7 @@ class ChunkLayout:
     rows_per_chunk: int  # R for the 2d variants, 0 for 1d/none
     real_tokens: int  # cells per chunk for 1d/none/2d_row (T or R*w); 0 for 2d (rows are padded)
     row_slots: int  # slots per row (wp) for 2d; the grid width for the others' positions
-    chunk_tokens: int  # slots per chunk, a power of two
+    chunk_tokens: int  # slots per chunk (a power of two unless the layout is dense)
     num_chunks: int
 
     @property
@@ -128,18 +48,24 @@ class ChunkLayout:
         return self.num_chunks * self.chunk_tokens
 
     @staticmethod
-    def make(grid, variant: str, block_tokens: int, block_tokens_2d: int = 128) -> "ChunkLayout":
+    def make(grid, variant: str, block_tokens: int, block_tokens_2d: int = 128, dense: bool = False) -> ChunkLayout:
+        """The layout of `grid` in chunks of about `block_tokens` slots (`block_tokens_2d` for `2d`).
+        dense=False: power-of-two chunks and row slots (what the kernels tile); dense=True: chunks of
+        exactly R whole rows (`2d`, `2d_row`) or T tokens (`1d`, `none`), nothing padded inside."""
+        if block_tokens < 1 or block_tokens_2d < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens} and {block_tokens_2d} (2d)")
         h, w = grid
         if variant == "2d":
-            slots = next_power_of_two(max(16, w))
-            rows = min(next_power_of_two(h), max(1, block_tokens_2d // slots))
+            slots = w if dense else next_power_of_two(max(16, w))
+            rows = min(h if dense else next_power_of_two(h), max(1, block_tokens_2d // slots))
             return ChunkLayout(grid, variant, rows, 0, slots, rows * slots, -(-h // rows))
         if variant == "2d_row":
             rows = min(h, max(1, block_tokens // w))
             real = rows * w
-            return ChunkLayout(grid, variant, rows, real, w, next_power_of_two(max(16, real)), -(-h // rows))
+            return ChunkLayout(grid, variant, rows, real, w, real if dense else next_power_of_two(max(16, real)),
+                               -(-h // rows))
         n = h * w
-        tokens = min(block_tokens, next_power_of_two(max(16, n)))
+        tokens = min(block_tokens, n if dense else next_power_of_two(max(16, n)))
         return ChunkLayout(grid, variant, 0, tokens, w, tokens, -(-n // tokens))
 
     def pack(self, x):
@@ -226,7 +152,7 @@ def intra_chunk_decay(layout: ChunkLayout, log_row, log_col, query_start: int = 
     return jnp.where(causal, jnp.exp(jnp.where(causal, log_decay, 0.0)), 0.0)
 
 
-def _generic_weights(layout: ChunkLayout, log_row, log_col, start: int = 0, count: int | None = None):
+def generic_steps(layout: ChunkLayout, log_row, log_col, start: int = 0, count: int | None = None):
     """(log step, steps [count, 1], length): a query `steps` into the chunk reads the state with
     weight exp(log_step * steps); the state moves on by exp(log_step * length) per chunk. For the
     slots start ... start + count (default: the whole chunk)."""
@@ -246,7 +172,7 @@ def generic_output(layout: ChunkLayout, chunk, state, log_row, log_col):
     dtype = q.dtype
     scores = dot(q, k, (1, 1)) * intra_chunk_decay(layout, log_row, log_col)
     out = dot(scores.astype(dtype), v)
-    log_step, steps, _ = _generic_weights(layout, log_row, log_col)
+    log_step, steps, _ = generic_steps(layout, log_row, log_col)
     query = q if layout.variant == "none" else (q * jnp.exp(log_step * steps)).astype(dtype)
     return out + dot(query, state.astype(dtype))
 
@@ -255,7 +181,7 @@ def generic_next_state(layout: ChunkLayout, k, v, state, log_row, log_col):
     """The state after one chunk: decayed by the chunk's length, plus its keys' k v^T."""
     if layout.variant == "none":
         return state + dot(k, v, (0, 0))
-    log_step, steps, length = _generic_weights(layout, log_row, log_col)
+    log_step, steps, length = generic_steps(layout, log_row, log_col)
     key_weight = jnp.exp(log_step * (length - steps))
     return jnp.exp(log_step * length) * state + dot((k * key_weight).astype(k.dtype), v, (0, 0))
 
@@ -278,7 +204,7 @@ def generic_weights(layout: ChunkLayout, log_row, log_col, start: int = 0, count
     if layout.variant == "none":
         ones = jnp.ones((layout.chunk_tokens if count is None else count, 1), jnp.float32)
         return ones, ones, jnp.ones_like(log_col)
-    log_step, steps, length = _generic_weights(layout, log_row, log_col, start, count)
+    log_step, steps, length = generic_steps(layout, log_row, log_col, start, count)
     return jnp.exp(log_step * steps), jnp.exp(log_step * (length - steps)), jnp.exp(log_step * length)
 
 
@@ -297,7 +223,7 @@ def pair_vector(first, second, shape):
     return jnp.where(lane == 0, first, jnp.where(lane == 1, second, 0.0)).astype(jnp.float32)
 
 
-def _intra_exponent_factors(layout: ChunkLayout, query_start: int, num_queries: int, key_start: int, num_keys: int):
+def intra_exponent_factors(layout: ChunkLayout, query_start: int, num_queries: int, key_start: int, num_keys: int):
     """[queries, keys] float32 (row factor, column factor): the within-chunk exponent of D(a, m) is
     row factor * log g_row + column factor * log g_col (zero off the causal mask)."""
     shape = (num_queries, num_keys)
@@ -342,7 +268,7 @@ def generic_gradients(layout: ChunkLayout, chunk, state, adjoint, log_row, log_c
         dk_blocks.append(key_weight * dot(v, adjoint_in, (1, 1)))
         dv_blocks.append(key_weight * dot(k, adjoint_in))
         if decays:
-            _, steps, length = _generic_weights(layout, log_row, log_col, i * size, size)
+            _, steps, length = generic_steps(layout, log_row, log_col, i * size, size)
             crossing = (jnp.sum(steps * jnp.sum(q.astype(jnp.float32) * dq_blocks[i], axis=1, keepdims=True))
                         + jnp.sum((length - steps) * jnp.sum(k.astype(jnp.float32) * dk_blocks[i], axis=1,
                                                              keepdims=True)))
@@ -358,10 +284,10 @@ def generic_gradients(layout: ChunkLayout, chunk, state, adjoint, log_row, log_c
             dv_blocks[j] = dv_blocks[j] + dot(scores.astype(dtype), d_out, (0, 0))
             if decays:
                 pair = scores * d_out_v  # each pair's share of the loss
-                row_factor, col_factor = _intra_exponent_factors(layout, i * size, size, j * size, size)
+                row_factor, col_factor = intra_exponent_factors(layout, i * size, size, j * size, size)
                 d_row, d_col = d_row + jnp.sum(row_factor * pair), d_col + jnp.sum(col_factor * pair)
     if decays:
-        log_step, _, length = _generic_weights(layout, log_row, log_col)
+        log_step, _, length = generic_steps(layout, log_row, log_col)
         overlap = jnp.sum(adjoint.astype(jnp.float32) * state.astype(jnp.float32))
         whole_chunks = length * jnp.exp(log_step * length) * overlap
         d_row, d_col = add_crossing(d_row, d_col, whole_chunks)
@@ -401,29 +327,9 @@ def rows_step(layout: ChunkLayout, chunk, column_states, log_row, log_col):
         jnp.exp(log_row * (rows - i)) * (k_row.astype(jnp.float32)[:, :, None] * v_row.astype(jnp.float32)[:, None, :])
         for i, (k_row, v_row) in enumerate(zip(k_rows, v_rows))
     )
-    smoothed = dot(column_smoothing(width, log_col).astype(dtype), row_kv.reshape(width, key_dim * value_dim).astype(dtype))
+    flat_kv = row_kv.reshape(width, key_dim * value_dim).astype(dtype)
+    smoothed = dot(column_smoothing(width, log_col).astype(dtype), flat_kv)
     return outs, jnp.exp(log_row * rows) * column_states + smoothed
-
-
-def load_chunk(layout: ChunkLayout, q_ref, k_ref, v_ref, start):
-    """The values one step reads, from refs holding the chunk at slot `start` (GPU: the whole
-    sequence; TPU: the chunk's block, start 0)."""
-    t = layout.chunk_tokens
-    whole = pl.ds(start, t)
-    if layout.variant != "2d":
-        return q_ref[whole, :], k_ref[whole, :], v_ref[whole, :]
-    row = lambda ref, i: ref[pl.ds(start + i * layout.row_slots, layout.row_slots), :]
-    rows = range(layout.rows_per_chunk)
-    return ([row(q_ref, i) for i in rows], k_ref[whole, :], v_ref[whole, :],
-            [row(k_ref, i) for i in rows], [row(v_ref, i) for i in rows])
-
-
-def store_chunk(layout: ChunkLayout, out_ref, start, out):
-    if layout.variant != "2d":
-        out_ref[pl.ds(start, layout.chunk_tokens), :] = out.astype(out_ref.dtype)
-        return
-    for i, row_out in enumerate(out):
-        out_ref[pl.ds(start + i * layout.row_slots, layout.row_slots), :] = row_out.astype(out_ref.dtype)
 
 
 def step_of(layout: ChunkLayout):

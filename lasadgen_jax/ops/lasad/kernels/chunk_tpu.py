@@ -3,10 +3,10 @@
 The chunk axis is the last grid axis, marked "arbitrary" (sequential on one core); batch, heads
 and value tiles are "parallel". The state lives in a VMEM scratch buffer that persists across the
 chunk axis and is zeroed at chunk 0. Inputs are [batch, heads, seq, dim] with dims padded to
-multiples of 128 lanes (the wrapper in pallas.py transposes and pads), so every block is
+multiples of 128 lanes (chunk.py transposes and pads), so every block is
 (chunk, 128*k) and satisfies Mosaic's (8, 128) tiling.
 
-Tested in interpret mode on CPU only (no TPU was available); see docs/lasad.md §6.
+Checked in interpret mode on CPU and lowered for TPU with jax.export, never run on a TPU; see docs/lasad.md §6.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from lasadgen_jax.ops.lasad import pallas_chunk
-from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout
-
-LANES = 128
+from lasadgen_jax.ops.lasad import chunk_math
+from lasadgen_jax.ops.lasad.chunk_math import ChunkLayout
+from lasadgen_jax.ops.lasad.kernels import chunk_refs
+from lasadgen_jax.ops.lasad.kernels.backend import TPU_LANES as LANES
+from lasadgen_jax.ops.lasad.kernels.chunk_config import BlockSizes
 
 
 def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *state_refs, layout: ChunkLayout, tangent):
@@ -35,24 +36,24 @@ def _kernel(decay_ref, q_ref, k_ref, v_ref, out_ref, *state_refs, layout: ChunkL
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
     carry = tuple(ref[...] for ref in state_refs)
-    values = pallas_chunk.load_chunk(layout, q_ref, k_ref, v_ref, 0)
-    out, carry = pallas_chunk.step_with_tangent(
-        pallas_chunk.step_of(layout), tangent, layout, values, carry[0] if tangent is None else carry,
+    values = chunk_refs.load_chunk(layout, q_ref, k_ref, v_ref, 0)
+    out, carry = chunk_math.step_with_tangent(
+        chunk_math.step_of(layout), tangent, layout, values, carry[0] if tangent is None else carry,
         log_row, log_col,
     )
     for ref, value in zip(state_refs, (carry,) if tangent is None else carry):
         ref[...] = value
-    pallas_chunk.store_chunk(layout, out_ref, 0, out)
+    chunk_refs.store_chunk(layout, out_ref, 0, out)
 
 
 def _chunk_axis(layout: ChunkLayout) -> int:
     return 4 if layout.variant == "2d" else 3
 
 
-def cells(q, k, v, decays, *, layout: ChunkLayout, block: BlockSizes, tangent, out_dtype, interpret: bool):
+def cells(q, k, v, decays, *, layout: ChunkLayout, tiles: BlockSizes, tangent, out_dtype, interpret: bool):
     """The kernel on packed inputs: q, k [B, H, L, d], v [B, H, L, dv] with L = layout.padded_length
     and d, dv multiples of 128; decays [H, 2] float32. Returns [B, H, L, dv] (with tangent 'row' or
-    'col', the output's derivative along that log decay). Tiles are 128 lanes; of `block` only the
+    'col', the output's derivative along that log decay). Tiles are 128 lanes; of `tiles` only the
     chunk sizes (already in `layout`) apply here."""
     batch, heads, length, d = q.shape
     dv = v.shape[-1]
@@ -110,10 +111,10 @@ def _sequential_pass_kernel(decay_ref, keys_ref, values_ref, out_ref, carry_ref,
     carry = carry_ref[...]
     out_ref[...] = carry.astype(out_ref.dtype)
     if reverse:
-        carry_ref[...] = pallas_chunk.generic_previous_adjoint(layout, keys_ref[...], values_ref[...], carry, log_row,
+        carry_ref[...] = chunk_math.generic_previous_adjoint(layout, keys_ref[...], values_ref[...], carry, log_row,
                                                                log_col)
     else:
-        carry_ref[...] = pallas_chunk.generic_next_state(layout, keys_ref[...], values_ref[...], carry, log_row,
+        carry_ref[...] = chunk_math.generic_next_state(layout, keys_ref[...], values_ref[...], carry, log_row,
                                                          log_col)
 
 
@@ -147,20 +148,20 @@ def _gradient_kernel(decay_ref, q_ref, k_ref, v_ref, d_out_ref, state_ref, adjoi
     head = pl.program_id(1)
     log_row, log_col = decay_ref[head, 0], decay_ref[head, 1]
     chunk = ([q_ref[...]], [k_ref[...]], [v_ref[...]], [d_out_ref[...]])  # one block: the whole chunk
-    (dq,), (dk,), (dv,), d_row, d_col = pallas_chunk.generic_gradients(
+    (dq,), (dk,), (dv,), d_row, d_col = chunk_math.generic_gradients(
         layout, chunk, state_ref[...], adjoint_ref[...], log_row, log_col)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
-    d_decay_ref[...] = pallas_chunk.pair_vector(d_row, d_col, d_decay_ref.shape)
+    d_decay_ref[...] = chunk_math.pair_vector(d_row, d_col, d_decay_ref.shape)
 
 
-def chunk_gradients(q, k, v, d_out, decays, *, layout: ChunkLayout, block: BlockSizes, interpret: bool):
+def chunk_gradients(q, k, v, d_out, decays, *, layout: ChunkLayout, tiles: BlockSizes, interpret: bool):
     """The generic kernel's chunk backward on packed heads-major inputs q, k [B, H, L, d], v, d_out
     [B, H, L, dv] (dims multiples of 128): states forward, adjoints in reverse (chunk axis
     "arbitrary", the carry in VMEM), then every chunk's gradients in parallel. Returns (dq, dk, dv)
-    in q.dtype and the log-decay gradients [H, 2] float32. `block` is unused beyond the layout."""
-    del block
+    in q.dtype and the log-decay gradients [H, 2] float32. `tiles` is unused beyond the layout."""
+    del tiles
     batch, heads, length, d = q.shape
     dv = v.shape[-1]
     t, chunks = layout.chunk_tokens, layout.num_chunks

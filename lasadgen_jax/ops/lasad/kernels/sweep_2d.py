@@ -1,6 +1,6 @@
-"""The opt-in `2d` backward of the GPU kernel: a reverse row sweep (`BlockSizes(backward_2d="sweep")`).
+"""The opt-in `2d` backward of the GPU chunk kernel: a reverse row sweep (`ChunkOptions(backward_2d="sweep")`).
 
-The default backward of the `2d` kernel (pallas.py) re-runs the forward kernel three times on
+The default backward of the `2d` kernel (chunk.py) re-runs the forward kernel three times on
 flipped grids and twice more in tangent mode, with twice the column states. This one needs two
 calls and no flips (docs/lasad.md §6, "Sweep backward"):
 
@@ -17,7 +17,7 @@ calls and no flips (docs/lasad.md §6, "Sweep backward"):
 
 Nothing is saved by the forward pass beyond its inputs (no checkpointed states: the sweep needs
 only the adjoint, which it builds itself from q and do). GPU (Triton lowering) only; there is
-no Mosaic TPU version, and pallas.py raises for `backward_2d="sweep"` on backend "tpu".
+no Mosaic TPU version, and chunk.py raises for `backward_2d="sweep"` on backend "tpu".
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from lasadgen_jax.ops.lasad import pallas_gpu
-from lasadgen_jax.ops.lasad.pallas_chunk import BlockSizes, ChunkLayout, column_smoothing, dot
+from lasadgen_jax.ops.lasad.chunk_math import ChunkLayout, column_smoothing, dot
+from lasadgen_jax.ops.lasad.kernels import chunk_gpu
+from lasadgen_jax.ops.lasad.kernels.chunk_config import BlockSizes
 
 
 def key_row_decay(layout: ChunkLayout, log_row, log_col, key_row: int):
@@ -120,17 +121,17 @@ def _sweep_kernel(decay_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dk_col_ref, dv
     jax.lax.fori_loop(0, layout.num_chunks, chunk, state)
 
 
-def key_gradients(q, k, v, d_out, decays, *, layout: ChunkLayout, block: BlockSizes, interpret: bool):
+def key_gradients(q, k, v, d_out, decays, *, layout: ChunkLayout, tiles: BlockSizes, interpret: bool):
     """The reverse sweep on packed inputs (q, k [B, L, H, d], v, d_out [B, L, H, dv], L =
     layout.padded_length, d and dv powers of two >= 16; decays [H, 2] float32). Returns float32
     (dk, dk_col [B, L, H, d], dv [B, L, H, dv]). One program per (batch, head, value tile, key
-    tile) with the forward's tiles (`pallas_gpu.tiles_2d`); dk and dk_col are partial sums over
+    tile) with the forward's tiles (`chunk_gpu.tiles_2d`); dk and dk_col are partial sums over
     value tiles, dv over key tiles, summed here."""
     if layout.variant != "2d":
         raise ValueError(f"the sweep backward is for the 2d layout, got {layout.variant!r}")
     batch, length, heads, d = q.shape
     dv = v.shape[-1]
-    d_block, dv_block, num_warps = pallas_gpu.tiles_2d(layout, block, d, dv)
+    d_block, dv_block, num_warps = chunk_gpu.tiles_2d(layout, tiles, d, dv)
     key_tiles, value_tiles = d // d_block, dv // dv_block
     key_spec = pl.BlockSpec((None, length, None, d_block), lambda b, h, j, i: (b, 0, h, i))
     value_spec = pl.BlockSpec((None, length, None, dv_block), lambda b, h, j, i: (b, 0, h, j))
@@ -143,7 +144,7 @@ def key_gradients(q, k, v, d_out, decays, *, layout: ChunkLayout, block: BlockSi
         grid=(batch, heads, value_tiles, key_tiles),
         in_specs=[pl.BlockSpec((None, 2), lambda *ids: (ids[1], 0)), key_spec, key_spec, value_spec, value_spec],
         out_specs=(key_out, key_out, value_out),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=block.num_stages_2d),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=tiles.num_stages_2d),
         interpret=interpret,
         name="lasad_2d_sweep_backward",
     )(decays, q, k, v, d_out)

@@ -7,7 +7,8 @@ computed the way flash attention computes softmax attention: tiles of queries ag
 keys, the decay D(a, m) = exp(log D) evaluated on chip from the two tiles' grid positions, the
 N x N weights never leaving the chip. O(N^2 d) work and no states, against O(N d dv) for the
 chunked kernels: at short sequences (the 16x16 and 24x24 token grids of the configs) fewer,
-larger matmuls and no sequential walk win. Every variant uses the same body; only the formula of
+larger matmuls and no sequential walk win (benchmarks/RESULTS.md, "The fused parallel-form kernel
+(`impl="pallas_parallel"`)"). Every variant uses the same body; only the formula of
 log D and of its derivatives along the two log decays differ (`common.pair_log_decay`).
 
 Backward, as in flash attention, two kernels: one per key tile (dk, dv and the decay gradients,
@@ -39,10 +40,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from lasadgen_jax.ops.lasad import common, pallas, pallas_gpu
-from lasadgen_jax.ops.lasad.pallas_chunk import dot
+from lasadgen_jax.ops.lasad import common
+from lasadgen_jax.ops.lasad.chunk_math import dot
+from lasadgen_jax.ops.lasad.kernels.backend import call_with_poison, check_backend, padded_dim, stack_decays
 
-BACKENDS = ("gpu", "tpu")
 TPU_BLOCK = 128  # tokens per TPU tile (query and key); a multiple of Mosaic's (8, 128) tiling
 
 
@@ -199,7 +200,7 @@ def _pad(x, length: int, dim: int):
 def _prepare(arrays, backend: str, block: int):
     """Pads the sequence to whole tiles and head dims to what the backend tiles; (padded, length)."""
     length = -(-arrays[0].shape[1] // block) * block
-    return [_pad(x, length, pallas.padded_dim(backend, x.shape[-1])) for x in arrays], length
+    return [_pad(x, length, padded_dim(backend, x.shape[-1])) for x in arrays], length
 
 
 def _gpu_specs(length, block):
@@ -228,8 +229,7 @@ def forward(q, k, v, decays, *, grid, variant, blocks: ParallelBlocks, interpret
     """[B, N, H, dv] in out_dtype (default q.dtype); q, k [B, N, H, d], v [B, N, H, dv]; decays
     [H, 2] float32. `name` suffixes the kernel's name (the backward's dq call is "_dq").
     poison=True (GPU, for checks) starts the output buffer as NaN, so an unwritten element shows."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     batch, n, heads, _ = q.shape
     block = blocks.block if backend == "gpu" else TPU_BLOCK
     (q_p, k_p, v_p), length = _prepare((q, k, v), backend, block)
@@ -238,7 +238,7 @@ def forward(q, k, v, decays, *, grid, variant, blocks: ParallelBlocks, interpret
     out_dtype = q.dtype if out_dtype is None else out_dtype
     if backend == "gpu":
         tile, whole = _gpu_specs(length, block)
-        out = pallas_gpu.call_with_poison(
+        out = call_with_poison(
             functools.partial(_forward_kernel, variant=variant, width=grid[1], block=block),
             (decays, q_p, k_p, v_p),
             out_shape=jax.ShapeDtypeStruct((batch, length, heads, dv), out_dtype),
@@ -318,8 +318,7 @@ def _backward_tpu(q_p, k_p, v_p, do_p, decays, *, length, grid, variant, interpr
 
 def backward(q, k, v, decays, d_out, *, grid, variant, blocks: ParallelBlocks, interpret: bool, backend: str = "gpu"):
     """(dq, dk, dv, d log_decay_row, d log_decay_col): dq, dk, dv in float32, decays [H] float32."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     n, heads = q.shape[1], q.shape[2]
     block = blocks.block if backend == "gpu" else TPU_BLOCK
     d_out = d_out.astype(q.dtype)  # the op returns q.dtype: d_out holds no more precision
@@ -339,18 +338,16 @@ def backward(q, k, v, decays, d_out, *, grid, variant, blocks: ParallelBlocks, i
 
 
 @functools.lru_cache(maxsize=None)
-def parallel_cells(backend: str, interpret: bool, blocks: ParallelBlocks):
+def parallel_form_cells(backend: str, interpret: bool, blocks: ParallelBlocks):
     """cells(q, k, v, log_decay_row, log_decay_col, grid, variant) -> [B, N, H, dv] in q.dtype, the
     fused parallel-form kernel of `backend` ('gpu' or 'tpu') with its two backward kernels; grid
     and variant static."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    stack = lambda row, col: jnp.stack([row, col], axis=1).astype(jnp.float32)  # [H, 2]
+    check_backend(backend)
     options = dict(blocks=blocks, interpret=interpret, backend=backend)
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
     def cells(q, k, v, log_decay_row, log_decay_col, grid, variant):
-        return forward(q, k, v, stack(log_decay_row, log_decay_col), grid=grid, variant=variant, **options)
+        return forward(q, k, v, stack_decays(log_decay_row, log_decay_col), grid=grid, variant=variant, **options)
 
     def cells_forward(q, k, v, log_decay_row, log_decay_col, grid, variant):
         out = cells(q, k, v, log_decay_row, log_decay_col, grid, variant)
@@ -358,7 +355,7 @@ def parallel_cells(backend: str, interpret: bool, blocks: ParallelBlocks):
 
     def cells_backward(grid, variant, residuals, d_out):
         q, k, v, log_decay_row, log_decay_col = residuals
-        dq, dk, dv, d_row, d_col = backward(q, k, v, stack(log_decay_row, log_decay_col), d_out, grid=grid,
+        dq, dk, dv, d_row, d_col = backward(q, k, v, stack_decays(log_decay_row, log_decay_col), d_out, grid=grid,
                                             variant=variant, **options)
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
                 d_row.astype(log_decay_row.dtype), d_col.astype(log_decay_col.dtype))
