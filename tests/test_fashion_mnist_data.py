@@ -1,4 +1,4 @@
-"""Where Fashion-MNIST is read from: an explicit root, $LASADGEN_FASHION_MNIST, Debian's package, the embedded subset."""
+"""Where Fashion-MNIST is read from: a root, $LASADGEN_FASHION_MNIST, Debian's package, the embedded subset."""
 
 import gzip
 import importlib.util
@@ -89,7 +89,8 @@ def test_the_resolution_order(monkeypatch, tmp_path, embedded_only):
     assert fashion_mnist.resolve_location() == fashion_mnist.DataLocation(from_env, "$LASADGEN_FASHION_MNIST")
     assert len(fashion_mnist.load_fashion_mnist("train")[0]) == 7
     assert len(fashion_mnist.load_fashion_mnist("train", explicit)[0]) == 5   # an explicit root wins
-    with pytest.raises(ValueError, match="asked for, but the 5 images at"):
+    assert fashion_mnist.resolve_location(fashion_mnist.EMBEDDED_ROOT).embedded   # and may name the subset
+    with pytest.raises(ValueError, match=r"6 images asked for, but .*explicit \(from fashion_mnist_root\) holds only"):
         fashion_mnist.load_fashion_mnist("train", explicit, count=6)
 
     empty = tmp_path / "empty"
@@ -121,7 +122,8 @@ def test_every_consumer_honours_the_root(tmp_path, embedded_only):
     assert train_images.shape == (9, 32, 32, 3) and test_images.shape == (4, 32, 32, 3)
     assert len(open_source("fashion_mnist", "test", fashion_mnist_root=root)) == 6
     assert len(open_source("fashion_mnist", "train", fashion_mnist_root=root, max_images=3)) == 3
-    np.testing.assert_array_equal(dataset_images("fashion_mnist:test", root), fashion_mnist.load_fashion_mnist("test")[0][:6])
+    embedded_test_images = fashion_mnist.load_fashion_mnist("test")[0]
+    np.testing.assert_array_equal(dataset_images("fashion_mnist:test", root), embedded_test_images[:6])
 
     class Extractor:
         weights_id = "w"

@@ -66,7 +66,10 @@ def missing_files(root: str) -> list[str]:
 
 
 def checked_location(root: str, origin: str) -> DataLocation:
-    """A root the user named: it must hold all four files (a typo must not fall back to other data)."""
+    """A root the user named: it must hold all four files (a typo must not fall back to other data). The
+    embedded subset's own directory is the embedded subset (its errors say how to get the full dataset)."""
+    if os.path.realpath(root) == os.path.realpath(EMBEDDED_ROOT):
+        return DataLocation(EMBEDDED_ROOT, EMBEDDED)
     missing = missing_files(root)
     if missing:
         raise FileNotFoundError(f"Fashion-MNIST: {origin} is {root!r}, which lacks {missing[0]}; it must be a "
@@ -106,7 +109,7 @@ def describe(location: DataLocation, split: str, held: int) -> str:
 def too_many_message(location: DataLocation, split: str, count: int, held: int) -> str:
     asked = f"Fashion-MNIST {split}: {count} images asked for"
     if not location.embedded:
-        return f"{asked}, but the {describe(location, split, held)} holds {held}"
+        return f"{asked}, but {location.root} (from {location.origin}) holds only {held}"
     return (f"{asked}, but only the {describe(location, split, held)} is available; for the full dataset run "
             f"`{INSTALL_COMMAND}` (as root), or point ${ROOT_ENV_VAR} (or a "
             f"config's fashion_mnist_root, in the demo --config.prepare.fashion_mnist_root) at a directory holding "
