@@ -136,7 +136,7 @@ def prepare(args) -> None:
     images_dir = os.path.join(bundle, "fashion_mnist")
     os.makedirs(images_dir, exist_ok=True)
     for name in fashion_mnist.SPLIT_FILES["test"]:
-        shutil.copyfile(os.path.join(fashion_mnist.DEFAULT_ROOT, name), os.path.join(images_dir, name))
+        shutil.copyfile(os.path.join(fashion_mnist.resolve_location().root, name), os.path.join(images_dir, name))
     shutil.copytree(tokenizer_dir, os.path.join(bundle, "tokenizer"), dirs_exist_ok=True)
 
     packed = os.path.join(bundle, "inception_packed.npz")

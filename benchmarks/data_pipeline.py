@@ -3,7 +3,7 @@
     python3 benchmarks/data_pipeline.py [--extract-images 2000] [--records 20000] [--workers 0,2]
 
 Extraction: `lasadgen_jax.data.extract.extract` on the first --extract-images Fashion-MNIST train
-images (needs `apt-get install -y dataset-fashion-mnist`) with the small VQ of configs/vq_small.py
+images (up to 12000 from the subset in the package; more need the full dataset) with the small VQ of configs/vq_small.py
 (random weights: speed does not depend on them), 32x32, `flip` crops; images/s over the whole
 call, twice: the first run includes loading and compiling, the second (into a fresh directory)
 reuses the compiled encoder; baseline: the compiled encoder alone on ready crops. Pipeline: synthetic shards shaped like ImageNet through VQ-16 (10 crops x 256 codes

@@ -12,6 +12,7 @@ import importlib.util
 import os
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def _load(name):
@@ -30,11 +31,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.workdir = "workdirs/demo"
     config.data.prepare = "fashion_mnist"
     config.data.update(num_workers=0, read_threads=1)
+    # Where Fashion-MNIST is read from. None: $LASADGEN_FASHION_MNIST, Debian's package, else the
+    # subset in the package (lasadgen_jax/data/fashion_mnist.py). One setting for the tokenizer, the
+    # extraction and a 'fashion_mnist:' FID reference: --config.prepare.fashion_mnist_root=DIR sets all three.
+    fashion_mnist_root = placeholder(str)
     config.prepare = ml_collections.ConfigDict(dict(
         vq=_load("vq_small").get_config(),     # the tokenizer, trained first
         max_images=12000,                      # training images tokenized (x2 with flips)
         image_size=32, shard_size=10000, encode_batch_size=256,
+        fashion_mnist_root=fashion_mnist_root,
     ))
+    config.prepare.vq.data.fashion_mnist_root = fashion_mnist_root
+    config.eval.fashion_mnist_root = fashion_mnist_root
 
     config.optimizer.update(learning_rate=1e-3, weight_decay=0.05, schedule="cosine", warmup_steps=50)
     config.batch_size = 32

@@ -71,8 +71,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         cfg_scale=4.0, temperature=1.0, top_k=0, top_p=1.0))
     # Periodic FID/sFID/precision/recall from the EMA params on a small N (0: off). Needs converted
     # Inception weights (python -m lasadgen_jax.eval.convert_inception) and a reference
-    # (ADM's VIRTUAL_imagenet256_labeled.npz, or 'fashion_mnist:test' for the demo).
+    # (ADM's VIRTUAL_imagenet256_labeled.npz, or 'fashion_mnist:test' for the demo, read from
+    # fashion_mnist_root: None is the default locations of lasadgen_jax/data/fashion_mnist.py).
     config.eval = ml_collections.ConfigDict(dict(
         every_steps=0, num_samples=5000, reference=placeholder(str), inception=placeholder(str),
+        fashion_mnist_root=placeholder(str),
         metrics="fid,sfid,precision,recall", cfg_scale=1.5, batch_size=64, feature_batch_size=200))
     return config

@@ -13,6 +13,7 @@ benchmarks/ablation.py). Any field can be overridden with
 import dataclasses
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from lasadgen_jax.tokenizer.architecture import VQ_SMALL
 
@@ -27,7 +28,8 @@ def get_config(profile: str = "default") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(dict(
         dataset="fashion_mnist",                       # the only training dataset for now
-        root="/usr/share/datasets/fashion-mnist",      # apt-get install -y dataset-fashion-mnist
+        fashion_mnist_root=placeholder(str),          # None: $LASADGEN_FASHION_MNIST, Debian's package, or the
+                                                      # subset in the package (lasadgen_jax/data/fashion_mnist.py)
         eval_images=1000,                              # test-split images for the final PSNR/usage
     ))
 

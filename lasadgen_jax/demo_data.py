@@ -39,7 +39,7 @@ def prepare_fashion_mnist_tokens(prepare: ml_collections.ConfigDict, workdir: st
               f"{tokens_dir}", flush=True)
         extract(tokenizer_dir, "fashion_mnist", tokens_dir, split="train", image_size=prepare.image_size,
                 crops="flip", shard_size=prepare.shard_size, batch_size=prepare.encode_batch_size,
-                workers=2, max_images=prepare.max_images)
+                workers=2, max_images=prepare.max_images, fashion_mnist_root=prepare.fashion_mnist_root)
     else:
         print(f"demo 2/2: tokens cached in {tokens_dir}", flush=True)
     return tokens_dir, tokenizer_dir

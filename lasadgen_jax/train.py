@@ -653,7 +653,8 @@ def make_evaluator(evaluation: ml_collections.ConfigDict, workdir: str, tokenize
     extractor = FeatureExtractor(os.path.expanduser(evaluation.inception), batch_size=evaluation.feature_batch_size)
     cache_dir = os.path.join(workdir, "eval_cache")
     reference = load_reference(evaluation.reference, extractor, cache_dir,
-                               with_radii="precision" in metrics or "recall" in metrics)
+                               with_radii="precision" in metrics or "recall" in metrics,
+                               fashion_mnist_root=evaluation.fashion_mnist_root)
     return {"extractor": extractor, "reference": reference, "metrics": metrics}
 
 

@@ -145,22 +145,22 @@ def extract(tokenizer: str, source: str, out: str, *, split: str = "train", imag
             crops: str = "tencrop", shard_size: int = 10000, batch_size: int = 64, workers: int = 8,
             process_index: int | None = None, process_count: int | None = None,
             tfds_data_dir: str | None = None, max_images: int | None = None,
-            skip_empty_classes: bool = False) -> dict:
+            skip_empty_classes: bool = False, fashion_mnist_root: str | None = None) -> dict:
     """Run (or resume) an extraction; returns a summary of what this process did.
 
     max_images: extract only the source's first max_images images (a quick look or a benchmark).
     skip_empty_classes: leave out class directories of an imagefolder source that hold no images
     (by default they are refused; see sources.ImageFolderSource).
+    fashion_mnist_root: where the fashion_mnist source reads from (None: the default locations, see
+    lasadgen_jax.data.fashion_mnist); it reads the first max_images, refusing more than the data hold.
     """
     crop_recipes.check_crop_mode(crops)
     model = load_tokenizer(tokenizer)
     grid = model.arch.grid(image_size)
-    image_source = open_source(source, split, tfds_data_dir, skip_empty_classes)
-    num_images = len(image_source)
-    if max_images is not None:
-        if max_images <= 0:
-            raise ValueError(f"--max-images must be positive, got {max_images}")
-        num_images = min(num_images, max_images)
+    if max_images is not None and max_images <= 0:
+        raise ValueError(f"--max-images must be positive, got {max_images}")
+    image_source = open_source(source, split, tfds_data_dir, skip_empty_classes, fashion_mnist_root, max_images)
+    num_images = len(image_source) if max_images is None else min(len(image_source), max_images)
     spec = {"tokenizer_hash": tokenizer_hash(tokenizer), "grid": list(grid), "codebook_size": model.arch.codebook_size,
             "code_bytes": code_bytes_for(model.arch.codebook_size), "crops": crops,
             "num_crops": crop_recipes.NUM_CROPS[crops], "image_size": image_size, "source": image_source.name,
@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "unused with --process-index")
     parser.add_argument("--tfds-data-dir", default=None)
     parser.add_argument("--max-images", type=int, default=None, help="only the source's first N images")
+    parser.add_argument("--fashion-mnist-root", default=None,
+                        help="fashion_mnist: directory of its four IDX .gz files (default: $LASADGEN_FASHION_MNIST, "
+                             "Debian's package, else the subset in the package)")
     parser.add_argument("--skip-empty-classes", action="store_true",
                         help="imagefolder: leave out class directories without images (default: refuse them)")
     args = parser.parse_args(argv)
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
                       crops=args.crops, shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
                       process_index=args.process_index, process_count=args.process_count,
                       tfds_data_dir=args.tfds_data_dir, max_images=args.max_images,
-                      skip_empty_classes=args.skip_empty_classes)
+                      skip_empty_classes=args.skip_empty_classes, fashion_mnist_root=args.fashion_mnist_root)
     manifest = summary["manifest"]
     print(f"wrote {len(summary['written'])} shard(s), skipped {len(summary['skipped_finished'])} finished; "
           + (f"manifest: {manifest['num_records']} records, {manifest['num_skipped']} unreadable images skipped"

@@ -139,10 +139,11 @@ class TfdsSource:
 
 
 class FashionMnistSource:
-    """Debian's Fashion-MNIST, 32x32 RGB (see lasadgen_jax.data.fashion_mnist)."""
+    """Fashion-MNIST, 32x32 RGB, from `root` or the default locations (see lasadgen_jax.data.fashion_mnist).
+    count: the split's first `count` images (None: all the data found hold)."""
 
-    def __init__(self, split: str, root: str = fashion_mnist.DEFAULT_ROOT):
-        self.images, self.labels = fashion_mnist.load_fashion_mnist(split, root)
+    def __init__(self, split: str, root: str | None = None, count: int | None = None):
+        self.images, self.labels = fashion_mnist.load_fashion_mnist(split, root, count)
         self.num_classes = fashion_mnist.NUM_CLASSES
         self.name = f"fashion_mnist:{split}"
 
@@ -156,14 +157,16 @@ class FashionMnistSource:
         return self.images[index], int(self.labels[index])
 
 
-def open_source(spec: str, split: str = "train", tfds_data_dir: str | None = None, skip_empty_classes: bool = False):
+def open_source(spec: str, split: str = "train", tfds_data_dir: str | None = None, skip_empty_classes: bool = False,
+                fashion_mnist_root: str | None = None, max_images: int | None = None):
     """The source named by a --source argument: imagefolder:DIR | tfds:NAME | fashion_mnist.
-    skip_empty_classes: see ImageFolderSource."""
+    skip_empty_classes: see ImageFolderSource. fashion_mnist_root, max_images: see FashionMnistSource
+    (other sources are cut to max_images by the caller)."""
     kind, _, argument = spec.partition(":")
     if kind == "imagefolder" and argument:
         return ImageFolderSource(argument, skip_empty_classes)
     if kind == "tfds" and argument:
         return TfdsSource(argument, split, tfds_data_dir)
     if kind == "fashion_mnist" and not argument:
-        return FashionMnistSource(split)
+        return FashionMnistSource(split, fashion_mnist_root, max_images)
     raise ValueError(f"unknown --source {spec!r}; expected imagefolder:DIR, tfds:NAME or fashion_mnist")

@@ -9,7 +9,8 @@ mean/covariance (sFID), and the reference pool3 features themselves with their k
   always use features of `arr_0`. A file with statistics only gives FID (and sFID) alone.
 - `fashion_mnist:test` (or `:train`; `fashion_mnist:test:2000` takes the first 2000): the
   Fashion-MNIST split as the data pipeline reads it (32x32, grey repeated to RGB), the demo's
-  reference.
+  reference, from `fashion_mnist_root` or the default locations (lasadgen_jax.data.fashion_mnist;
+  the embedded subset holds the first 2000 test images).
 Computed references are cached in `cache_dir` as ADM-compatible npz files (mu, sigma, mu_s,
 sigma_s) plus the pool3 features, their radii, the image size and the Inception weights' hash; a
 cache made with other weights, or of a changed file, is not used.
@@ -161,19 +162,24 @@ def reference_from_features(source: str, pool3, spatial=None, *, image_size: tup
                      pool3=np.asarray(pool3, np.float32), image_size=image_size)
 
 
-def dataset_images(spec: str) -> np.ndarray:
-    """uint8 images [N, H, W, 3] of a dataset spec 'name:split' or 'name:split:count' (the first `count`)."""
+def parse_dataset_spec(spec: str) -> tuple[str, int | None]:
+    """(split, count or None) of a dataset spec 'name:split' or 'name:split:count'."""
     name, split, *count = spec.split(":")
     if name not in DATASETS or split not in DATASETS[name] or len(count) > 1 or (count and not count[0].isdigit()):
         known = [f"{n}:{s}" for n, splits in DATASETS.items() for s in splits]
         raise ValueError(f"unknown reference dataset {spec!r}; known: {known} (optionally ':COUNT'), or an .npz file")
+    if count and int(count[0]) < 1:
+        raise ValueError(f"{spec}: the count must be at least 1")
+    return split, int(count[0]) if count else None
+
+
+def dataset_images(spec: str, fashion_mnist_root: str | None = None) -> np.ndarray:
+    """uint8 images [N, H, W, 3] of a dataset spec 'name:split' or 'name:split:count' (the first `count`).
+    fashion_mnist_root: see lasadgen_jax.data.fashion_mnist (None: the default locations)."""
     from lasadgen_jax.data.fashion_mnist import load_fashion_mnist
 
-    images, _ = load_fashion_mnist(split)
-    if count:
-        if not 1 <= int(count[0]) <= len(images):
-            raise ValueError(f"{spec}: count must be in [1, {len(images)}]")
-        images = images[: int(count[0])]
+    split, count = parse_dataset_spec(spec)
+    images, _ = load_fashion_mnist(split, fashion_mnist_root, count)
     return images
 
 
@@ -184,9 +190,12 @@ def is_dataset_spec(spec: str) -> bool:
 # ----------------------------------------------------------------------------- cache
 
 
-def _cache_path(spec: str, extractor: FeatureExtractor, cache_dir: str) -> str:
+def _cache_path(spec: str, extractor: FeatureExtractor, cache_dir: str, fashion_mnist_root: str | None = None) -> str:
     if is_dataset_spec(spec):
-        identity = {"dataset": spec}
+        from lasadgen_jax.data.fashion_mnist import location_identity
+
+        # Keyed by where the images come from too: the embedded subset's split is not the full one.
+        identity = {"dataset": spec, "data": location_identity(parse_dataset_spec(spec)[0], fashion_mnist_root)}
         stem = spec.replace(":", "-")
     else:
         info = os.stat(spec)
@@ -228,24 +237,26 @@ def _load_cached(path: str, inception_id: str) -> Reference | None:
 
 def load_reference(spec: str, extractor: FeatureExtractor, cache_dir: str | None = None,
                    with_radii: bool = True, progress: bool = True, *,
-                   image_size: tuple[int, int] | None = None) -> Reference:
+                   image_size: tuple[int, int] | None = None, fashion_mnist_root: str | None = None) -> Reference:
     """The Reference of `spec` (an .npz path or 'fashion_mnist:test'), from `cache_dir` when computed before.
 
     Dataset references are always cached when `cache_dir` is given; npz files holding images too
     (keyed by path, size and mtime). `with_radii` also computes (and caches) the k-NN radii.
     image_size: the samples' (height, width); a reference of another image size is refused (ValueError).
+    fashion_mnist_root: where a `fashion_mnist:` spec reads its images (see lasadgen_jax.data.fashion_mnist).
     """
     if not is_dataset_spec(spec) and not os.path.isfile(spec):
         raise ValueError(f"--ref {spec} is neither an existing .npz file nor a known dataset "
                          f"({[f'{n}:{s}' for n, ss in DATASETS.items() for s in ss]})")
-    cache = _cache_path(spec, extractor, cache_dir) if cache_dir else None
+    cache = _cache_path(spec, extractor, cache_dir, fashion_mnist_root) if cache_dir else None
     reference = _load_cached(cache, extractor.weights_id) if cache else None
     if reference is not None and (reference.radii is not None or reference.pool3 is None or not with_radii):
         check_image_size(reference, image_size)
         return reference
     if reference is None:
         if is_dataset_spec(spec):
-            features = extractor.features_of_array(dataset_images(spec), desc=f"reference features ({spec})",
+            features = extractor.features_of_array(dataset_images(spec, fashion_mnist_root),
+                                                   desc=f"reference features ({spec})",
                                                    progress=progress)
             reference = reference_from_features(spec, features.pool3, features.spatial, image_size=features.image_size)
         else:

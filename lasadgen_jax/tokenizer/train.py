@@ -62,9 +62,9 @@ def load_training_data(config: ml_collections.ConfigDict):
     """(train images uint8 [N, 32, 32, 3], test images uint8 [M, 32, 32, 3]) of the configured dataset."""
     if config.data.dataset != "fashion_mnist":
         raise ValueError(f"config.data.dataset {config.data.dataset!r} is not supported; known: fashion_mnist")
-    train_images, _ = load_fashion_mnist("train", config.data.root)
-    test_images, _ = load_fashion_mnist("test", config.data.root)
-    return train_images, test_images[: config.data.eval_images]
+    train_images, _ = load_fashion_mnist("train", config.data.fashion_mnist_root)
+    test_images, _ = load_fashion_mnist("test", config.data.fashion_mnist_root, count=config.data.eval_images)
+    return train_images, test_images
 
 
 def batch_indices(seed: int, step: int, dataset_size: int, batch_size: int) -> np.ndarray:
