@@ -452,7 +452,7 @@ def colour(values: np.ndarray, low: float, high: float) -> np.ndarray:
 def decay_map(variant: str, g_row: float, g_col: float, grid: tuple[int, int]) -> np.ndarray:
     """D(a, m) over keys m for the query a in the middle of the grid (0 where m is not before a).
 
-    From DESIGN.md §2, as ops/lasad/reference.py: 2d g_row^(r_a-r_m) g_col^|c_a-c_m|; 2d_row
+    From docs/lasad.md §1, as ops/lasad/reference.py: 2d g_row^(r_a-r_m) g_col^|c_a-c_m|; 2d_row
     g_col^(c_a-c_m) in a's row, else g_row^(r_a-r_m); 1d g^(a-m); none 1."""
     h, w = grid
     a = (h // 2) * w + w // 2

@@ -1,4 +1,4 @@
-"""The attention ablation (issue 9): one small LASADGen on Fashion-MNIST tokens of a 16x16 grid.
+"""The attention ablation: one small LASADGen on Fashion-MNIST tokens of a 16x16 grid.
 
     python3 benchmarks/ablation.py run --bundle .ablation/bundle --variants 2d,2d_row,1d,none,softmax
 

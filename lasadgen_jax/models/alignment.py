@@ -1,4 +1,4 @@
-"""How the model's sequence lines up with grid cells (DESIGN.md §2, docs/lasad.md §1).
+"""How the model's sequence lines up with grid cells (docs/lasad.md §1, "Alignment in the model").
 
 A sequence holds P prefix (class) positions, then the tokens of cells 0 .. N-2 of an h x w grid:
 P + N - 1 positions. Position j attends to positions <= j. The query at position P-1+a predicts

@@ -1,6 +1,6 @@
 """Pieces shared by the LASAD algorithms: names, input checks, decay math and matmul dtypes.
 
-The function every algorithm computes is written out in docs/lasad.md (and DESIGN.md §2):
+The function every algorithm computes is written out in docs/lasad.md §1:
 
     o_a = sum_{m<a} D(a, m) (q_a . k_m) v_m  +  sum_p (q_a . k_p) v_p
 

@@ -1,6 +1,6 @@
 """The quadratic reference: the oracle every other LASAD algorithm is tested against.
 
-It materialises the N x N decay matrix D(a, m) straight from DESIGN.md §2, in float32 (float64 for
+It materialises the N x N decay matrix D(a, m) straight from docs/lasad.md §1, in float32 (float64 for
 float64 inputs), and shares no decay code with the fast paths. O(N^2) time and memory.
 """
 
