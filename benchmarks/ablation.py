@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -36,17 +35,16 @@ import time
 
 import numpy as np
 
+from lasadgen_jax.config_files import load_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("2d", "2d_row", "1d", "none", "softmax")
 SCALE_PREFIX = "scale/"
 META_PREFIX = "meta/"
 
 
-def load_config(attention: str):
-    spec = importlib.util.spec_from_file_location("ablation_config", os.path.join(REPO, "configs", "ablation.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(f"attention={attention}")
+def variant_config(attention: str):
+    return load_config(os.path.join(REPO, "configs", "ablation.py") + f":attention={attention}")
 
 
 # ============================================================================= 1. prepare (CPU)
@@ -196,10 +194,11 @@ def train_variant(config, data: Bundle, mesh, log) -> tuple[dict, object, dict]:
     """(final params, graphdef + rng template, training stats) for one config."""
     import jax
 
-    from lasadgen_jax import train
+    from lasadgen_jax import train, train_state
+    from lasadgen_jax.model_io import model_config_from
 
-    model_config = train.model_config_from(config)
-    setup = train.setup_training(config, model_config, mesh, config.num_steps)
+    model_config = model_config_from(config)
+    setup = train_state.setup_training(config, model_config, mesh, config.num_steps)
     state = setup.initial_state(model_config, config.seed)
     order = batch_order(len(data.train_tokens), config.batch_size, config.num_steps, config.seed)
     losses, started = [], time.perf_counter()
@@ -236,9 +235,9 @@ def eval_model(setup, params):
     import jax
     from flax import nnx
 
-    from lasadgen_jax import train
+    from lasadgen_jax.train_state import seeded_rng_state
 
-    model = nnx.merge(setup.graphdef, params, train.seeded_rng_state(setup.rng_state_template, jax.random.key(0)))
+    model = nnx.merge(setup.graphdef, params, seeded_rng_state(setup.rng_state_template, jax.random.key(0)))
     model.eval()
     return model
 
@@ -276,7 +275,7 @@ def fid_of(images: np.ndarray, extractor, reference) -> float:
 def sample_and_score(model, data: Bundle, extractor, reference, ablation, seed: int, log) -> dict:
     import jax
 
-    from lasadgen_jax.evaluate import sample_images
+    from lasadgen_jax.eval.scores import sample_images
     from lasadgen_jax.sample import SamplingConfig
 
     key = jax.random.key(1000 + seed)
@@ -334,9 +333,10 @@ def run(args) -> None:
     import flax
     import jax
 
-    from lasadgen_jax import sharding, train
+    from lasadgen_jax import sharding
     from lasadgen_jax.eval.features import FeatureExtractor
     from lasadgen_jax.eval.reference import reference_from_features
+    from lasadgen_jax.model_io import model_config_from
     from lasadgen_jax.models.lasadgen import count_params
 
     started = time.perf_counter()
@@ -375,12 +375,12 @@ def run(args) -> None:
                     f"deadline {args.deadline:.0f}s")
                 return
             run_started = time.perf_counter()
-            config = load_config(variant)
+            config = variant_config(variant)
             config.unlock()
             config.seed = seed
             if args.smoke:
                 shrink_for_smoke(config)
-            num_params = count_params(train.model_config_from(config))
+            num_params = count_params(model_config_from(config))
             log(f"{variant} seed {seed}: {num_params / 1e6:.1f}M params, "
                 f"{config.num_steps} steps of {config.batch_size}")
             params, setup, train_stats = train_variant(config, data, mesh, log)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from lasadgen_jax.config_files import load_config
 from lasadgen_jax.data import extract, manifest as manifests, records
 from lasadgen_jax.data.pipeline import token_dataset, token_iterator
 from lasadgen_jax.data.sharded_encoder import ShardedEncoder
@@ -35,12 +36,7 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir
 
 
 def small_vq_architecture() -> VQArchitecture:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vq_small_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return VQArchitecture.from_dict(dict(module.get_config().model))
+    return VQArchitecture.from_dict(dict(load_config(CONFIG_FILE).model))
 
 
 def benchmark_extraction(workdir: str, num_images: int, batch_size: int, workers: int) -> dict:

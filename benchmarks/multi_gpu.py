@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import sys
@@ -34,14 +33,14 @@ for _name, _value in NVLINK_MULTICAST_OFF.items():
 import jax  # noqa: E402  (after the NCCL environment)
 import numpy as np  # noqa: E402
 
+from lasadgen_jax.config_files import load_config  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_config(args, global_batch: int, mesh: tuple[int, int, int]):
-    spec = importlib.util.spec_from_file_location("imagenet256", os.path.join(REPO, "configs", "imagenet256.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(f"size={args.size},attention={args.attention}")
+    path = os.path.join(REPO, "configs", "imagenet256.py")
+    config = load_config(f"{path}:size={args.size},attention={args.attention}")
     config.model.update(grid=(args.grid, args.grid), lasad_impl=args.lasad_impl, remat=args.remat)
     if args.smoke:
         config.model.update(depth=2, dim=64, num_heads=4, vocab_size=256, num_classes=10, dtype="float32")
@@ -60,12 +59,15 @@ def synthetic_batches(args, model_config, global_batch: int, steps: int) -> list
 def run_mesh(args, mesh_shape, devices, global_batch: int, steps: int, timed_from: int = 2) -> dict:
     """`steps` trainer steps on `devices` arranged as mesh_shape: losses, seconds per step, final state."""
     from lasadgen_jax import sharding, train
+    from lasadgen_jax.model_io import model_config_from
+    from lasadgen_jax.train_config import check_batch_fits_mesh
+    from lasadgen_jax.train_state import setup_training
 
     config = make_config(args, global_batch, mesh_shape)
-    model_config = train.model_config_from(config)
+    model_config = model_config_from(config)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-    train.check_batch_fits_mesh(config, mesh)
-    setup = train.setup_training(config, model_config, mesh, config.num_steps)
+    check_batch_fits_mesh(config, mesh)
+    setup = setup_training(config, model_config, mesh, config.num_steps)
     state = setup.initial_state(model_config, config.seed)
     losses, started = [], time.perf_counter()
     for index, (tokens, labels) in enumerate(synthetic_batches(args, model_config, global_batch, steps)):
@@ -88,12 +90,14 @@ def restore_on_one_device(args, run: dict, device) -> float:
     """Saves run's state (n devices) with Orbax, restores it on one device: max |difference| over the tree."""
     import orbax.checkpoint as ocp
 
-    from lasadgen_jax import sharding, train
+    from lasadgen_jax import sharding
+    from lasadgen_jax.model_io import model_config_from
+    from lasadgen_jax.train_state import setup_training
 
     config = make_config(args, run["global_batch"], (1, 1, 1))
-    model_config = train.model_config_from(config)
+    model_config = model_config_from(config)
     mesh = sharding.make_mesh(config.mesh.to_dict(), [device])
-    setup = train.setup_training(config, model_config, mesh, config.num_steps)
+    setup = setup_training(config, model_config, mesh, config.num_steps)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), setup.abstract_state,
                           setup.state_shardings)
     with tempfile.TemporaryDirectory() as directory:

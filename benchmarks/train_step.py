@@ -3,10 +3,10 @@
     python3 benchmarks/train_step.py --size L --grids 16,32 --attentions softmax,2d_row,2d
     python3 benchmarks/train_step.py --config configs/demo.py --lasad_impl chunked   # a config as it is
 
-The step is the trainer's own (lasadgen_jax.train.make_train_step: bf16 compute, float32 master
+The step is the trainer's own (lasadgen_jax.train_state.make_train_step: bf16 compute, float32 master
 params, AdamW, EMA, NaN guard), on synthetic tokens, over all local devices as a data-parallel mesh.
 Each grid gets one global batch for every attention type (--tokens_per_step / tokens per image, halved
-on out-of-memory). MFU = model FLOPs (lasadgen_jax.train.train_flops_per_token) per second over the
+on out-of-memory). MFU = model FLOPs (lasadgen_jax.flops.train_flops_per_token) per second over the
 device's peak; a measured bf16 matmul ceiling is printed beside it. One JSON line per measurement,
 then a markdown table. With --config, that config file's model, grid and batch are measured
 unchanged (only --lasad_impl and --remat apply).
@@ -46,37 +46,31 @@ def cudnn_accepts(tokens: int, heads: int = 16, head_dim: int = 64) -> str:
         return f"no ({type(error).__name__}: {str(error)[:120]})"
 
 
-def load_config(path: str, argument: str | None = None):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmarked_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(argument) if argument is not None else module.get_config()
-
-
 def build(args, attention: str | None, grid: int | None, batch: int | None):
     """(model config, jitted step, state, tokens, labels): imagenet256.py at --size with this
     attention, grid and batch, or --config as it is (attention, grid and batch None)."""
     import os
 
-    from lasadgen_jax import train
+    from lasadgen_jax import sharding
+    from lasadgen_jax.config_files import load_config
+    from lasadgen_jax.model_io import model_config_from
+    from lasadgen_jax.train_state import setup_training
 
     if args.config:
         config = load_config(args.config)
         config.model.update(remat=args.remat, lasad_impl=args.lasad_impl)
     else:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "imagenet256.py")
-        config = load_config(path, f"size={args.size},attention={attention}")
+        config = load_config(f"{path}:size={args.size},attention={attention}")
         config.model.update(grid=(grid, grid), remat=args.remat, lasad_impl=args.lasad_impl)
         config.batch_size = batch
     batch = config.batch_size
     config.num_steps = 1000
-    model_config = train.model_config_from(config)
-    mesh = train.sharding.make_mesh(config.mesh.to_dict())
-    setup = train.setup_training(config, model_config, mesh, config.num_steps)
+    model_config = model_config_from(config)
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    setup = setup_training(config, model_config, mesh, config.num_steps)
     step, state = setup.train_step, setup.initial_state(model_config, config.seed)
-    batch_sharding = train.sharding.batch_sharding(mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
     rng = np.random.default_rng(0)
     tokens = jax.device_put(rng.integers(0, model_config.vocab_size, (batch, model_config.num_tokens), np.int32), batch_sharding)
     labels = jax.device_put(rng.integers(0, model_config.num_classes, (batch,), np.int32), batch_sharding)
@@ -84,7 +78,7 @@ def build(args, attention: str | None, grid: int | None, batch: int | None):
 
 
 def measure(args, attention: str | None, grid: int | None, batch: int | None) -> dict:
-    from lasadgen_jax import train
+    from lasadgen_jax.flops import train_flops_per_token
 
     model_config, step, state, tokens, labels = build(args, attention, grid, batch)
     attention, batch = model_config.attention, tokens.shape[0]
@@ -103,7 +97,7 @@ def measure(args, attention: str | None, grid: int | None, batch: int | None) ->
     if not bool(metrics["finite"]):
         raise FloatingPointError(f"{attention} {model_config.grid}: non-finite loss {float(metrics['loss'])}")
     tokens_per_step = batch * model_config.num_tokens
-    flops = train.train_flops_per_token(model_config) * tokens_per_step
+    flops = train_flops_per_token(model_config) * tokens_per_step
     peak = args.peak_tflops * 1e12 * jax.device_count()
     return {"attention": attention, "grid": "x".join(map(str, model_config.grid)), "batch": batch,
             "step_ms": 1e3 * seconds,

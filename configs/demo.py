@@ -1,9 +1,10 @@
 """The embedded default: a small LASADGen (2d) on Fashion-MNIST, end to end on a CPU.
 
-    python -m lasadgen_jax.train --config=configs/demo.py      # workdir: workdirs/demo
+    python -m lasadgen_jax.demo      # workdir: workdirs/demo
 
 Trains the small VQ tokenizer (configs/vq_small.py) unless WORKDIR/vq/tokenizer exists, tokenizes
-the training images (+ horizontal flips) into WORKDIR/tokens, trains the model below, and writes
+the training images (+ horizontal flips) into WORKDIR/tokens (config.prepare; the demo sets
+config.data.tokens_dir and config.tokenizer_dir to these), trains the model below, and writes
 sample grids (one row per class, from the EMA parameters) to WORKDIR/samples/. About 15 minutes on
 2 CPU cores (benchmarks/RESULTS.md). Everything else is as configs/imagenet256.py.
 """
@@ -29,13 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
                         dtype="float32")   # float32 compute: XLA:CPU has no fast bf16 matmuls
 
     config.workdir = "workdirs/demo"
-    config.data.prepare = "fashion_mnist"
     config.data.update(num_workers=0, read_threads=1)
     # Where Fashion-MNIST is read from. None: $LASADGEN_FASHION_MNIST, Debian's package, else the
     # subset in the package (lasadgen_jax/data/fashion_mnist.py). One setting for the tokenizer, the
     # extraction and a 'fashion_mnist:' FID reference: --config.prepare.fashion_mnist_root=DIR sets all three.
     fashion_mnist_root = placeholder(str)
-    config.prepare = ml_collections.ConfigDict(dict(
+    config.prepare = ml_collections.ConfigDict(dict(   # read by lasadgen_jax/demo.py, not the trainer
         vq=_load("vq_small").get_config(),     # the tokenizer, trained first
         max_images=12000,                      # training images tokenized (x2 with flips)
         image_size=32, shard_size=10000, encode_batch_size=256,

@@ -39,7 +39,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.workdir = placeholder(str)         # or --workdir
     config.data = ml_collections.ConfigDict(dict(
         tokens_dir=placeholder(str),           # python -m lasadgen_jax.data.extract --out=...
-        prepare=placeholder(str),              # 'fashion_mnist' only in the demo
         num_workers=2, read_threads=2, prefetch_batches=4,
         skip_corrupt_records=False,            # True: skip (log and count) records that fail to read
     ))

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
+from lasadgen_jax.model_io import load_params, load_tokenizer_for, model_config_from
+from lasadgen_jax.models.lasadgen import LASADGen
+from lasadgen_jax.tokenizer.evaluation import to_uint8
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -157,37 +159,6 @@ def generate(model: LASADGen, labels, key, config: SamplingConfig = SamplingConf
     return tokens.reshape(labels.shape[0], *model.config.grid)
 
 
-# ----------------------------------------------------------------------------- params on disk
-
-
-def save_params(model: LASADGen, path, force: bool = False):
-    """Writes the model's parameters as an Orbax checkpoint at `path`: a new directory, or with
-    `force` a replaced one; a local path or a URI such as gs://... (every process calls this)."""
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    target = epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, nnx.state(model, nnx.Param), force=force)
-    checkpointer.wait_until_finished()
-
-
-def load_params(model: LASADGen, path: str) -> LASADGen:
-    """Restores parameters written by save_params into `model` (shapes must match its config)."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"--ckpt {path} is not a checkpoint directory")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model, nnx.Param))
-    try:
-        restored = ocp.StandardCheckpointer().restore(path, abstract)
-    except ValueError as error:
-        raise ValueError(f"checkpoint {path} does not fit this model config: {error}") from None
-    nnx.update(model, restored)
-    return model
-
-
 # ----------------------------------------------------------------------------- pictures of tokens
 
 
@@ -217,8 +188,6 @@ def _decode_codes(tokenizer, codes):
 
 def decode_to_uint8(tokenizer, tokens, batch_size: int) -> np.ndarray:
     """Token grids [n, h, w] -> uint8 RGB images [n, H, W, 3] (grey tokenizers repeated to RGB)."""
-    from lasadgen_jax.tokenizer.evaluation import to_uint8
-
     images = np.concatenate([
         to_uint8(_decode_codes(tokenizer, jnp.asarray(tokens[start : start + batch_size])))
         for start in range(0, len(tokens), batch_size)
@@ -254,7 +223,7 @@ def main(argv):
     FLAGS = flags.FLAGS
     out_dir = FLAGS.out
     config = FLAGS.config
-    model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()})
+    model_config = model_config_from(config)
     sampling = SamplingConfig(
         cfg_scale=FLAGS.cfg_scale, cfg_schedule=FLAGS.cfg_schedule, temperature=FLAGS.temperature,
         top_k=FLAGS.top_k, top_p=FLAGS.top_p,
@@ -269,12 +238,7 @@ def main(argv):
 
     tokenizer = None
     if FLAGS.tokenizer is not None:
-        from lasadgen_jax.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(FLAGS.tokenizer)
-        if tokenizer.arch.codebook_size != model_config.vocab_size:
-            raise ValueError(f"--tokenizer {FLAGS.tokenizer} has a codebook of {tokenizer.arch.codebook_size}, "
-                             f"the model's vocab_size is {model_config.vocab_size}")
+        tokenizer = load_tokenizer_for(FLAGS.tokenizer, model_config, "--tokenizer")
 
     model = LASADGen(model_config, rngs=nnx.Rngs(FLAGS.seed))
     if FLAGS.ckpt is not None:
@@ -316,7 +280,7 @@ def define_flags():
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Model config file, e.g. configs/imagenet256.py:size=L", lock_config=True)
-    flags.DEFINE_string("ckpt", None, "Parameter checkpoint directory (written by save_params / the trainer).")
+    flags.DEFINE_string("ckpt", None, "Parameter checkpoint directory (written by model_io.save_params / the trainer).")
     flags.DEFINE_bool("random_init", False, "Sample from randomly initialised weights (smoke runs, benchmarks).")
     flags.DEFINE_string("classes", "0", "'all' or comma-separated class ids.")
     flags.DEFINE_integer("num", 4, "Samples per class.")

@@ -351,7 +351,7 @@ def test_bad_reference_and_sample_files_are_refused_with_the_reason(tmp_path):
 
 
 def test_metrics_skip_or_refuse_what_the_inputs_cannot_give():
-    from lasadgen_jax.evaluate import compute_metrics
+    from lasadgen_jax.eval.scores import compute_metrics
 
     rng = np.random.default_rng(6)
     samples = Features(pool3=rng.normal(size=(10, 2048)), spatial=rng.normal(size=(10, 2023)), logits=None)
@@ -369,7 +369,7 @@ def test_metrics_skip_or_refuse_what_the_inputs_cannot_give():
 def test_sample_and_evaluate_samples_decodes_and_scores(extractor):
     from flax import nnx
 
-    from lasadgen_jax.evaluate import sample_and_evaluate
+    from lasadgen_jax.eval.scores import sample_and_evaluate
     from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
     from lasadgen_jax.tokenizer.model import create_vq_model
 

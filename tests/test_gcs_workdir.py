@@ -20,7 +20,8 @@ from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 
 from helpers import write_synthetic_token_dir
-from lasadgen_jax import train
+from lasadgen_jax import demo, train, workdir
+from lasadgen_jax.model_io import model_config_from
 from lasadgen_jax.metric_writer import MetricWriter
 from train_runs import tiny_config
 
@@ -98,19 +99,19 @@ def test_metric_writer_stages_locally_and_uploads_whole_files(bucket, tmp_path):
 
 def test_claim_workdir_and_sample_grids_on_gs(bucket, tokens_dir):
     config = tiny_config(tokens_dir, 4)
-    model_config = train.model_config_from(config)
-    train.claim_workdir(bucket, model_config, config)
+    model_config = model_config_from(config)
+    train.claim_train_workdir(bucket, model_config, config)
     run = json.loads((epath.Path(bucket) / "run.json").read_text())
     assert run["kind"] == train.RUN_KIND and run["model_identity"]["dim"] == 32
-    train.claim_workdir(bucket, model_config, config)   # the same model resumes
+    train.claim_train_workdir(bucket, model_config, config)   # the same model resumes
     config.model.dim = 64
     with pytest.raises(ValueError, match="incompatible model.*dim"):
-        train.claim_workdir(bucket, train.model_config_from(config), config)
+        train.claim_train_workdir(bucket, model_config_from(config), config)
 
     foreign = "gs://bucket/runs/foreign"
     (epath.Path(foreign) / "checkpoints" / "7").mkdir(parents=True)
     with pytest.raises(ValueError, match="has checkpoints/ but no run.json"):
-        train.claim_workdir(foreign, model_config, config)
+        train.claim_train_workdir(foreign, model_config, config)
     assert not (epath.Path(foreign) / "run.json").exists()
 
     writer = MetricWriter(bucket)
@@ -121,24 +122,23 @@ def test_claim_workdir_and_sample_grids_on_gs(bucket, tokens_dir):
     from PIL import Image
 
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(epath.Path(path).read_bytes()))), picture)
-    assert str(train.workdir_path(bucket, "checkpoints")) == f"{bucket}/checkpoints"   # not made absolute
+    assert str(workdir.workdir_path(bucket, "checkpoints")) == f"{bucket}/checkpoints"   # not made absolute
 
 
 def test_locations_that_cannot_be_remote_are_refused_by_name(tokens_dir):
     config = tiny_config(tokens_dir, 4)
     config.data.tokens_dir = "gs://bucket/tokens"
     with pytest.raises(ValueError, match="config.data.tokens_dir.*local \\(or mounted"):
-        train.check_locations(config, "/tmp/workdir")
+        workdir.check_locations(config, "/tmp/workdir")
     config = tiny_config(tokens_dir, 4)
     with pytest.raises(ValueError, match="nosuchfs"):
-        train.check_locations(config, "nosuchfs://bucket/run")
-    config.data.update(tokens_dir=None, prepare="fashion_mnist")
-    with pytest.raises(ValueError, match="config.data.prepare.*local workdir only"):
-        train.check_locations(config, "gs://bucket/run")
+        workdir.check_locations(config, "nosuchfs://bucket/run")
+    with pytest.raises(ValueError, match="demo's data preparation.*local workdir only"):
+        demo.check_local_workdir("gs://bucket/run")
 
 
 def test_gs_workdir_without_gcsfs_says_what_to_install(tokens_dir):
     if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed")
     with pytest.raises(ValueError, match="pip install gcsfs"):
-        train.check_locations(tiny_config(tokens_dir, 4), "gs://bucket/run")
+        workdir.check_locations(tiny_config(tokens_dir, 4), "gs://bucket/run")

@@ -314,8 +314,8 @@ def test_multinode_refuses_missing_and_bad_arguments(arguments, message):
 
 # One os.write per line: the two processes share the pipe, and print() may write a line in pieces
 # (unbuffered Python), which can interleave ("PROBEPROBE 0 2 4").
-PROBE = ("from lasadgen_jax import train; import ml_collections, jax, os; "
-         "train.maybe_initialize_distributed(ml_collections.ConfigDict(dict(initialize='auto', "
+PROBE = ("from lasadgen_jax import distributed; import ml_collections, jax, os; "
+         "distributed.maybe_initialize_distributed(ml_collections.ConfigDict(dict(initialize='auto', "
          "coordinator_address=None, num_processes=None, process_id=None))); "
          "os.write(1, f'PROBE {jax.process_index()} {jax.process_count()} {jax.device_count()}\\n'.encode())")
 

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from helpers import write_synthetic_token_dir
-from lasadgen_jax import train
+from lasadgen_jax import train, train_config
+from lasadgen_jax.distributed import distributed_arguments
 from train_runs import losses, multihost_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,10 +219,10 @@ def test_batch_that_the_mesh_does_not_split_evenly_is_refused(tokens_dir):
 
     config = multihost_config(tokens_dir, 4)
     config.batch_size, config.grad_accum_steps = 24, 2
-    train.check_batch_fits_mesh(config, SimpleNamespace(shape={"data": 4, "fsdp": 3, "tensor": 2}))
+    train_config.check_batch_fits_mesh(config, SimpleNamespace(shape={"data": 4, "fsdp": 3, "tensor": 2}))
     with pytest.raises(ValueError, match=r"config.batch_size 24 must be divisible by config.grad_accum_steps \(2\) "
                                          r"x the mesh's data x fsdp \(8 x 1\)"):
-        train.check_batch_fits_mesh(config, SimpleNamespace(shape={"data": 8, "fsdp": 1, "tensor": 1}))
+        train_config.check_batch_fits_mesh(config, SimpleNamespace(shape={"data": 8, "fsdp": 1, "tensor": 1}))
 
 
 # ----------------------------------------------------------------------------- initialize's arguments
@@ -234,32 +235,32 @@ def distributed(**overrides):
 
 
 def test_single_process_environments_do_not_initialize():
-    assert train.distributed_arguments(distributed(), {}) is None
-    assert train.distributed_arguments(distributed(), {"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
-    assert train.distributed_arguments(distributed(), {"JAX_NUM_PROCESSES": "1"}) is None
-    assert train.distributed_arguments(distributed(initialize="no"), {"JAX_COORDINATOR_ADDRESS": "h:1"}) is None
+    assert distributed_arguments(distributed(), {}) is None
+    assert distributed_arguments(distributed(), {"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    assert distributed_arguments(distributed(), {"JAX_NUM_PROCESSES": "1"}) is None
+    assert distributed_arguments(distributed(initialize="no"), {"JAX_COORDINATOR_ADDRESS": "h:1"}) is None
 
 
 def test_arguments_come_from_the_config_else_the_environment():
     environ = {"JAX_COORDINATOR_ADDRESS": "node0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
-    assert train.distributed_arguments(distributed(), environ) == {
+    assert distributed_arguments(distributed(), environ) == {
         "coordinator_address": "node0:1234", "num_processes": 4, "process_id": 3}
-    assert train.distributed_arguments(distributed(process_id=1, coordinator_address="other:9"), environ) == {
+    assert distributed_arguments(distributed(process_id=1, coordinator_address="other:9"), environ) == {
         "coordinator_address": "other:9", "num_processes": 4, "process_id": 1}
     # SLURM (and Open MPI, TPU): what is left unset, jax.distributed.initialize fills in from the cluster.
     slurm = {"SLURM_NTASKS": "16", "SLURM_PROCID": "5", "JAX_COORDINATOR_ADDRESS": "node0:1234"}
-    assert train.distributed_arguments(distributed(), slurm) == {
+    assert distributed_arguments(distributed(), slurm) == {
         "coordinator_address": "node0:1234", "num_processes": None, "process_id": None}
-    assert train.distributed_arguments(distributed(), {"OMPI_COMM_WORLD_SIZE": "2"}) == {
+    assert distributed_arguments(distributed(), {"OMPI_COMM_WORLD_SIZE": "2"}) == {
         "coordinator_address": None, "num_processes": None, "process_id": None}
-    assert train.distributed_arguments(distributed(initialize="yes"), {}) == {
+    assert distributed_arguments(distributed(initialize="yes"), {}) == {
         "coordinator_address": None, "num_processes": None, "process_id": None}
 
 
 def test_bad_distributed_settings_name_their_source():
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' is not an integer"):
-        train.distributed_arguments(distributed(), {"JAX_NUM_PROCESSES": "two"})
+        distributed_arguments(distributed(), {"JAX_NUM_PROCESSES": "two"})
     with pytest.raises(ValueError, match=r"process_id \(or JAX_PROCESS_ID\) 2 is not in \[0, num_processes=2\)"):
-        train.distributed_arguments(distributed(), {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
+        distributed_arguments(distributed(), {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
     with pytest.raises(ValueError, match="config.distributed.initialize"):
-        train.distributed_arguments(distributed(initialize="maybe"), {})
+        distributed_arguments(distributed(initialize="maybe"), {})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lasadgen_jax import sample
+from lasadgen_jax import model_io, sample
 from lasadgen_jax.models.lasadgen import LASADGen
 from helpers import tiny_model, tiny_vq_architecture
 
@@ -125,16 +125,16 @@ def test_class_id_out_of_range_raises():
 
 def test_params_round_trip_through_a_checkpoint(tmp_path):
     model = tiny_model("2d")
-    sample.save_params(model, str(tmp_path / "params"))
+    model_io.save_params(model, str(tmp_path / "params"))
     fresh = LASADGen(model.config, rngs=nnx.Rngs(123))
-    sample.load_params(fresh, str(tmp_path / "params"))
+    model_io.load_params(fresh, str(tmp_path / "params"))
     fresh.eval()
     tokens = jnp.zeros((1, 16), jnp.int32)
     labels = jnp.array([2], jnp.int32)
     np.testing.assert_array_equal(fresh(tokens, labels), model(tokens, labels))
     other = LASADGen(dataclasses.replace(model.config, dim=64), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="does not fit this model config"):
-        sample.load_params(other, str(tmp_path / "params"))
+        model_io.load_params(other, str(tmp_path / "params"))
 
 
 def run_cli(*args):

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from helpers import rel_error, tiny_vq_architecture
+from lasadgen_jax.config_files import load_config
 from lasadgen_jax.tokenizer import VQArchitecture, load_tokenizer, save_tokenizer, tokenizer_hash
 from lasadgen_jax.tokenizer import convert
 from lasadgen_jax.tokenizer.checkpoint import param_shapes
@@ -316,13 +317,8 @@ def test_converter_loads_only_tensors(tmp_path):
 
 def smoke_config(**overrides):
     """configs/vq_small.py:smoke with a few fields changed (the config is locked: a typo raises)."""
-    import importlib.util
-
     path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "vq_small.py")
-    spec = importlib.util.spec_from_file_location("vq_small_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
+    config = load_config(f"{path}:smoke")
     for key, value in overrides.items():
         setattr(config, key, value)
     return config

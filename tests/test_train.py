@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from helpers import write_synthetic_token_dir
-from lasadgen_jax import train
+from lasadgen_jax import sharding, train, train_state
+from lasadgen_jax.model_io import model_config_from
 from train_runs import losses, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,15 +123,15 @@ def test_meshes_of_8_fake_devices_match_one_device(tokens_dir, tmp_path):
 def step_parts(config, **model_overrides):
     """(jitted train step, initial state) of a config on one device, outside the loop."""
     config.model.update(**model_overrides)
-    model_config = train.model_config_from(config)
-    mesh = train.sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
-    setup = train.setup_training(config, model_config, mesh, config.num_steps)
+    model_config = model_config_from(config)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
+    setup = train_state.setup_training(config, model_config, mesh, config.num_steps)
     step, state = setup.train_step, setup.initial_state(model_config, config.seed)
     return step, state
 
 
 def batch(tokens_dir, config):
-    iterator = train.open_data(config, tokens_dir, train.model_config_from(config))
+    iterator = train.open_data(config, tokens_dir, model_config_from(config))
     example = next(iterator)
     return jnp.asarray(example["tokens"]), jnp.asarray(example["label"])
 
@@ -171,8 +172,9 @@ def test_non_finite_loss_skips_the_update_and_counts_it(tokens_dir):
 # ----------------------------------------------------------------------------- refusals
 
 
-def test_unknown_config_key_is_an_error():
-    result = subprocess.run([sys.executable, "-m", "lasadgen_jax.train", "--config=configs/demo.py",
+@pytest.mark.parametrize("entry", ["lasadgen_jax.train", "lasadgen_jax.demo"])
+def test_unknown_config_key_is_an_error(entry):
+    result = subprocess.run([sys.executable, "-m", entry, "--config=configs/demo.py",
                              "--config.optimizer.learning_rte=1e-3", "--workdir=/nonexistent/never/written"],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode != 0

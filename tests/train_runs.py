@@ -23,16 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(tokens_dir: str, num_steps: int):
     """configs/demo.py shrunk to a 4x4 grid of 64 codes, 4 classes, 2 blocks of width 32."""
-    import importlib.util
+    from lasadgen_jax.config_files import load_config
 
-    spec = importlib.util.spec_from_file_location(
-        "demo", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    config = demo.get_config()
+    config = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py"))
     config.model.update(grid=(4, 4), vocab_size=64, num_classes=4, dim=32, depth=2, num_heads=2,
                         class_dropout=0.1, token_dropout=0.1)
-    config.data.prepare = None
     config.data.tokens_dir = tokens_dir
     config.batch_size = 8
     config.num_steps = num_steps
@@ -51,7 +46,8 @@ def losses(workdir: str) -> list[float]:
 def run_meshes(workdir: str, tokens_dir: str) -> dict:
     import jax
 
-    from lasadgen_jax import train
+    from lasadgen_jax import checkpoints, sharding, train, train_state
+    from lasadgen_jax.model_io import model_config_from
 
     assert jax.device_count() == 8, f"wanted 8 fake CPU devices, got {jax.device_count()}"
     result = {}
@@ -65,12 +61,13 @@ def run_meshes(workdir: str, tokens_dir: str) -> dict:
         devices = jax.devices()[: shape[0] * shape[1] * shape[2]]
         train.train(config, os.path.join(workdir, name), devices=devices)
         # The shardings the trainer gives the parameters, as the test checks them against the rules.
-        model_config = train.model_config_from(config)
-        mesh = train.sharding.make_mesh(config.mesh.to_dict(), devices)
-        setup = train.setup_training(config, model_config, mesh, 2)
+        model_config = model_config_from(config)
+        mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+        setup = train_state.setup_training(config, model_config, mesh, 2)
         abstract, shardings = setup.abstract_state, setup.state_shardings
-        restored = train.restore_checkpoint(train.checkpoint_manager(os.path.join(workdir, name), config), 2,
-                                            abstract, shardings, train.open_data(config, tokens_dir, model_config))
+        manager = checkpoints.train_checkpoint_manager(os.path.join(workdir, name), config)
+        restored = checkpoints.restore_checkpoint(manager, 2, abstract, shardings,
+                                                  train.open_data(config, tokens_dir, model_config))
         w1 = restored["params"]["blocks"][0]["ffn"]["w1"]["kernel"]
         adam = restored["opt_state"][1][0]       # chain(clip, adamw): adamw's ScaleByAdamState
         result[name] = {"losses": losses(os.path.join(workdir, name)),
@@ -130,7 +127,8 @@ def run_reshard(workdir: str, tokens_dir: str) -> dict:
 
     import jax
 
-    from lasadgen_jax import train
+    from lasadgen_jax import checkpoints, sharding, train, train_state
+    from lasadgen_jax.model_io import model_config_from
 
     assert jax.device_count() == 8, f"wanted 8 fake CPU devices, got {jax.device_count()}"
     meshes = {"8x1x1": ((8, 1, 1), jax.devices()), "2x2x2": ((2, 2, 2), jax.devices()),
@@ -155,10 +153,11 @@ def run_reshard(workdir: str, tokens_dir: str) -> dict:
         shape, devices = meshes[name]
         summary = train.train(config_for(shape), resumed, devices=devices)
         config = config_for(shape)
-        model_config = train.model_config_from(config)
-        setup = train.setup_training(config, model_config, train.sharding.make_mesh(config.mesh.to_dict(), devices), 8)
-        restored = train.restore_checkpoint(train.checkpoint_manager(resumed, config), 8, setup.abstract_state,
-                                            setup.state_shardings, train.open_data(config, tokens_dir, model_config))
+        model_config = model_config_from(config)
+        setup = train_state.setup_training(config, model_config, sharding.make_mesh(config.mesh.to_dict(), devices), 8)
+        restored = checkpoints.restore_checkpoint(checkpoints.train_checkpoint_manager(resumed, config), 8,
+                                                  setup.abstract_state, setup.state_shardings,
+                                                  train.open_data(config, tokens_dir, model_config))
         w1 = restored["params"]["blocks"][0]["ffn"]["w1"]["kernel"]
         result[name] = {"start_step": summary["start_step"], "losses": losses(resumed),
                         "w1_spec": [None if a is None else a for a in w1.sharding.spec],

@@ -25,6 +25,7 @@ import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -33,6 +34,7 @@ from lasadgen_jax.data import manifest as manifests
 from lasadgen_jax.data.records import code_bytes_for, encode_record
 from lasadgen_jax.data.sharded_encoder import ShardedEncoder
 from lasadgen_jax.data.sources import open_source
+from lasadgen_jax.distributed import maybe_initialize_distributed
 from lasadgen_jax.tokenizer.checkpoint import load_tokenizer, tokenizer_hash
 
 MAX_LISTED_SKIPS = 20  # per shard, in its sidecar; the count is always complete
@@ -221,10 +223,6 @@ def main(argv: list[str] | None = None) -> dict:
     if (args.process_index is None) != (args.process_count is None):
         parser.error("--process-index and --process-count go together")
     if args.process_index is None:   # several hosts, each told its place by jax.distributed
-        import ml_collections
-
-        from lasadgen_jax.train import maybe_initialize_distributed
-
         maybe_initialize_distributed(ml_collections.ConfigDict(dict(
             initialize=args.distributed, coordinator_address=None, num_processes=None, process_id=None)))
     summary = extract(args.tokenizer, args.source, args.out, split=args.split, image_size=args.image_size,

@@ -1,0 +1,204 @@
+"""The train state and the jitted step over it: a LASADGen model split into its graph and a pure dict
+of float32 parameters, AdamW (optax) with its schedule, EMA parameters, NamedShardings from the
+logical-axis rules, and one step (gradient accumulation, NaN/inf guard, AdamW, EMA) with the state
+donated. The trainer's loop (train.py) and the training-step benchmarks build on setup_training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from lasadgen_jax import sharding
+from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
+
+# ----------------------------------------------------------------------------- model and optimizer
+
+
+def make_schedule(optimizer: ml_collections.ConfigDict, num_steps: int):
+    warmup = optax.linear_schedule(0.0, optimizer.learning_rate, max(optimizer.warmup_steps, 1))
+    if optimizer.schedule == "constant":
+        main = optax.constant_schedule(optimizer.learning_rate)
+    else:
+        main = optax.cosine_decay_schedule(optimizer.learning_rate, max(num_steps - optimizer.warmup_steps, 1),
+                                           alpha=optimizer.end_learning_rate_fraction)
+    if optimizer.warmup_steps <= 0:
+        return main
+    return optax.join_schedules([warmup, main], [optimizer.warmup_steps])
+
+
+def make_optimizer(optimizer: ml_collections.ConfigDict, num_steps: int):
+    """AdamW with decoupled weight decay on matrices only (LlamaGen: ndim >= 2), after global-norm clipping."""
+    schedule = make_schedule(optimizer, num_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(optimizer.grad_clip_norm),
+        optax.adamw(schedule, b1=optimizer.b1, b2=optimizer.b2, eps=optimizer.eps,
+                    weight_decay=optimizer.weight_decay,
+                    mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+    )
+    return tx, schedule
+
+
+def abstract_model(model_config: ModelConfig):
+    """(graphdef, abstract params as a pure dict, abstract non-parameter state: the dropout streams)."""
+    model = nnx.eval_shape(lambda: LASADGen(model_config, rngs=nnx.Rngs(0)))
+    graphdef, params, rng_state = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), rng_state
+
+
+def seeded_rng_state(rng_state_template, key):
+    """The model's dropout streams, all derived from `key` (so a step's dropout is a function of the step)."""
+    leaves, treedef = jax.tree.flatten(rng_state_template)
+    fresh = []
+    for index, leaf in enumerate(leaves):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            fresh.append(jax.random.fold_in(key, index))
+        elif leaf.dtype == jnp.uint32 and leaf.shape == ():
+            fresh.append(jnp.zeros((), jnp.uint32))   # stream counters
+        else:
+            raise ValueError(f"unexpected non-parameter model state {leaf}; the trainer only expects RNG streams")
+    return jax.tree.unflatten(treedef, fresh)
+
+
+def init_params(model_config: ModelConfig, seed: int) -> dict:
+    """Freshly initialised float32 parameters (pure dict), computed eagerly op by op: the blocks repeat
+    a few shapes, so few kernels compile. One jit of the whole initialisation took XLA 3 minutes to
+    compile for the L-size model on the H200."""
+    model = LASADGen(model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def init_train_state(params: dict, tx) -> dict:
+    """The train state: step, params (float32 master copy), optimizer state, EMA params, skipped steps."""
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "ema_params": jax.tree.map(jnp.copy, params), "skipped_steps": jnp.zeros((), jnp.int32)}
+
+
+def abstract_train_state(model_config: ModelConfig, tx) -> dict:
+    return jax.eval_shape(lambda params: init_train_state(params, tx), abstract_model(model_config)[1])
+
+
+def create_train_state(model_config: ModelConfig, tx, seed: int, state_shardings: dict) -> dict:
+    """The initial train state, placed by state_shardings."""
+    params = init_params(model_config, seed)
+    if jax.process_count() > 1:   # every process computed the same values; each places its shards
+        params = jax.tree.map(
+            lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index, x=np.asarray(x): x[index]),
+            params, state_shardings["params"])
+    else:
+        params = jax.device_put(params, state_shardings["params"])
+    return jax.jit(lambda params: init_train_state(params, tx), out_shardings=state_shardings)(params)
+
+
+def train_state_shardings(abstract_state: dict, tx, mesh, rules) -> dict:
+    """NamedShardings of the train state: params and EMA by the logical-axis rules, the optimizer's
+    per-parameter statistics like their parameters, every scalar replicated."""
+    params = sharding.param_shardings(abstract_state["params"], mesh, rules)
+    replicated = sharding.replicated(mesh)
+    opt_state = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], params,
+                                      transform_non_params=lambda _: replicated)
+    return {"step": replicated, "params": params, "opt_state": opt_state, "ema_params": params,
+            "skipped_steps": replicated}
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_shardings, mesh):
+    """One jitted step: forward/backward (over grad_accum_steps micro-batches), a NaN/inf guard that
+    skips the update and counts it, AdamW, EMA. The state is donated."""
+    accum, ema_decay, seed = config.grad_accum_steps, config.ema_decay, config.seed
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def loss_fn(params, tokens, labels, key):
+        model = nnx.merge(graphdef, params, seeded_rng_state(rng_state_template, key))
+        logits = model(tokens, labels)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def accumulated_grads(params, tokens, labels, key):
+        if accum == 1:
+            return grad_fn(params, tokens, labels, key)
+        # Example b of the batch goes to micro-batch b % accum: each device keeps its own rows.
+        split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+        micro_tokens, micro_labels = split(tokens), split(labels)
+
+        def one(carry, inputs):
+            loss_sum, grad_sum = carry
+            index, micro_t, micro_l = inputs
+            micro_t = jax.lax.with_sharding_constraint(micro_t, batch_sharding)
+            micro_l = jax.lax.with_sharding_constraint(micro_l, batch_sharding)
+            loss, grads = grad_fn(params, micro_t, micro_l, jax.random.fold_in(key, index))
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), zeros),
+                                               (jnp.arange(accum), micro_tokens, micro_labels))
+        return loss_sum / accum, jax.tree.map(lambda g: g / accum, grad_sum)
+
+    def train_step(state, tokens, labels):
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
+        loss, grads = accumulated_grads(state["params"], tokens, labels, key)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply(_):
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema_params"], params)
+            return params, opt_state, ema
+
+        def skip(_):
+            return state["params"], state["opt_state"], state["ema_params"]
+
+        params, opt_state, ema = jax.lax.cond(finite, apply, skip, None)
+        applied_updates = state["step"] - state["skipped_steps"]   # the optimizer's own step count
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema_params": ema,
+                     "skipped_steps": state["skipped_steps"] + (~finite).astype(jnp.int32)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "learning_rate": schedule(applied_updates)}
+        return new_state, metrics
+
+    replicated = sharding.replicated(mesh)
+    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, batch_sharding),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+    def train_step_on_mesh(state, tokens, labels):
+        """The jitted step, traced with `mesh` as the current mesh: the model's Pallas kernels then run
+        per device under shard_map (models/lasad_attention.py) instead of on a gathered batch."""
+        with jax.set_mesh(mesh):
+            return jitted(state, tokens, labels)
+
+    return train_step_on_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    """What the loop (and the benchmark) needs besides data: model graph, optimizer, shardings, step."""
+
+    graphdef: object
+    rng_state_template: object
+    tx: object
+    schedule: object
+    abstract_state: dict
+    state_shardings: dict
+    train_step: object
+
+    def initial_state(self, model_config: ModelConfig, seed: int) -> dict:
+        return create_train_state(model_config, self.tx, seed, self.state_shardings)
+
+
+def setup_training(config, model_config: ModelConfig, mesh, num_steps: int) -> TrainingSetup:
+    tx, schedule = make_optimizer(config.optimizer, num_steps)
+    graphdef, _, rng_state_template = abstract_model(model_config)
+    rng_state_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rng_state_template)
+    abstract_state = abstract_train_state(model_config, tx)
+    state_shardings = train_state_shardings(abstract_state, tx, mesh, config.sharding_rules)
+    train_step = make_train_step(graphdef, rng_state_template, tx, schedule, config, state_shardings, mesh)
+    return TrainingSetup(graphdef, rng_state_template, tx, schedule, abstract_state, state_shardings, train_step)
