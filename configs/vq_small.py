@@ -41,11 +41,13 @@ def get_config(profile: str = "default") -> ml_collections.ConfigDict:
 
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=2e-3,
+        schedule="cosine",
         warmup_steps=50,
         end_learning_rate_fraction=0.1,   # cosine decay to this fraction of the peak
         b1=0.9,
         b2=0.99,
-        weight_decay=0.0,
+        eps=1e-8,
+        weight_decay=0.0,                 # (on matrices only, as in the main trainer)
         grad_clip_norm=1.0,
     ))
 

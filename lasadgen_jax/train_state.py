@@ -1,5 +1,5 @@
 """The train state and the jitted step over it: a LASADGen model split into its graph and a pure dict
-of float32 parameters, AdamW (optax) with its schedule, EMA parameters, NamedShardings from the
+of float32 parameters, AdamW (optimizer.py) with its schedule, EMA parameters, NamedShardings from the
 logical-axis rules, and one step (gradient accumulation, NaN/inf guard, AdamW, EMA) with the state
 donated. The trainer's loop (train.py) and the training-step benchmarks build on setup_training.
 """
@@ -17,32 +17,9 @@ from flax import nnx
 
 from lasadgen_jax import sharding
 from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
+from lasadgen_jax.optimizer import make_optimizer
 
 # ----------------------------------------------------------------------------- model and optimizer
-
-
-def make_schedule(optimizer: ml_collections.ConfigDict, num_steps: int):
-    warmup = optax.linear_schedule(0.0, optimizer.learning_rate, max(optimizer.warmup_steps, 1))
-    if optimizer.schedule == "constant":
-        main = optax.constant_schedule(optimizer.learning_rate)
-    else:
-        main = optax.cosine_decay_schedule(optimizer.learning_rate, max(num_steps - optimizer.warmup_steps, 1),
-                                           alpha=optimizer.end_learning_rate_fraction)
-    if optimizer.warmup_steps <= 0:
-        return main
-    return optax.join_schedules([warmup, main], [optimizer.warmup_steps])
-
-
-def make_optimizer(optimizer: ml_collections.ConfigDict, num_steps: int):
-    """AdamW with decoupled weight decay on matrices only (LlamaGen: ndim >= 2), after global-norm clipping."""
-    schedule = make_schedule(optimizer, num_steps)
-    tx = optax.chain(
-        optax.clip_by_global_norm(optimizer.grad_clip_norm),
-        optax.adamw(schedule, b1=optimizer.b1, b2=optimizer.b2, eps=optimizer.eps,
-                    weight_decay=optimizer.weight_decay,
-                    mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
-    )
-    return tx, schedule
 
 
 def abstract_model(model_config: ModelConfig):

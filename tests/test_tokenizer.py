@@ -342,16 +342,16 @@ def test_trainer_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def test_trainer_refuses_a_workdir_of_another_model(tmp_path):
-    from lasadgen_jax.tokenizer.train import claim_workdir
+    from lasadgen_jax.tokenizer.train import claim_vq_workdir
 
     workdir = str(tmp_path / "run")
-    claim_workdir(workdir, TINY)
-    claim_workdir(workdir, TINY)   # the same architecture resumes
+    claim_vq_workdir(workdir, TINY)
+    claim_vq_workdir(workdir, TINY)   # the same architecture resumes
     with pytest.raises(ValueError, match="holds another model's run"):
-        claim_workdir(workdir, VQArchitecture(**{**json.loads(TINY.to_json()), "codebook_size": 32}))
+        claim_vq_workdir(workdir, VQArchitecture(**{**json.loads(TINY.to_json()), "codebook_size": 32}))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "precious.txt").write_text("not ours")
     with pytest.raises(ValueError, match="not empty and holds no vq_run.json"):
-        claim_workdir(str(tmp_path / "other"), TINY)
+        claim_vq_workdir(str(tmp_path / "other"), TINY)
     with pytest.raises(AttributeError, match="num_stepz"):
         smoke_config(num_stepz=3)

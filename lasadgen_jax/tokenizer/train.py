@@ -11,7 +11,6 @@ loss of LlamaGen's recipe are left out (their weights cannot be fetched offline)
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -22,14 +21,19 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import app, flags, logging
 from flax import nnx
+from ml_collections import config_flags
 from tqdm import tqdm
 
+from lasadgen_jax.checkpoints import checkpoint_manager
 from lasadgen_jax.data.fashion_mnist import load_fashion_mnist
+from lasadgen_jax.optimizer import make_optimizer
 from lasadgen_jax.tokenizer import evaluation
 from lasadgen_jax.tokenizer.architecture import VQArchitecture
 from lasadgen_jax.tokenizer.checkpoint import save_tokenizer
-from lasadgen_jax.tokenizer.model import VQModel, create_vq_model
+from lasadgen_jax.tokenizer.model import create_vq_model
+from lasadgen_jax.workdir import claim_workdir
 
 RUN_FILE = "vq_run.json"
 RUN_KIND = "lasadgen_jax.tokenizer.train"
@@ -40,22 +44,9 @@ RECONSTRUCTION_LOSSES = {"mse": lambda x: x**2, "l1": jnp.abs}
 # ---------------------------------------------------------------- workdir and data
 
 
-def claim_workdir(workdir: str, arch: VQArchitecture) -> None:
+def claim_vq_workdir(workdir: str, arch: VQArchitecture) -> None:
     """Refuse a workdir that holds anything but a run of this same architecture; then mark it as ours."""
-    run_file = os.path.join(workdir, RUN_FILE)
-    if os.path.isfile(run_file):
-        with open(run_file) as f:
-            run = json.load(f)
-        if run.get("kind") != RUN_KIND or run.get("architecture") != json.loads(arch.to_json()):
-            raise ValueError(f"--workdir {workdir!r} holds another model's run ({run_file}: {run}); "
-                             f"use a fresh workdir, this one is not overwritten")
-        return
-    if os.path.isdir(workdir) and os.listdir(workdir):
-        raise ValueError(f"--workdir {workdir!r} is not empty and holds no {RUN_FILE}: refusing to write into it")
-    os.makedirs(workdir, exist_ok=True)
-    with open(run_file + ".tmp", "w") as f:
-        json.dump({"kind": RUN_KIND, "architecture": json.loads(arch.to_json())}, f, indent=1)
-    os.replace(run_file + ".tmp", run_file)
+    claim_workdir(workdir, RUN_KIND, json.loads(arch.to_json()), run_file=RUN_FILE, identity_key="architecture")
 
 
 def load_training_data(config: ml_collections.ConfigDict):
@@ -76,46 +67,38 @@ def to_model_range(images_uint8):
     return images_uint8.astype(jnp.float32) / 127.5 - 1.0
 
 
-# ---------------------------------------------------------------- model, optimizer, step
+# ---------------------------------------------------------------- train state and step
 
 
-def make_optimizer(model: VQModel, config: ml_collections.ConfigDict) -> nnx.Optimizer:
-    opt = config.optimizer
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, opt.learning_rate, opt.warmup_steps, max(config.num_steps, opt.warmup_steps + 1),
-        end_value=opt.learning_rate * opt.end_learning_rate_fraction)
-    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm),
-                     optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay))
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+def initial_state(params: dict, tx) -> dict:
+    """The train state: step, params (a pure dict split from the model), optimizer state."""
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def make_train_step(loss_config: ml_collections.ConfigDict):
+def make_train_step(graphdef, rest, tx, loss_config: ml_collections.ConfigDict):
+    """One jitted step (the state donated): reconstruction + codebook + commitment losses, AdamW."""
     if loss_config.reconstruction not in RECONSTRUCTION_LOSSES:
         raise ValueError(f"config.loss.reconstruction {loss_config.reconstruction!r} unknown; "
                          f"known: {sorted(RECONSTRUCTION_LOSSES)}")
-    return cached_train_step(loss_config.reconstruction, loss_config.codebook_weight, loss_config.commitment_beta)
+    pointwise = RECONSTRUCTION_LOSSES[loss_config.reconstruction]
+    codebook_weight, commitment_beta = loss_config.codebook_weight, loss_config.commitment_beta
 
-
-@functools.lru_cache(maxsize=None)
-def cached_train_step(reconstruction_loss_name: str, codebook_weight: float, commitment_beta: float):
-    """One jitted step per loss setting, so runs in one process (resume, tests) share compilations."""
-    pointwise = RECONSTRUCTION_LOSSES[reconstruction_loss_name]
-
-    def loss_fn(model, images):
-        reconstruction, _, codebook_loss, commitment_loss = model(images)
+    def loss_fn(params, images):
+        reconstruction, _, codebook_loss, commitment_loss = nnx.merge(graphdef, params, rest)(images)
         reconstruction_loss = jnp.mean(pointwise(reconstruction - images))
         total = reconstruction_loss + codebook_weight * codebook_loss + commitment_beta * commitment_loss
         mse = jnp.mean((jnp.clip(reconstruction, -1, 1) - images) ** 2)
         return total, dict(loss=total, reconstruction=reconstruction_loss, codebook=codebook_loss,
                            commitment=commitment_loss, psnr=10 * jnp.log10(4.0 / mse))
 
-    @nnx.jit
-    def train_step(model, optimizer, images_uint8):
-        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, to_model_range(images_uint8))
-        optimizer.update(model, grads)
-        return metrics
+    def train_step(state, images_uint8):
+        images = to_model_range(images_uint8)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], images)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-    return train_step
+    return jax.jit(train_step, donate_argnums=0)
 
 
 @nnx.jit
@@ -127,28 +110,17 @@ def reconstruct(model, images_uint8):
 # ---------------------------------------------------------------- checkpoints
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
-
-
-def training_state(model, optimizer) -> dict:
-    return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
-
-
-def restore_latest(manager: ocp.CheckpointManager, model, optimizer) -> int:
-    """Load the latest checkpoint into model and optimizer; the step to continue from (0 if none)."""
+def restore_latest(manager: ocp.CheckpointManager, state: dict) -> tuple[dict, int]:
+    """(the latest checkpoint's train state, its step), or (state, 0) when there is none."""
     step = manager.latest_step()
     if step is None:
-        return 0
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, training_state(model, optimizer))
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    params, optimizer_state = nnx.state(model, nnx.Param), nnx.state(optimizer)
-    nnx.replace_by_pure_dict(params, restored["params"])
-    nnx.replace_by_pure_dict(optimizer_state, restored["optimizer"])
-    nnx.update(model, params)
-    nnx.update(optimizer, optimizer_state)
-    return int(step)
+        return state, 0
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"checkpoint {manager.directory}/{step} does not fit this model and config: {error}") from None
+    return restored, int(step)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -180,15 +152,19 @@ def save_reconstructions(model, images_uint8, workdir: str, step: int, batch_siz
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (resuming from the workdir's latest checkpoint), export the tokenizer, return final metrics."""
     arch = VQArchitecture.from_dict(dict(config.model))
-    claim_workdir(workdir, arch)
+    claim_vq_workdir(workdir, arch)
     train_images, eval_images = load_training_data(config)
     preview_images = eval_images[: config.reconstruction_images]
 
-    model = create_vq_model(arch, seed=config.seed)
-    optimizer = make_optimizer(model, config)
-    train_step = make_train_step(config.loss)
-    manager = checkpoint_manager(workdir, config)
-    start_step = restore_latest(manager, model, optimizer)
+    graphdef, params, rest = nnx.split(create_vq_model(arch, seed=config.seed), nnx.Param, ...)
+    tx, _ = make_optimizer(config.optimizer, config.num_steps)
+    train_step = make_train_step(graphdef, rest, tx, config.loss)
+    manager = checkpoint_manager(workdir, keep=config.keep_checkpoints)
+    state, start_step = restore_latest(manager, initial_state(nnx.to_pure_dict(params), tx))
+
+    def model_of(state):   # the VQModel of a train state, valid until the next step (which donates the state)
+        return nnx.merge(graphdef, state["params"], rest)
+
     if start_step:
         print(f"resuming from step {start_step} of {config.num_steps}")
 
@@ -197,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics = None
     for step in progress:
         images = train_images[batch_indices(config.seed, step, len(train_images), config.batch_size)]
-        metrics = train_step(model, optimizer, jnp.asarray(images))
+        state, metrics = train_step(state, jnp.asarray(images))
         done = step + 1
         if done % LOG_EVERY == 0 or done == config.num_steps:
             loss = float(metrics["loss"])
@@ -206,12 +182,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          f"{max(start_step, done - LOG_EVERY)}): {jax.device_get(metrics)}")
             progress.set_postfix(loss=f"{loss:.4f}", psnr=f"{float(metrics['psnr']):.2f}")
         if done % config.checkpoint_every == 0 or done == config.num_steps:
-            manager.save(done, args=ocp.args.StandardSave(training_state(model, optimizer)))
-            save_reconstructions(model, preview_images, workdir, done, config.batch_size)
+            manager.save(done, args=ocp.args.StandardSave(state))
+            save_reconstructions(model_of(state), preview_images, workdir, done, config.batch_size)
     progress.close()
     manager.wait_until_finished()
     train_seconds = time.time() - started
 
+    model = model_of(state)
     codes, reconstructions = evaluate(model, eval_images, config.batch_size)
     usage, perplexity = evaluation.codebook_usage(codes, arch.codebook_size)
     result = dict(steps=config.num_steps, trained_steps_this_run=config.num_steps - start_step,
@@ -230,16 +207,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    from absl import logging
-
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO, burying the progress bar
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
     FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. configs/vq_small.py", lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, PNGs and the exported tokenizer go")
