@@ -223,3 +223,12 @@ def test_bad_settings_name_their_config_key(tokens_dir, tmp_path):
     config.sample.classes = (0, 9)
     with pytest.raises(ValueError, match="config.sample.classes"):
         train.train(config, str(tmp_path / "bad"))
+
+
+def test_demo_refuses_token_and_tokenizer_directories_it_would_not_write(tokens_dir, tmp_path):
+    from lasadgen_jax import demo
+
+    config = tiny_config(tokens_dir, 4)   # config.data.tokens_dir set: the demo writes its own
+    with pytest.raises(ValueError, match="config.data.tokens_dir.*the demo writes its own tokens"):
+        demo.run_demo(config, str(tmp_path / "demo"))
+    assert not os.path.exists(tmp_path / "demo")
