@@ -26,7 +26,7 @@ Layout differences, and how each is made the same function:
   SwiGLU w1/w2/w3 and the class token in front are the same.
 
 DST is a new directory (an existing one is refused, nothing is overwritten): the Orbax parameters
-that `sample.load_params` reads (`--ckpt DST`), plus `llamagen.json`, a record of the model
+that `model_io.load_params` reads (`--ckpt DST`), plus `llamagen.json`, a record of the model
 config, the source file's sha256 and the `--config` flags for `sample` and `evaluate`.
 torch is the optional extra `torch`.
 """
@@ -44,8 +44,8 @@ import sys
 import numpy as np
 from flax import nnx
 
+from lasadgen_jax.model_io import save_params
 from lasadgen_jax.models.lasadgen import SIZES, LASADGen, ModelConfig
-from lasadgen_jax.sample import save_params
 from lasadgen_jax.tokenizer.checkpoint import load_flat_params
 
 RECORD_FILE = "llamagen.json"
@@ -273,7 +273,7 @@ def file_sha256(path: str) -> str:
 
 
 def write_params_directory(model: LASADGen, record: dict, dst: str) -> None:
-    """The Orbax parameters (sample.save_params) and the record, staged beside `dst` and renamed into place."""
+    """The Orbax parameters (model_io.save_params) and the record, staged beside `dst` and renamed into place."""
     dst = os.path.abspath(dst)
     if os.path.lexists(dst):
         raise ValueError(f"--dst {dst} exists; nothing was overwritten (choose a new directory)")

@@ -460,7 +460,7 @@ def test_references_record_their_image_size_and_refuse_samples_of_another(tmp_pa
 
 
 def test_non_finite_statistics_are_refused_naming_the_side(tmp_path):
-    from lasadgen_jax.evaluate import compute_metrics
+    from lasadgen_jax.eval.scores import compute_metrics
 
     rng = np.random.default_rng(12)
     samples = Features(pool3=rng.normal(size=(10, 2048)), spatial=rng.normal(size=(10, 2023)), logits=None)

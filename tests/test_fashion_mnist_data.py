@@ -1,12 +1,12 @@
 """Where Fashion-MNIST is read from: a root, $LASADGEN_FASHION_MNIST, Debian's package, the embedded subset."""
 
 import gzip
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
+from lasadgen_jax import config_files
 from lasadgen_jax.data import fashion_mnist
 from lasadgen_jax.data.fashion_mnist_cut import EMBEDDED_COUNTS, cut_subset
 
@@ -16,10 +16,8 @@ CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
 
 def load_config(name: str, *args):
-    spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(CONFIGS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*args)
+    path = os.path.join(CONFIGS, f"{name}.py")
+    return config_files.load_config(":".join([path, *args]))
 
 
 @pytest.fixture
