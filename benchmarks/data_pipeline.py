@@ -26,7 +26,8 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from lasadgen_jax.config_files import load_config
-from lasadgen_jax.data import extract, manifest as manifests, records
+from lasadgen_jax.data import extract, records
+from lasadgen_jax.data import manifest as manifests
 from lasadgen_jax.data.pipeline import token_dataset, token_iterator
 from lasadgen_jax.data.sharded_encoder import ShardedEncoder
 from lasadgen_jax.tokenizer import VQArchitecture, load_tokenizer, save_tokenizer

@@ -27,8 +27,8 @@ import sys
 
 import jax
 import jax.numpy as jnp
-
 from kernels import chunk_config, compiled_pair, flash, op, random_inputs, rel_error, time_ms
+
 from lasadgen_jax.ops.lasad.kernels import chunk_mgpu
 
 TOLERANCE = 2e-2  # bf16, as benchmarks/kernels.py

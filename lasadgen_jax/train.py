@@ -44,8 +44,15 @@ from lasadgen_jax.metric_writer import MetricWriter
 from lasadgen_jax.model_io import load_tokenizer_for, model_config_from, model_identity, save_params
 from lasadgen_jax.models.lasadgen import ModelConfig
 from lasadgen_jax.sample import SamplingConfig, decode_to_uint8, generate, tile, token_grid_picture
-from lasadgen_jax.train_config import (check_batch_fits_mesh, check_config, check_eval_config, check_sample_config,
-                                       check_tokens_fit_model, num_training_steps, resolve_workdir)
+from lasadgen_jax.train_config import (
+    check_batch_fits_mesh,
+    check_config,
+    check_eval_config,
+    check_sample_config,
+    check_tokens_fit_model,
+    num_training_steps,
+    resolve_workdir,
+)
 from lasadgen_jax.train_state import seeded_rng_state, setup_training
 from lasadgen_jax.workdir import check_locations, claim_workdir, workdir_path, write_bytes_atomically
 

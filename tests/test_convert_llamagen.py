@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from helpers import rel_error
+
 from lasadgen_jax import convert_llamagen
-from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
 from lasadgen_jax.model_io import load_params
+from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
 from lasadgen_jax.sample import SamplingConfig, generate, guided_logits
 
 torch = pytest.importorskip("torch", reason="the converter tests need the optional extra torch")

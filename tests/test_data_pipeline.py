@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from lasadgen_jax.data import extract, manifest as manifests, records
+from lasadgen_jax.data import extract, records
+from lasadgen_jax.data import manifest as manifests
 from lasadgen_jax.data.pipeline import token_dataset, token_iterator
 
 GRID, CODEBOOK, CROPS, RECORDS = (2, 3), 50, 4, 23

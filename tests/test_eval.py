@@ -21,9 +21,9 @@ import jax
 import numpy as np
 import pytest
 import scipy.linalg
-
 from helpers import rel_error, tiny_vq_architecture
-from lasadgen_jax.eval import convert_inception, metrics, torch_archive
+
+from lasadgen_jax.eval import convert_inception, metrics, scores, torch_archive
 from lasadgen_jax.eval.features import FeatureExtractor, Features, stream_npz_images
 from lasadgen_jax.eval.inception import check_images, inception_features, load_inception, preprocess
 from lasadgen_jax.eval.reference import Reference, load_reference, reference_from_features, reference_from_npz
@@ -448,6 +448,8 @@ def test_references_record_their_image_size_and_refuse_samples_of_another(tmp_pa
     with pytest.raises(ValueError, match=r"the samples are 16x16 images, the reference .*ref32.npz holds 32x32"):
         load_reference(str(tmp_path / "ref32.npz"), extractor, cache_dir=cache, image_size=samples.image_size)
     assert len(os.listdir(cache)) == 1   # the second call came from the cache, which keeps the size
+    with pytest.raises(ValueError, match=r"the samples are 16x16 images"):   # what the CLI and the trainer call
+        scores.compute_metrics(samples, reference, metrics=("fid",))
     np.savez(tmp_path / "stats.npz", mu=reference.mu, sigma=reference.sigma)
     with caplog.at_level("WARNING", logger="lasadgen_jax.eval.reference"):
         for _ in range(2):   # said once, then the statistics are used

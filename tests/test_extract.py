@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 from flax import nnx
+from helpers import tiny_vq_architecture
 from PIL import Image
 
-from helpers import tiny_vq_architecture
-from lasadgen_jax.data import crops, extract, manifest as manifests, records, sources
+from lasadgen_jax.data import crops, extract, records, sources
+from lasadgen_jax.data import manifest as manifests
 from lasadgen_jax.data.sources import ImageFolderSource, open_source
 from lasadgen_jax.tokenizer import load_tokenizer, save_tokenizer
 from lasadgen_jax.tokenizer.model import create_vq_model

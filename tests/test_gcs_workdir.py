@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
-
 from helpers import write_synthetic_token_dir
-from lasadgen_jax import demo, train, workdir
-from lasadgen_jax.model_io import model_config_from
-from lasadgen_jax.metric_writer import MetricWriter
 from train_runs import tiny_config
+
+from lasadgen_jax import demo, train, workdir
+from lasadgen_jax.metric_writer import MetricWriter
+from lasadgen_jax.model_io import model_config_from
 
 
 class FakeGCS(MemoryFileSystem):

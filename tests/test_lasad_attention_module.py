@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from helpers import rel_error
+
 from lasadgen_jax.models import LASADAttention
 from lasadgen_jax.models.lasad_attention import initial_decays
 from lasadgen_jax.ops import lasad

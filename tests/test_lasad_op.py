@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import Case, make_inputs, rel_error
+
 from lasadgen_jax.ops import lasad
 from lasadgen_jax.ops.lasad import lasad_attention
 

@@ -17,11 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import Case, make_inputs, rel_error
+
 from lasadgen_jax.ops import lasad
-from lasadgen_jax.ops.lasad import (BlockSizes, ChunkOptions, ParallelBlocks, lasad_attention, lasad_attention_pallas,
-                                    lasad_attention_parallel)
+from lasadgen_jax.ops.lasad import (
+    BlockSizes,
+    ChunkOptions,
+    ParallelBlocks,
+    lasad_attention,
+    lasad_attention_pallas,
+    lasad_attention_parallel,
+)
 from lasadgen_jax.ops.lasad.kernels import backend as kernel_backend
 from lasadgen_jax.ops.lasad.kernels import chunk, chunk_mgpu
 

@@ -8,10 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from helpers import rel_error, tiny_model
+
 from lasadgen_jax.models.lasadgen import (
-    ATTENTION_TYPES, LLAMAGEN_PARAMS, SIZES, LASADGen, ModelConfig, count_params, model_config,
+    ATTENTION_TYPES,
+    LLAMAGEN_PARAMS,
+    SIZES,
+    LASADGen,
+    ModelConfig,
+    count_params,
+    model_config,
 )
 
 

@@ -20,11 +20,11 @@ import time
 import ml_collections
 import numpy as np
 import pytest
-
 from helpers import write_synthetic_token_dir
+from train_runs import losses, multihost_config
+
 from lasadgen_jax import train, train_config
 from lasadgen_jax.distributed import distributed_arguments
-from train_runs import losses, multihost_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "tests", "train_runs.py")
@@ -176,9 +176,9 @@ def test_checkpoint_of_mesh_8x1x1_resumes_on_2x2x2_and_on_one_device(tokens_dir,
 
 def test_two_processes_extract_disjoint_shards_and_process_0_writes_the_manifest(tmp_path):
     """`python -m lasadgen_jax.data.extract` on two jax.distributed processes, as on two hosts."""
+    from helpers import tiny_vq_architecture
     from PIL import Image
 
-    from helpers import tiny_vq_architecture
     from lasadgen_jax.data import manifest as manifests
     from lasadgen_jax.tokenizer import save_tokenizer
     from lasadgen_jax.tokenizer.model import create_vq_model

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import tiny_model, tiny_vq_architecture
 
 from lasadgen_jax import model_io, sample
 from lasadgen_jax.models.lasadgen import LASADGen
-from helpers import tiny_model, tiny_vq_architecture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = sample.SamplingConfig(temperature=0.0)

@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from helpers import rel_error, tiny_vq_architecture
+
 from lasadgen_jax.config_files import load_config
-from lasadgen_jax.tokenizer import VQArchitecture, load_tokenizer, save_tokenizer, tokenizer_hash
-from lasadgen_jax.tokenizer import convert
+from lasadgen_jax.tokenizer import VQArchitecture, convert, load_tokenizer, save_tokenizer, tokenizer_hash
 from lasadgen_jax.tokenizer.checkpoint import param_shapes
 from lasadgen_jax.tokenizer.model import abstract_vq_model, create_vq_model
 

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import write_synthetic_token_dir
+from train_runs import losses, tiny_config
+
 from lasadgen_jax import sharding, train, train_state
 from lasadgen_jax.model_io import model_config_from
-from train_runs import losses, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "tests", "train_runs.py")

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lasadgen_jax.eval.inception import jitted_forward, check_images, load_inception, weights_metadata
+from lasadgen_jax.eval.inception import check_images, jitted_forward, load_inception, weights_metadata
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ from lasadgen_jax.eval.metrics import (
     inception_score,
     precision_recall,
 )
-from lasadgen_jax.eval.reference import Reference
+from lasadgen_jax.eval.reference import Reference, check_image_size
 from lasadgen_jax.sample import SamplingConfig, decode_to_uint8, generate
 
 METRICS = ("fid", "sfid", "is", "precision", "recall")
@@ -40,6 +40,7 @@ def parse_metrics(text: str) -> tuple[tuple[str, ...], bool]:
 def compute_metrics(samples: Features, reference: Reference, metrics=METRICS, explicit: bool = False) -> dict:
     """The metrics of sample features against a reference. A metric the inputs cannot give is listed
     under 'skipped' with the reason, or, when `explicit` (the caller named it), raises ValueError."""
+    check_image_size(reference, samples.image_size)
     result, skipped = {}, {}
 
     def unavailable(name, reason):
