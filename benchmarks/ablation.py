@@ -144,7 +144,8 @@ def prepare(args) -> None:
     error = pool3_error_of_packing(inception, unpacked, test_images[:8])
     with open(os.path.join(bundle, "packing.json"), "w") as f:
         json.dump({"pool3_relative_error_8_test_images": error}, f)
-    sizes = {name: os.path.getsize(os.path.join(bundle, name)) / 2**20 for name in ("tokens.npz", "inception_packed.npz")}
+    names = ("tokens.npz", "inception_packed.npz")
+    sizes = {name: os.path.getsize(os.path.join(bundle, name)) / 2**20 for name in names}
     total = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(bundle) for f in files) / 2**20
     print(f"bundle {bundle}: {total:.1f} MiB ({', '.join(f'{k} {v:.1f}' for k, v in sizes.items())}); "
           f"pool3 relative error of the packed Inception weights on 8 test images: {error:.2e}")
@@ -205,7 +206,8 @@ def train_variant(config, data: Bundle, mesh, log) -> tuple[dict, object, dict]:
     pending = []
     for step in range(config.num_steps):
         index = order[step]
-        tokens, labels = train.global_batch({"tokens": data.train_tokens[index], "label": data.train_labels[index]}, mesh)
+        local = {"tokens": data.train_tokens[index], "label": data.train_labels[index]}
+        tokens, labels = train.global_batch(local, mesh)
         state, metrics = setup.train_step(state, tokens, labels)
         if step == 0:
             metrics["loss"].block_until_ready()
@@ -357,7 +359,8 @@ def run(args) -> None:
         data = dataclasses.replace(data, test_tokens=data.test_tokens[:40], test_labels=data.test_labels[:40],
                                    test_images=data.test_images[:40])
     extractor = FeatureExtractor(data.inception, batch_size=10 if args.smoke else 500)
-    reference = reference_from_features("fashion_mnist:test", extractor.features_of_array(data.test_images, progress=False).pool3)
+    test_features = extractor.features_of_array(data.test_images, progress=False)
+    reference = reference_from_features("fashion_mnist:test", test_features.pool3)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices())
     log(f"bundle: {len(data.train_tokens)} train / {len(data.test_tokens)} test sequences; reference features done; "
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -505,7 +508,8 @@ def decay_heatmap(result: dict, cell: int = 34) -> np.ndarray:
             for head in range(heads):
                 y, x = top + layer * cell, x0 + head * cell
                 picture[y + 1:y + cell - 1, x + 1:x + cell - 1] = colour(np.asarray(values[layer, head]), 0.3, 1.0)
-                texts.append((x + 3, y + cell // 3, f"{values[layer, head]:.2f}"[1:] if values[layer, head] < 1 else "1.0"))
+                label = f"{values[layer, head]:.2f}"[1:] if values[layer, head] < 1 else "1.0"
+                texts.append((x + 3, y + cell // 3, label))
     return label(picture, texts)
 
 
@@ -535,7 +539,8 @@ def sample_grids(grids_dir: str) -> np.ndarray | None:
             continue
         images = np.load(path, allow_pickle=False)
         n, size = len(images), images.shape[1]
-        panel = images.reshape(n // 10, 10, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(n // 10 * size, 10 * size, 3)
+        panel = images.reshape(n // 10, 10, size, size, 3).transpose(0, 2, 1, 3, 4)
+        panel = panel.reshape(n // 10 * size, 10 * size, 3)
         header = np.full((16, panel.shape[1], 3), 255, np.uint8)
         panels.append(np.pad(label(np.concatenate([header, panel]), [(2, 2, variant)]), ((0, 0), (0, 8), (0, 0)),
                              constant_values=255))
@@ -573,7 +578,8 @@ def report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
-    p = sub.add_parser("prepare", help="CPU: tokens, test images, tokenizer and packed Inception weights -> WORKDIR/bundle")
+    p = sub.add_parser("prepare",
+                       help="CPU: tokens, test images, tokenizer and packed Inception weights -> WORKDIR/bundle")
     p.add_argument("--workdir", default=".ablation")
     p.add_argument("--inception", default=".ablation/inception/inception_v3_fid.npz",
                    help="float32 weights from python -m lasadgen_jax.eval.convert_inception")
@@ -585,7 +591,8 @@ def main() -> None:
     r.add_argument("--seeds", default="0")
     r.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, 20 samples: checks the path on a CPU")
     r.add_argument("--deadline", type=float, default=1e9, help="seconds: no run starts that would end after it")
-    r.add_argument("--first_run_estimate", type=float, default=120.0, help="seconds a variant not run yet is assumed to take (deadline)")
+    r.add_argument("--first_run_estimate", type=float, default=120.0,
+                   help="seconds a variant not run yet is assumed to take (deadline)")
     r.add_argument("--scratch", default="/tmp/ablation")
     r.add_argument("--grids_dir", default="", help="where 10x10 sample grids (npy) go")
     o = sub.add_parser("report", help="the table and PNGs from results JSON files")

@@ -6,9 +6,9 @@ Extraction: `lasadgen_jax.data.extract.extract` on the first --extract-images Fa
 images (up to 12000 from the subset in the package; more need the full dataset) with the small VQ of configs/vq_small.py
 (random weights: speed does not depend on them), 32x32, `flip` crops; images/s over the whole
 call, twice: the first run includes loading and compiling, the second (into a fresh directory)
-reuses the compiled encoder; baseline: the compiled encoder alone on ready crops. Pipeline: synthetic shards shaped like ImageNet through VQ-16 (10 crops x 256 codes
-of 16384, int16), batches of --batch-size from `token_iterator`, after one warm-up batch; baseline:
-bulk ArrayRecord reads of the same number of random records, nothing decoded.
+reuses the compiled encoder; baseline: the compiled encoder alone on ready crops. Pipeline: synthetic
+shards shaped like ImageNet through VQ-16 (10 crops x 256 codes of 16384, int16), batches of
+--batch-size from `token_iterator`, after one warm-up batch; baseline: bulk ArrayRecord reads of the same number of random records, nothing decoded.
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ def main():
         base = result["encoder_only_images_per_s"]
         print("| run | images/s | crops encoded/s | x encoder alone |\n|---|---|---|---|")
         print(f"| encoder alone (baseline) | {base:.0f} | {2 * base:.0f} | 1 |")
-        for name, key in [("extract, first run (compiles)", "first_run_images_per_s"), ("extract, second run", "warm_images_per_s")]:
+        rows = [("extract, first run (compiles)", "first_run_images_per_s"),
+                ("extract, second run", "warm_images_per_s")]
+        for name, key in rows:
             print(f"| {name} | {result[key]:.0f} | {2 * result[key]:.0f} | {result[key] / base:.2f} |")
 
         tokens = os.path.join(workdir, "synthetic")
@@ -150,7 +152,8 @@ def main():
         print(f"| raw bulk read (baseline) | {raw / args.batch_size:.1f} | {raw:.0f} | 1 |")
         for workers in [int(w) for w in args.workers.split(",")]:
             row = benchmark_pipeline(tokens, grid, codebook_size, args.batch_size, workers, args.batches)
-            print(f"| {row['workers']} | {row['batches_per_s']:.1f} | {row['records_per_s']:.0f} | {row['records_per_s'] / raw:.2f} |")
+            print(f"| {row['workers']} | {row['batches_per_s']:.1f} | {row['records_per_s']:.0f} "
+                  f"| {row['records_per_s'] / raw:.2f} |")
 
 
 if __name__ == "__main__":

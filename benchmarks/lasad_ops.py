@@ -66,7 +66,8 @@ def self_check(variants) -> bool:
     for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
         for variant in variants:
             inputs = random_inputs(2, grid, 2, 8, 2, dtype, seed=1)
-            forward = lambda impl: jax.jit(functools.partial(lasad.lasad_attention, grid=grid, variant=variant, impl=impl))(**inputs)
+            forward = lambda impl: jax.jit(
+                functools.partial(lasad.lasad_attention, grid=grid, variant=variant, impl=impl))(**inputs)
             grads = lambda impl: jax.jit(jax.grad(loss_fn(grid, variant, impl)))(inputs)
             expected_out, expected_grads = forward("reference"), grads("reference")
             for impl in IMPLS[1:]:
@@ -79,7 +80,8 @@ def self_check(variants) -> bool:
                 )
                 good = out_error < tolerance and grad_error < tolerance
                 ok &= good
-                print(f"| {variant} | {impl} | {jnp.dtype(dtype).name} | {out_error:.1e} | {grad_error:.1e} | {'yes' if good else 'NO'} |")
+                print(f"| {variant} | {impl} | {jnp.dtype(dtype).name} | {out_error:.1e} | {grad_error:.1e} "
+                      f"| {'yes' if good else 'NO'} |")
     return ok
 
 
@@ -130,12 +132,14 @@ def benchmark(variants, impls, sides, batch, tokens, heads, d, dtype, repeats):
     print(f"Benchmark: square grids, batch ({batches}), {heads} heads, d = dv = {d}, dtype {jnp.dtype(dtype).name}, "
           f"median of {repeats} after warm-up; memory = XLA's compiled arguments + outputs + temporaries; "
           f"'x softmax' = time / time of causal {baseline_name} on the same shapes in this run.")
-    print("| variant | impl | grid | N | fwd ms | fwd+bwd ms | fwd x softmax | fwd+bwd x softmax | fwd MiB | fwd+bwd MiB |")
+    print("| variant | impl | grid | N | fwd ms | fwd+bwd ms | fwd x softmax | fwd+bwd x softmax "
+          "| fwd MiB | fwd+bwd MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     baseline_times = {}
     for side in sides:
         inputs = random_inputs(batch_of(side), (side, side), heads, d, 0, dtype)
-        fwd, both, fwd_mem, both_mem = measure(baseline, {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"]}, repeats)
+        qkv = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"]}
+        fwd, both, fwd_mem, both_mem = measure(baseline, qkv, repeats)
         baseline_times[side] = (fwd, both)
         print(f"| - | {baseline_name} | {side}x{side} | {side * side} | {fwd:.2f} | {both:.2f} | 1 | 1 | "
               f"{fwd_mem:.0f} | {both_mem:.0f} |", flush=True)
@@ -203,7 +207,8 @@ def main(argv=None):
     if not args.skip_check and not self_check(lasad.VARIANTS):
         print("Self-check FAILED: an algorithm disagrees with the reference.", file=sys.stderr)
         return 1
-    benchmark(variants, impls, sides, args.batch, args.tokens, args.heads, args.dim, jnp.dtype(args.dtype), args.repeats)
+    benchmark(variants, impls, sides, args.batch, args.tokens, args.heads, args.dim, jnp.dtype(args.dtype),
+              args.repeats)
     if args.compare_chunked_backward:
         compare_chunked_backwards(variants, sides, args.batch, args.tokens, args.heads, args.dim, jnp.dtype(args.dtype),
                                   args.repeats)

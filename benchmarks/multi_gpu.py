@@ -107,8 +107,9 @@ def restore_on_one_device(args, run: dict, device) -> float:
         checkpointer.wait_until_finished()
         restored = checkpointer.restore(path, target)
     assert all(leaf.sharding.device_set == {device} for leaf in jax.tree.leaves(restored))
-    differences = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)),
-                                                        initial=0.0)), jax.device_get(run["_state"]), jax.device_get(restored))
+    largest_difference = lambda a, b: float(
+        np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+    differences = jax.tree.map(largest_difference, jax.device_get(run["_state"]), jax.device_get(restored))
     return max(jax.tree.leaves(differences))
 
 

@@ -40,7 +40,8 @@ def cudnn_accepts(tokens: int, heads: int = 16, head_dim: int = 64) -> str:
     """Whether cuDNN flash attention takes the model's causal attention shape (else XLA's is used)."""
     q = jnp.zeros((2, tokens, heads, head_dim), jnp.bfloat16)
     try:
-        jax.jit(lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn"))(q).block_until_ready()
+        flash = lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn")
+        jax.jit(flash)(q).block_until_ready()
         return "yes"
     except Exception as error:  # noqa: BLE001 - reported, not hidden
         return f"no ({type(error).__name__}: {str(error)[:120]})"
@@ -72,7 +73,8 @@ def build(args, attention: str | None, grid: int | None, batch: int | None):
     step, state = setup.train_step, setup.initial_state(model_config, config.seed)
     batch_sharding = sharding.batch_sharding(mesh)
     rng = np.random.default_rng(0)
-    tokens = jax.device_put(rng.integers(0, model_config.vocab_size, (batch, model_config.num_tokens), np.int32), batch_sharding)
+    token_values = rng.integers(0, model_config.vocab_size, (batch, model_config.num_tokens), np.int32)
+    tokens = jax.device_put(token_values, batch_sharding)
     labels = jax.device_put(rng.integers(0, model_config.num_classes, (batch,), np.int32), batch_sharding)
     return model_config, step, state, tokens, labels
 

@@ -91,7 +91,7 @@ def test_each_epoch_is_a_fresh_permutation_with_fresh_crops(token_dir):
     for batch in batches:
         assert sorted(batch["label"].tolist()) == list(range(RECORDS))   # every record once per epoch
     assert batches[0]["label"].tolist() != batches[1]["label"].tolist()
-    crops = [{int(l): crop_of(t, int(l)) for t, l in zip(b["tokens"], b["label"])} for b in batches]
+    crops = [{int(label): crop_of(t, int(label)) for t, label in zip(b["tokens"], b["label"])} for b in batches]
     assert any(crops[0][r] != crops[1][r] for r in range(RECORDS)), "the crop choice never changed between epochs"
     assert len({c for epoch in crops for c in epoch.values()}) == CROPS, "some crop is never picked"
 

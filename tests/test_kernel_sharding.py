@@ -40,7 +40,8 @@ if mode == "op":
                   prefix_k=jax.random.normal(keys[5], (batch, prefix, heads, d)),
                   prefix_v=jax.random.normal(keys[6], (batch, prefix, heads, d)))
     if kernel_impl == "pallas":
-        kernel = functools.partial(lasad.lasad_attention_pallas, grid=grid, variant=variant, backend="gpu", interpret=True)
+        kernel = functools.partial(lasad.lasad_attention_pallas, grid=grid, variant=variant, backend="gpu",
+                                   interpret=True)
     else:  # 16-token tiles: the 15 cells span one tile, with the padded end
         kernel = functools.partial(lasad.lasad_attention_parallel, grid=grid, variant=variant, interpret=True,
                                    blocks=lasad.ParallelBlocks(block=16))
@@ -48,7 +49,8 @@ if mode == "op":
     loss = lambda f: (lambda x: jnp.sum(f(**x) ** 2))
     reference = functools.partial(lasad_reference, grid=grid, variant=variant)
     rows = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
-    placed = {n: jax.device_put(x, rows if x.ndim == 4 else NamedSharding(mesh, P("tensor"))) for n, x in inputs.items()}
+    heads = NamedSharding(mesh, P("tensor"))
+    placed = {n: jax.device_put(x, rows if x.ndim == 4 else heads) for n, x in inputs.items()}
     jaxpr = str(jax.make_jaxpr(lambda x: sharded(**x))(placed))
     assert "shard_map" in jaxpr, "per_device_heads did not shard_map"
     out = jax.jit(lambda x: sharded(**x))(placed)
@@ -99,8 +101,8 @@ else:  # the model: LASADAttention(impl=kernel_impl) under the trainer's mesh vs
 def run(mode: str, variant: str, kernel_impl: str = "pallas") -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", SCRIPT, mode, variant, kernel_impl], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, mode, variant, kernel_impl], env=env, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     values = {}
     for line in result.stdout.splitlines():

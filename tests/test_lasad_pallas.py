@@ -345,7 +345,8 @@ def test_parallel_kernel_forward_float32(variant, backend):
 
 @pytest.mark.parametrize(
     "variant, case_name, backend, block",
-    [("2d", "grid12x20_d64", "parallel_gpu", ParallelBlocks()), ("2d_row", "grid12x20_d64", "parallel_gpu", ParallelBlocks()),
+    [("2d", "grid12x20_d64", "parallel_gpu", ParallelBlocks()),
+     ("2d_row", "grid12x20_d64", "parallel_gpu", ParallelBlocks()),
      ("1d", "grid12x20_d64", "parallel_gpu", TILES_16), ("2d", "grid4x5_d60_prefix3", "parallel_gpu", TILES_16),
      ("2d_row", "column9x1", "parallel_gpu", TILES_16), ("2d", "row1x9_prefix1", "parallel_gpu", TILES_16),
      ("2d", "grid12x20_d64", "parallel_tpu", None), ("1d", "grid12x20_d64", "parallel_tpu", None),

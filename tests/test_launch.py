@@ -110,19 +110,22 @@ def test_tpu_queued_dry_run_shows_one_cycle_of_the_loop():
         "'--format=value(state.state)'"]
     assert "--config.data.tokens_dir=/mnt/t" in output[4] and "tokens/" not in output[4]   # no --tokens copy
     assert output[6] == (f"{SSH} --worker=0 --command 'if [ -f \"$HOME/train.exit\" ]; then echo \"exit=$(cat "
-                         "\"$HOME/train.exit\") done=$(grep -c \"^done: \" \"$HOME/train.log\")\"; else echo running; fi'")
+                         "\"$HOME/train.exit\") done=$(grep -c \"^done: \" \"$HOME/train.log\")\"; "
+                         "else echo running; fi'")
     assert output[-1] == ("gcloud compute tpus queued-resources delete run1-qr --zone=us-central2-b "
                           "--project=my-proj --force --quiet")
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["create", "--name=a", "--zone=z", "--accelerator=v4", "--size=32"], "the following arguments are required: --project"),
+    (["create", "--name=a", "--zone=z", "--accelerator=v4", "--size=32"],
+     "the following arguments are required: --project"),
     (["create", *WHERE, "--accelerator=v4", "--size=12"], "--size 12 for --accelerator=v4: must be a multiple of 8"),
     (["create", *WHERE, "--accelerator=v6e", "--size=2"], "must be one of 1, 4, 8"),
     (["create", *WHERE, "--accelerator=v3", "--size=8"], "invalid choice: 'v3'"),
     (["train", *WHERE, "--config=c.py", "--workdir=/local/run", "--tokens=gs://b/t"], "is not a gs:// location"),
     (["train", *WHERE, "--config=c.py", "--workdir=gs://b/r"], "give --tokens=gs://... "),
-    (["train", *WHERE, "--config=c.py", "--workdir=gs://b/r", "--tokens=gs://b/t", "--lr=3"], "unrecognized arguments: --lr=3"),
+    (["train", *WHERE, "--config=c.py", "--workdir=gs://b/r", "--tokens=gs://b/t", "--lr=3"],
+     "unrecognized arguments: --lr=3"),
     (["setup", *WHERE, "--code=git"], "--code=git needs --repo"),
     (["setup", *WHERE, "--jax-version=latest"], "is not a version"),
     (["delete", *WHERE, "--config.x=1"], "unrecognized arguments: --config.x=1"),
@@ -258,8 +261,8 @@ def test_sbatch_one_process_per_gpu(slurm_bin):
 
 
 def test_sbatch_one_process_per_node_sees_all_its_gpus(slurm_bin):
-    assert lines(sbatch(slurm_bin, "--dry-run", "--per=node", "--port=1234", "--config=c.py", "--workdir=/w", "--tokens=/t",
-                        nodes="3", gpus="4")) == [
+    assert lines(sbatch(slurm_bin, "--dry-run", "--per=node", "--port=1234", "--config=c.py", "--workdir=/w",
+                        "--tokens=/t", nodes="3", gpus="4")) == [
         "export JAX_COORDINATOR_ADDRESS=gpu-node07:1234",
         "export NCCL_NVLS_ENABLE=0",
         "export JAX_LOCAL_DEVICE_IDS=0,1,2,3",

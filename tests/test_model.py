@@ -40,7 +40,7 @@ def test_decoding_logits_equal_parallel_logits(attention, grid, batch):
     n = grid[0] * grid[1]
     tokens = jax.random.randint(jax.random.PRNGKey(2), (batch, n), 0, model.config.vocab_size)
     labels = jnp.arange(batch, dtype=jnp.int32) % (model.config.num_classes + 1)  # includes the null class
-    parallel = nnx.jit(lambda m, t, l: m(t, l))(model, tokens, labels)
+    parallel = nnx.jit(lambda m, t, y: m(t, y))(model, tokens, labels)
     chex.assert_shape(parallel, (batch, n, model.config.vocab_size))
     chex.assert_type(parallel, jnp.float32)
     assert rel_error(teacher_forced_decode(model, tokens, labels), parallel) < 1e-4

@@ -9,8 +9,8 @@ Order of the MapDataset: record indices of every shard -> this host's slice (rec
 i % shard_count == shard_index: disjoint across hosts, together all of them) -> seeded shuffle ->
 repeat (reshuffled each epoch) -> batches of indices -> one bulk read and decode per batch, which
 checks the codes and picks one crop per record by a hash of (seed, position in the repeated
-stream): a fresh choice every epoch. Everything is a function of (seed, position), so the iterator state is just a position
-and restoring it resumes at exactly the next batch.
+stream): a fresh choice every epoch. Everything is a function of (seed, position), so the iterator
+state is just a position and restoring it resumes at exactly the next batch.
 """
 
 from __future__ import annotations

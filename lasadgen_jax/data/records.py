@@ -52,7 +52,8 @@ def decode_record(record: bytes) -> tuple[np.ndarray, int]:
         raise ValueError(f"token record of {len(record)} bytes is shorter than its {HEADER.itemsize}-byte header")
     header = np.frombuffer(record, HEADER, count=1)[0]
     if header["magic"] != MAGIC or header["version"] != VERSION:
-        raise ValueError(f"not a version-{VERSION} token record: magic {header['magic']!r}, version {header['version']}")
+        raise ValueError(f"not a version-{VERSION} token record: magic {header['magic']!r}, "
+                         f"version {header['version']}")
     code_bytes = int(header["code_bytes"])
     if code_bytes not in CODE_DTYPES:
         raise ValueError(f"token record has {code_bytes} bytes per code; known: {sorted(CODE_DTYPES)}")

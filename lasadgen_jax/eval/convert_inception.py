@@ -208,7 +208,8 @@ def convert(src: str | None, out_dir: str, verify: bool = True) -> str:
     expected = param_shapes(InceptionV3(with_logits="logits/kernel" in params))
     wrong = {k: (params[k].shape, s) for k, s in expected.items() if k in params and params[k].shape != s}
     if set(params) != set(expected) or wrong:
-        raise ValueError(f"{src}: converted parameters do not fit InceptionV3 (names {sorted(set(params) ^ set(expected))[:6]}, "
+        differing = sorted(set(params) ^ set(expected))[:6]
+        raise ValueError(f"{src}: converted parameters do not fit InceptionV3 (names {differing}, "
                          f"shapes {list(wrong.items())[:3]})")
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
     arrays.update({META_PREFIX + "format": np.array(FORMAT)},

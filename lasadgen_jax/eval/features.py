@@ -119,7 +119,8 @@ def stream_npz_images(path: str, key: str = "arr_0", batch_size: int = 500) -> t
     """(image count, iterator of uint8 batches) of `key` in an npz, read a batch at a time."""
     keys = npz_keys(path)
     if key not in keys:
-        raise ValueError(f"{path} has no {key!r} (its arrays: {keys}); expected images [N, H, W, 3] uint8 under {key!r}")
+        raise ValueError(f"{path} has no {key!r} (its arrays: {keys}); "
+                         f"expected images [N, H, W, 3] uint8 under {key!r}")
     archive = zipfile.ZipFile(path)
     member = archive.open(f"{key}.npy")
     version = np.lib.format.read_magic(member)
@@ -141,7 +142,8 @@ def stream_npz_images(path: str, key: str = "arr_0", batch_size: int = 500) -> t
                 count = min(batch_size, shape[0] - start)
                 data = member.read(count * image_bytes)
                 if len(data) != count * image_bytes:
-                    raise ValueError(f"{path}:{key} ends early (image {start + len(data) // image_bytes} of {shape[0]})")
+                    last = start + len(data) // image_bytes
+                    raise ValueError(f"{path}:{key} ends early (image {last} of {shape[0]})")
                 yield np.frombuffer(data, np.uint8).reshape(count, *shape[1:])
 
     return int(shape[0]), batches()

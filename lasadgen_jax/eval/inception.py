@@ -164,8 +164,9 @@ class InceptionE(nnx.Module):
         a = self.tower_conv(x)
         b = self.tower_1_conv_1(self.tower_1_conv(x))
         pooled = avg_pool_same(x) if self.pool == "avg" else max_pool(x, 3, 1, padding=1)
-        return jnp.concatenate([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
-                                self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b), self.tower_2_conv(pooled)], -1)
+        branches = [self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
+                    self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b), self.tower_2_conv(pooled)]
+        return jnp.concatenate(branches, -1)
 
 
 class Logits(nnx.Module):
@@ -299,7 +300,8 @@ def param_shapes(model: InceptionV3) -> dict[str, tuple[int, ...]]:
 
 
 def conv_layout(model: InceptionV3) -> dict[str, tuple[int, tuple[int, int]]]:
-    """{'mixed_4/tower/conv_1': (stride, (pad_h, pad_w)), ...} of every ConvBN (the converter checks its source against it)."""
+    """{'mixed_4/tower/conv_1': (stride, (pad_h, pad_w)), ...} of every ConvBN (the converter checks its source
+    against it)."""
     layout = {}
     for path, module in nnx.iter_modules(model):
         if isinstance(module, ConvBN):
@@ -325,7 +327,8 @@ def load_inception(path: str, precision: str = "highest") -> InceptionV3:
     expected = {"/".join(str(part) for part in p): v for p, v in nnx.to_flat_state(state)}
     missing, unexpected = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path}: parameters do not match InceptionV3; missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise ValueError(f"{path}: parameters do not match InceptionV3; missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]}")
     for name, variable in expected.items():
         if params[name].shape != variable.shape:
             raise ValueError(f"{path}: {name} has shape {params[name].shape}, InceptionV3 needs {variable.shape}")

@@ -84,7 +84,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
     for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.all(np.isfinite(value)):
             raise ValueError(f"frechet_distance: {name} holds NaN or inf")
@@ -206,7 +207,8 @@ def precision_recall(reference_features, sample_features, k: int = PR_NEIGHBOURH
     """ADM's (precision, recall) of samples against a reference set, k-NN manifolds on both sides."""
     reference_features = np.asarray(reference_features, np.float32)
     sample_features = np.asarray(sample_features, np.float32)
-    if reference_features.ndim != 2 or sample_features.ndim != 2 or reference_features.shape[1] != sample_features.shape[1]:
+    same_width = reference_features.shape[-1] == sample_features.shape[-1]
+    if reference_features.ndim != 2 or sample_features.ndim != 2 or not same_width:
         raise ValueError(f"precision_recall needs [N, D] features of one D, got {reference_features.shape} "
                          f"and {sample_features.shape}")
     check_finite("the reference's features (precision/recall)", reference_features)

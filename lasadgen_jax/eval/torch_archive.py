@@ -43,7 +43,8 @@ class ScriptObject:
 
     def __setstate__(self, state):
         if not isinstance(state, dict):
-            raise pickle.UnpicklingError(f"{self.class_name}: expected a dict of attributes, got {type(state).__name__}")
+            raise pickle.UnpicklingError(
+                f"{self.class_name}: expected a dict of attributes, got {type(state).__name__}")
         self.attributes = state
 
     def __repr__(self):

@@ -28,7 +28,8 @@ def recompute_backward(cells_fn, grid, variant, residuals, d_out):
     """The gradients (dq, dk, dv, d log_decay_row, d log_decay_col) of cells_fn at `residuals`
     (q, k, v, log_decay_row, log_decay_col) for the output cotangent d_out, by recomputation."""
     q, k, v, log_decay_row, log_decay_col = residuals
-    run = functools.partial(cells_fn, log_decay_row=log_decay_row, log_decay_col=log_decay_col, grid=grid, variant=variant)
+    run = functools.partial(cells_fn, log_decay_row=log_decay_row, log_decay_col=log_decay_col, grid=grid,
+                            variant=variant)
     # The public op returns q.dtype, so d_out holds no more precision than that.
     d_out_in = d_out.astype(q.dtype)
     flip = lambda x: x[:, ::-1]
