@@ -508,8 +508,8 @@ def decay_heatmap(result: dict, cell: int = 34) -> np.ndarray:
             for head in range(heads):
                 y, x = top + layer * cell, x0 + head * cell
                 picture[y + 1:y + cell - 1, x + 1:x + cell - 1] = colour(np.asarray(values[layer, head]), 0.3, 1.0)
-                label = f"{values[layer, head]:.2f}"[1:] if values[layer, head] < 1 else "1.0"
-                texts.append((x + 3, y + cell // 3, label))
+                text = f"{values[layer, head]:.2f}"[1:] if values[layer, head] < 1 else "1.0"
+                texts.append((x + 3, y + cell // 3, text))
     return label(picture, texts)
 
 

@@ -49,8 +49,8 @@ if mode == "op":
     loss = lambda f: (lambda x: jnp.sum(f(**x) ** 2))
     reference = functools.partial(lasad_reference, grid=grid, variant=variant)
     rows = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
-    heads = NamedSharding(mesh, P("tensor"))
-    placed = {n: jax.device_put(x, rows if x.ndim == 4 else heads) for n, x in inputs.items()}
+    by_heads = NamedSharding(mesh, P("tensor"))
+    placed = {n: jax.device_put(x, rows if x.ndim == 4 else by_heads) for n, x in inputs.items()}
     jaxpr = str(jax.make_jaxpr(lambda x: sharded(**x))(placed))
     assert "shard_map" in jaxpr, "per_device_heads did not shard_map"
     out = jax.jit(lambda x: sharded(**x))(placed)

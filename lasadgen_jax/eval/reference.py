@@ -104,8 +104,8 @@ def reference_from_npz(path: str, extractor: FeatureExtractor | None, batch_size
     """A Reference from an ADM-style npz (see the module docstring); `extractor` is needed when it has images."""
     keys = check_reference_file(path)
     with np.load(path, allow_pickle=False) as npz:
-        keys = [key for key in ("mu", "sigma", "mu_s", "sigma_s") if key in npz.files]
-        stats = {key: np.asarray(npz[key], np.float64) for key in keys}
+        stat_keys = [key for key in ("mu", "sigma", "mu_s", "sigma_s") if key in npz.files]
+        stats = {key: np.asarray(npz[key], np.float64) for key in stat_keys}
     _check_stats(path, stats)
     if "arr_0" not in keys:   # statistics only
         image_size = stored_image_size(path)
