@@ -4,10 +4,11 @@
 
 in O(N) work: chunks of R whole rows, a masked matmul with the exact decays inside a chunk, and
 the w column states C[c] (d x dv, float32) between chunks, folded by two one-sided scans along the
-row (one pass per chunk, alternating direction: docs/lasad.md §8). The backward is one call of the same forward kernel for dq (dq = forward(q=do, k=v, v=k))
-and one reverse sweep carrying the adjoint column states and their derivative along log g_row,
-which gives dk, dv and both log-decay gradients pair-exact (no flips, no tangent re-runs). Only
-the inputs are kept between forward and backward; nothing N x N or N x d x dv goes to HBM.
+row (one pass per chunk, alternating direction: docs/lasad.md §8). The backward is one call of the
+same forward kernel for dq (dq = forward(q=do, k=v, v=k)) and one reverse sweep carrying the
+adjoint column states and their derivative along log g_row, which gives dk, dv and both log-decay
+gradients pair-exact (no flips, no tangent re-runs). Only the inputs are kept between forward and
+backward; nothing N x N or N x d x dv goes to HBM.
 
 The chunk arithmetic (linear_2d_chunk.py) is shared by the two bodies: TPU (Mosaic TPU,
 linear_2d_tpu.py: states in VMEM scratch, the chunks as the "arbitrary" grid axis) and GPU

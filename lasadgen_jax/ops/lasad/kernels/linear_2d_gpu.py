@@ -1,8 +1,8 @@
 """The linear-time `2d` kernel's GPU body (Triton lowering; docs/lasad.md §8).
 
 One program per (batch, head, value tile of `dv_block` columns) walks the row chunks in a loop,
-forward from the first or (reverse sweep) from the last. Triton has no shared-memory scratch that
-persists across a loop, and all w column states do not fit a program's registers, so the states
+forward from the first or (reverse sweep) from the last. Pallas's Triton lowering has no scratch
+memory that persists across a loop, and all w column states do not fit a program's registers, so the states
 (and the sweep's two adjoints) live in a float32 buffer of the program's own in HBM, w x d x
 dv_block (256 KiB at w = 64, d = 64, dv_block = 16), read and written once per column per chunk:
 it stays in L2 while the program runs. Stores that later loads of the same program read are
