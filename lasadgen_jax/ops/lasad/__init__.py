@@ -14,11 +14,10 @@ import jax
 from lasadgen_jax.ops.lasad import autodiff, chunked, common, parallel, recurrent, reference, scan
 from lasadgen_jax.ops.lasad.common import VARIANTS
 from lasadgen_jax.ops.lasad.kernels import backend as kernel_backend
-from lasadgen_jax.ops.lasad.kernels import chunk, parallel_form
+from lasadgen_jax.ops.lasad.kernels import chunk, linear_2d, parallel_form
 from lasadgen_jax.ops.lasad.kernels.chunk import BlockSizes, ChunkOptions
-from lasadgen_jax.ops.lasad.kernels.parallel_form import ParallelBlocks
-from lasadgen_jax.ops.lasad.kernels import linear_2d
 from lasadgen_jax.ops.lasad.kernels.linear_2d import LinearBlocks
+from lasadgen_jax.ops.lasad.kernels.parallel_form import ParallelBlocks
 from lasadgen_jax.ops.lasad.recurrent import decode_step, fold_prefix, init_state
 
 __all__ = [

@@ -24,10 +24,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lasadgen_jax.ops.lasad.chunk_math import ChunkLayout, next_power_of_two
 from lasadgen_jax.ops.lasad.kernels import backend as kernel_backend
 from lasadgen_jax.ops.lasad.kernels import linear_2d_gpu, linear_2d_tpu
 from lasadgen_jax.ops.lasad.kernels.linear_2d_chunk import ChunkGeometry
-from lasadgen_jax.ops.lasad.chunk_math import ChunkLayout, next_power_of_two
 
 # Rows per chunk when LinearBlocks.rows is 0: GPU 16 (Triton's matmuls need M >= 16 for the
 # per-column products), TPU 8 (one sublane tile of float32).
