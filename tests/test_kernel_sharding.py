@@ -72,6 +72,8 @@ else:  # the model: LASADAttention(impl=kernel_impl) under the trainer's mesh vs
             return lasad.lasad_attention_pallas(q, k, v, backend="gpu", interpret=True, **kwargs)
         if impl == "pallas_parallel":
             return lasad.lasad_attention_parallel(q, k, v, interpret=True, **kwargs)
+        if impl == "pallas_linear":
+            return lasad.lasad_attention_linear(q, k, v, interpret=True, **kwargs)
         return original(q, k, v, impl=impl, **kwargs)
 
     lasad.lasad_attention = with_interpret
@@ -118,7 +120,7 @@ def test_kernel_per_device_on_a_2x2x2_mesh_matches_the_reference(variant, kernel
     assert values["forward"] < 1e-4 and values["grads"] < 1e-4 and values["refused"], values
 
 
-@pytest.mark.parametrize("variant, kernel_impl", [("1d", "pallas"), ("2d", "pallas_parallel")])
+@pytest.mark.parametrize("variant, kernel_impl", [("1d", "pallas"), ("2d", "pallas_parallel"), ("2d", "pallas_linear")])
 def test_model_runs_its_kernel_per_device_under_the_trainers_mesh(variant, kernel_impl):
     values = run("model", variant, kernel_impl)
     assert values["loss"] < 1e-4 and values["grads"] < 1e-4 and values["ok"], values

@@ -115,7 +115,8 @@ class LASADAttention(nnx.Module):
         XLA cannot partition it; every other algorithm is left to XLA's partitioner."""
         op = functools.partial(lasad.lasad_attention, grid=grid, variant=self.variant, impl=self.impl)
         mesh = jax.sharding.get_abstract_mesh()
-        kernel = lasad.resolve_impl(self.impl, self.variant, tokens=grid[0] * grid[1]) in ("pallas", "pallas_parallel")
+        impl = lasad.resolve_impl(self.impl, self.variant, tokens=grid[0] * grid[1])
+        kernel = impl in ("pallas", "pallas_parallel", "pallas_linear")
         if mesh.empty or mesh.size == 1 or not kernel:
             return op
 

@@ -14,8 +14,9 @@ import jax
 from lasadgen_jax.ops.lasad import autodiff, chunked, common, parallel, recurrent, reference, scan
 from lasadgen_jax.ops.lasad.common import VARIANTS
 from lasadgen_jax.ops.lasad.kernels import backend as kernel_backend
-from lasadgen_jax.ops.lasad.kernels import chunk, parallel_form
+from lasadgen_jax.ops.lasad.kernels import chunk, linear_2d, parallel_form
 from lasadgen_jax.ops.lasad.kernels.chunk import BlockSizes, ChunkOptions
+from lasadgen_jax.ops.lasad.kernels.linear_2d import LinearBlocks
 from lasadgen_jax.ops.lasad.kernels.parallel_form import ParallelBlocks
 from lasadgen_jax.ops.lasad.recurrent import decode_step, fold_prefix, init_state
 
@@ -25,18 +26,20 @@ __all__ = [
     "VARIANTS",
     "BlockSizes",
     "ChunkOptions",
+    "LinearBlocks",
     "ParallelBlocks",
     "auto_impl",
     "decode_step",
     "fold_prefix",
     "init_state",
     "lasad_attention",
+    "lasad_attention_linear",
     "lasad_attention_pallas",
     "lasad_attention_parallel",
     "resolve_impl",
 ]
 
-IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "parallel", "pallas", "pallas_parallel")
+IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "parallel", "pallas", "pallas_parallel", "pallas_linear")
 
 # What impl="auto" runs, by backend, variant and sequence length N = h*w: a fixed table. Each entry:
 # (largest N, algorithm) steps, the first that holds wins, None = any N. A step's bound is the
@@ -142,7 +145,8 @@ def lasad_attention(
       impl: 'auto', 'reference', 'recurrent', 'scan', 'chunked', 'parallel' (the quadratic form in
         XLA: O(N^2 d), fast at short sequences), 'pallas' (the chunked GPU or TPU
         kernel of jax's default backend; an error on CPU) or 'pallas_parallel' (the fused
-        parallel-form GPU kernel, O(N^2 d): fastest at short sequences). 'auto' is a fixed choice by
+        parallel-form GPU kernel, O(N^2 d): fastest at short sequences) or 'pallas_linear' (the
+        linear-time exact kernel, '2d' only: docs/lasad.md §8). 'auto' is a fixed choice by
         backend, variant and N (AUTO_IMPL): a kernel on GPU; on CPU and TPU 'parallel' at short N,
         else 'chunked'.
 
@@ -156,6 +160,8 @@ def lasad_attention(
     elif impl == "pallas_parallel":
         cells = parallel_form.parallel_form_cells(kernel_backend.default_backend("pallas_parallel"), False,
                                                   ParallelBlocks())
+    elif impl == "pallas_linear":
+        cells = linear_2d.linear_cells(kernel_backend.default_backend("pallas_linear"), False, LinearBlocks())
     else:
         cells = None if impl == "reference" else _CELL_ALGORITHMS[impl]
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
@@ -204,6 +210,28 @@ def lasad_attention_parallel(
     backend ('gpu': Triton, with `blocks`; 'tpu': Mosaic TPU, 128-token tiles), optionally in
     interpret mode (how the tests run it on CPU)."""
     cells = parallel_form.parallel_form_cells(backend, bool(interpret), blocks)
+    return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
+
+
+def lasad_attention_linear(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    grid: tuple[int, int],
+    variant: str,
+    log_decay_row: jax.Array | None = None,
+    log_decay_col: jax.Array | None = None,
+    prefix_k: jax.Array | None = None,
+    prefix_v: jax.Array | None = None,
+    backend: str = "gpu",
+    interpret: bool = False,
+    blocks: LinearBlocks = LinearBlocks(),
+) -> jax.Array:
+    """`lasad_attention` through the linear-time `2d` kernel (kernels/linear_2d.py) of an explicit
+    backend ('gpu': Triton; 'tpu': Mosaic TPU), optionally in interpret mode (how the tests run it
+    on CPU). variant must be '2d'."""
+    cells = linear_2d.linear_cells(backend, bool(interpret), blocks)
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
 
 

@@ -6,6 +6,9 @@ chunk.py        the chunk family behind impl="pallas": configuration, custom_vjp
                 chunk_refs.py their ref helpers, chunk_config.py BlockSizes and ChunkOptions;
                 sweep_2d.py the opt-in `2d` sweep backward)
 parallel_form.py  the fused parallel-form kernel behind impl="pallas_parallel"
+linear_2d.py    the linear-time exact `2d` kernel behind impl="pallas_linear": tiles, custom_vjp,
+                entry (linear_2d_chunk.py the arithmetic of one row chunk; bodies:
+                linear_2d_gpu.py Triton, linear_2d_tpu.py Mosaic TPU)
 
 This package imports none of them: import the module you need.
 """

@@ -17,6 +17,7 @@ TPU_LANES = 128  # Mosaic TPU tiles the last dim by 128 lanes
 _INTERPRET_ENTRIES = {
     "pallas": "lasad_attention_pallas(..., backend=..., interpret=True) to run the kernels",
     "pallas_parallel": "lasad_attention_parallel(..., interpret=True) to run the kernel",
+    "pallas_linear": "lasad_attention_linear(..., interpret=True) to run the kernel",
 }
 
 
@@ -33,7 +34,7 @@ def check_backend(backend: str) -> None:
 
 
 def default_backend(impl: str = "pallas") -> str:
-    """The kernel backend of jax's default device for `impl` ('pallas' or 'pallas_parallel');
+    """The kernel backend of jax's default device for `impl` ('pallas', 'pallas_parallel' or 'pallas_linear');
     raises on CPU (no silent fallback)."""
     platform = jax.default_backend()
     if platform in PLATFORMS and backend_name(platform) in BACKENDS:

@@ -1,0 +1,169 @@
+"""The linear-time `2d` kernel (`impl="pallas_linear"`) on a GPU: checks, a tiling sweep, then time
+against cuDNN flash attention and the parallel-form kernel in the same run.
+
+    python benchmarks/linear_2d.py                          # everything, until --budget seconds
+    python benchmarks/linear_2d.py --sizes 64,128 --skip-check
+
+1. Checks: forward and every gradient (q, k, v, both log decays, prefix) against the quadratic
+   reference on small grids (float32 < 1e-4, bf16 < 2e-2), then at benchmark sizes against
+   `pallas_parallel` at --check-sizes (bf16, < 2e-2; the log-decay gradients against the sum of their terms'
+   magnitudes, as tests/test_lasad_pallas.py does), and that every output is finite.
+2. Sweep: LinearBlocks tilings at N = 4096, forward and forward+backward.
+3. Table: for each N (square grid, batch = tokens // N, H = 16, d = dv = 64, bf16), the median
+   forward and forward+backward time of cuDNN flash (causal), `pallas_parallel` and
+   `pallas_linear` (the default tiles, the sweep's best and --dv-blocks), as ratios to flash.
+Exit status 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernels import compiled_pair, flash, random_inputs, rel_error, time_ms
+
+from lasadgen_jax.ops import lasad
+from lasadgen_jax.ops.lasad import LinearBlocks
+
+START = time.perf_counter()
+SWEEP = (LinearBlocks(rows=16, dv_block=16), LinearBlocks(rows=16, dv_block=64), LinearBlocks(rows=32, dv_block=64,
+                                                                                           num_warps=8))
+
+
+def linear_op(grid, blocks=None):
+    if blocks is None:
+        return lambda x: lasad.lasad_attention(**x, grid=grid, variant="2d", impl="pallas_linear")
+    return lambda x: lasad.lasad_attention_linear(**x, grid=grid, variant="2d", backend="gpu", blocks=blocks)
+
+
+def reference_op(grid, impl):
+    return lambda x: lasad.lasad_attention(**x, grid=grid, variant="2d", impl=impl)
+
+
+def decay_scale(grid, inputs, cotangent, impl):
+    """The log-decay gradients with inputs and cotangent by magnitude (the scale of their terms)."""
+    absolute = {name: None if x is None or name.startswith("log_") else jnp.abs(x) for name, x in inputs.items()}
+    absolute.update(log_decay_row=inputs["log_decay_row"], log_decay_col=inputs["log_decay_col"])
+    _, both, args = compiled_pair(reference_op(grid, impl), absolute, jnp.abs(cotangent))
+    return both(args)[1]
+
+
+def compare(grid, inputs, cotangent, expected_impl, tolerance, blocks=None):
+    """(forward error, {gradient: error}, all finite) of pallas_linear against expected_impl."""
+    fwd, both, args = compiled_pair(reference_op(grid, expected_impl), inputs, cotangent)
+    expected = (fwd(args), both(args)[1])
+    fwd, both, args = compiled_pair(linear_op(grid, blocks), inputs, cotangent)
+    actual = (fwd(args), both(args)[1])
+    finite = all(bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32)))) for x in (actual[0], *actual[1].values()))
+    scale = decay_scale(grid, inputs, cotangent, expected_impl) if inputs["q"].dtype == jnp.bfloat16 else None
+    errors = {}
+    for name in expected[1]:
+        if scale is not None and name.startswith("log_"):
+            diff = np.linalg.norm(np.asarray(actual[1][name], np.float64) - np.asarray(expected[1][name], np.float64))
+            errors[name] = float(diff / np.linalg.norm(np.asarray(scale[name], np.float64)))
+        else:
+            errors[name] = rel_error(actual[1][name], expected[1][name])
+    return rel_error(actual[0], expected[0]), errors, finite
+
+
+def checks(sizes, tokens, heads, d) -> bool:
+    ok = True
+    print("| against | grid | batch | dtype | forward | dq | dk | dv | d log g_row | d log g_col | finite | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    runs = [("reference", (5, 7), 2, jnp.float32, 1e-4, 2), ("reference", (20, 24), 1, jnp.float32, 1e-4, 2),
+            ("reference", (20, 24), 1, jnp.bfloat16, 2e-2, 2)]
+    runs += [("pallas_parallel", (side, side), max(1, tokens // side**2), jnp.bfloat16, 2e-2, 0) for side in sizes]
+    for impl, grid, batch, dtype, tolerance, prefix in runs:
+        inputs = random_inputs(batch, grid, heads if impl != "reference" else 2, d, prefix, dtype, seed=grid[1])
+        cotangent = jax.random.normal(jax.random.PRNGKey(5), inputs["v"].shape, jnp.float32).astype(dtype)
+        out_error, errors, finite = compare(grid, inputs, cotangent, impl, tolerance)
+        good = finite and out_error < tolerance and max(errors.values()) < tolerance
+        ok &= good
+        cells = " | ".join(f"{errors[name]:.1e}" for name in ("q", "k", "v", "log_decay_row", "log_decay_col"))
+        print(f"| {impl} | {grid[0]}x{grid[1]} | {batch} | {jnp.dtype(dtype).name} | {out_error:.1e} | {cells} | "
+              f"{finite} | {'yes' if good else 'NO'} |", flush=True)
+    return ok
+
+
+def timed(forward, inputs, cotangent, repeats):
+    fwd, both, args = compiled_pair(forward, inputs, cotangent)
+    return time_ms(fwd, args, repeats), time_ms(both, args, repeats)
+
+
+def sweep(tokens, heads, d, repeats, budget):
+    side = 64
+    inputs = random_inputs(tokens // side**2, (side, side), heads, d, 0, jnp.bfloat16, seed=1)
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), inputs["v"].shape, jnp.float32).astype(jnp.bfloat16)
+    print("| N | blocks | fwd ms | fwd+bwd ms |")
+    print("|---|---|---|---|")
+    results = []
+    for blocks in SWEEP:
+        if time.perf_counter() - START > budget:
+            print(f"| (budget of {budget} s spent: sweep stopped) | | | |")
+            break
+        ms = timed(linear_op((side, side), blocks), inputs, cotangent, repeats)
+        results.append((ms[1], blocks))
+        print(f"| {side * side} | {blocks} | {ms[0]:.3f} | {ms[1]:.3f} |", flush=True)
+    return min(results, key=lambda r: r[0])[1] if results else None
+
+
+def table(sizes, tokens, heads, d, repeats, best, budget):
+    print("| N | grid | batch | impl | fwd ms | fwd+bwd ms | flash / fwd | flash / fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for side in sizes:
+        grid, n = (side, side), side * side
+        batch = max(1, tokens // n)
+        inputs = random_inputs(batch, grid, heads, d, 0, jnp.bfloat16, seed=side)
+        cotangent = jax.random.normal(jax.random.PRNGKey(side + 1), inputs["v"].shape, jnp.float32).astype(jnp.bfloat16)
+        plain = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"]}
+        runs = [("cudnn flash", flash, plain), ("pallas_parallel", reference_op(grid, "pallas_parallel"), inputs),
+                ("pallas_linear", linear_op(grid), inputs)]
+        for blocks in best:
+            if blocks != LinearBlocks():
+                runs.append((f"pallas_linear {blocks}", linear_op(grid, blocks), inputs))
+        flash_ms = None
+        for label, forward, args in runs:
+            if time.perf_counter() - START > budget:
+                print(f"| {n} | (budget of {budget} s spent: table stopped) | | | | | | |")
+                return
+            ms = timed(forward, args, cotangent, repeats)
+            flash_ms = flash_ms or ms
+            print(f"| {n} | {side}x{side} | {batch} | {label} | {ms[0]:.3f} | {ms[1]:.3f} | {flash_ms[0] / ms[0]:.2f} "
+                  f"| {flash_ms[1] / ms[1]:.2f} |", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="16,32,64,128", help="grid sides (N = side^2)")
+    parser.add_argument("--check-sizes", default="32,128", help="grid sides checked against pallas_parallel")
+    parser.add_argument("--tokens", type=int, default=32768, help="batch * N per call")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which timing stops")
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--dv-blocks", default="", help="more LinearBlocks.dv_block rows in the table, e.g. 64")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}, tokens {args.tokens}, heads {args.heads}, "
+          f"d = dv = {args.dim}", flush=True)
+    check_sizes = [int(s) for s in args.check_sizes.split(",")]
+    ok = True if args.skip_check else checks(check_sizes, args.tokens, args.heads, args.dim)
+    print(f"checks {'passed' if ok else 'FAILED'} ({time.perf_counter() - START:.0f} s)", flush=True)
+    best = [] if args.skip_sweep else [sweep(args.tokens, args.heads, args.dim, args.repeats, args.budget)]
+    best += [LinearBlocks(dv_block=int(dv)) for dv in args.dv_blocks.split(",") if dv]
+    table(sizes, args.tokens, args.heads, args.dim, args.repeats, [b for b in best if b is not None], args.budget)
+    print(f"done in {time.perf_counter() - START:.0f} s", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

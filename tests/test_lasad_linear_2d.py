@@ -1,0 +1,150 @@
+"""The linear-time `2d` kernel (`impl="pallas_linear"`, kernels/linear_2d.py): both bodies (GPU:
+Triton, TPU: Mosaic TPU) in interpret mode against the reference, forward and every gradient,
+and both lowered through jax.export (forward and backward).
+
+Every comparison is with `impl="reference"`. Shapes are small and each case compiles one function
+(output and every gradient together) so that interpret mode stays quick on a CPU; chunks of 2 to 16
+rows so that every grid spans several chunks. The GPU numerics at full size are checked on the
+device (benchmarks/linear_2d.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import Case, make_inputs, rel_error
+
+from lasadgen_jax.ops.lasad import LinearBlocks, lasad_attention, lasad_attention_linear
+
+DIFF_ARGS = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")
+# (case, body, dtype, rows per chunk). Grids: rows and widths not powers of two, one row, one column,
+# wide and tall; head dims 16 and the odd 36 / 20 (padded: GPU 64 / 32, TPU 128 lanes).
+CASES = [
+    (Case("grid3x5_prefix2", batch=2, grid=(3, 5), heads=2, d=16, dv=16, prefix=2), "gpu", jnp.float32, 2),
+    (Case("grid3x5_prefix2", batch=2, grid=(3, 5), heads=2, d=16, dv=16, prefix=2), "tpu", jnp.float32, 2),
+    (Case("row1x9_d36", batch=1, grid=(1, 9), heads=2, d=36, dv=20, prefix=0), "gpu", jnp.float32, 2),
+    (Case("row1x9_d36", batch=1, grid=(1, 9), heads=2, d=36, dv=20, prefix=0), "tpu", jnp.float32, 2),
+    (Case("column9x1_prefix1", batch=2, grid=(9, 1), heads=1, d=16, dv=16, prefix=1), "gpu", jnp.float32, 2),
+    (Case("column9x1_prefix1", batch=2, grid=(9, 1), heads=1, d=16, dv=16, prefix=1), "tpu", jnp.float32, 4),
+    (Case("grid7x16_d36", batch=1, grid=(7, 16), heads=1, d=36, dv=20, prefix=1), "gpu", jnp.float32, 2),
+    (Case("grid16x7", batch=1, grid=(16, 7), heads=2, d=16, dv=16, prefix=0), "tpu", jnp.float32, 4),
+    (Case("grid16x7", batch=1, grid=(16, 7), heads=2, d=16, dv=16, prefix=0), "gpu", jnp.bfloat16, 4),
+    # 16-row chunks: the GPU body's per-column products on the matrix units (below 16 rows: summed).
+    (Case("grid20x3", batch=1, grid=(20, 3), heads=1, d=16, dv=16, prefix=0), "gpu", jnp.float32, 16),
+    (Case("grid7x16_d36", batch=1, grid=(7, 16), heads=1, d=36, dv=20, prefix=1), "tpu", jnp.bfloat16, 2),
+]
+# Norm-wise relative error bounds against the float32 reference on the same (rounded) inputs:
+# float32 arithmetic lands near 1e-7; bf16 matmul inputs (q k^T, the states rounded to bf16 before
+# their products) near 3e-3, as the other kernels (docs/lasad.md §5).
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+@functools.cache
+def value_and_grads(grid, backend, rows):
+    """jit(inputs, cotangent) -> (output, every gradient) of lasad_attention for `backend`
+    ('reference' or a kernel body in interpret mode)."""
+    if backend == "reference":
+        op = functools.partial(lasad_attention, grid=grid, variant="2d", impl="reference")
+    else:
+        op = functools.partial(lasad_attention_linear, grid=grid, variant="2d", backend=backend, interpret=True,
+                               blocks=LinearBlocks(rows=rows))
+
+    def run(diff, cotangent):
+        out, pullback = jax.vjp(lambda x: op(**x), diff)
+        return out, pullback(cotangent.astype(out.dtype))[0]
+
+    return jax.jit(run)
+
+
+def decay_gradient_scale(case, inputs, cotangent):
+    """The reference's log-decay gradients with every input and the cotangent by magnitude: an upper
+    bound of the sum of the terms' magnitudes, the scale a bf16 decay gradient's error goes with."""
+    absolute = {name: None if x is None or name.startswith("log_") else jnp.abs(x) for name, x in inputs.items()}
+    absolute.update(log_decay_row=inputs["log_decay_row"], log_decay_col=inputs["log_decay_col"])
+    _, grads = value_and_grads(case.grid, "reference", 0)(absolute, jnp.abs(cotangent))
+    return grads
+
+
+@pytest.mark.parametrize(("case", "backend", "dtype", "rows"), CASES,
+                         ids=[f"{c.name}-{b}-{jnp.dtype(t).name}-R{r}" for c, b, t, r in CASES])
+def test_forward_and_gradients_match_reference(case, backend, dtype, rows):
+    seed = zlib.crc32(f"{case.name}/{backend}/{jnp.dtype(dtype).name}".encode()) % 2**16
+    inputs = make_inputs(case, seed=seed, dtype=dtype)
+    cotangent = jax.random.normal(jax.random.PRNGKey(seed + 1), inputs["v"].shape).astype(dtype)
+    expected_out, expected = value_and_grads(case.grid, "reference", 0)(inputs, cotangent)
+    out, grads = value_and_grads(case.grid, backend, rows)(inputs, cotangent)
+    chex.assert_shape(out, (case.batch, case.grid[0] * case.grid[1], case.heads, case.dv))
+    chex.assert_type(out, dtype)
+    tolerance = TOLERANCE[dtype]
+    error = rel_error(out, expected_out)
+    assert error < tolerance, f"forward: relative error {error:.2e} >= {tolerance}"
+    scale = decay_gradient_scale(case, inputs, cotangent) if dtype == jnp.bfloat16 else None
+    for name in DIFF_ARGS:
+        if inputs[name] is None:
+            continue
+        chex.assert_equal_shape([grads[name], inputs[name]])
+        chex.assert_type(grads[name], inputs[name].dtype)
+        if scale is not None and name.startswith("log_"):
+            diff = np.linalg.norm(np.asarray(grads[name], np.float64) - np.asarray(expected[name], np.float64))
+            error = diff / np.linalg.norm(np.asarray(scale[name], np.float64))
+        else:
+            error = rel_error(grads[name], expected[name])
+        assert error < tolerance, f"d{name}: relative error {error:.2e} >= {tolerance}"
+
+
+def _exported_forward_and_backward(backend: str, platform: str, disabled_checks=()):
+    """The MLIR text of forward + backward at a benchmark-like shape (rows of 64 slots, d = 64)."""
+    grid = (6, 40)
+    case = Case("export", batch=1, grid=grid, heads=2, d=64, dv=64, prefix=1)
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
+    op = functools.partial(lasad_attention_linear, grid=grid, variant="2d", backend=backend)
+
+    def both(inputs):
+        out, pullback = jax.vjp(lambda x: op(**x), inputs)
+        return out, pullback(out)
+
+    exported = jax.export.export(jax.jit(both), platforms=[platform], disabled_checks=list(disabled_checks))
+    return exported(inputs).mlir_module()
+
+
+def test_gpu_body_lowers_to_triton():
+    """The forward kernel (also the dq call) and the reverse sweep pass Pallas's Triton lowering
+    (jax.export for CUDA on the CPU): strided column slices, state buffers, barriers."""
+    triton = "__gpu$xla.gpu.triton"
+    module = _exported_forward_and_backward("gpu", "cuda", [jax.export.DisabledSafetyCheck.custom_call(triton)])
+    assert module.count("lasad_linear_2d_sweep") >= 1
+    assert module.count(triton) == 3  # forward, dq, sweep
+
+
+def test_tpu_body_lowers_to_mosaic():
+    """The same three calls pass Pallas's Mosaic TPU lowering (jax.export for TPU on the CPU);
+    Mosaic's later passes run only on a TPU (unverified)."""
+    module = _exported_forward_and_backward("tpu", "tpu")
+    assert module.count("tpu_custom_call") == 3
+
+
+def test_pallas_linear_on_cpu_raises_instead_of_falling_back():
+    case = Case("cpu", batch=1, grid=(2, 3), heads=1, d=4, dv=4, prefix=0)
+    inputs = make_inputs(case, seed=0)
+    with pytest.raises(ValueError, match="pallas_linear"):
+        lasad_attention(**inputs, grid=case.grid, variant="2d", impl="pallas_linear")
+
+
+@pytest.mark.parametrize("variant", ["1d", "2d_row", "none"])
+def test_other_variants_raise(variant):
+    case = Case("variant", batch=1, grid=(2, 3), heads=1, d=4, dv=4, prefix=0)
+    inputs = make_inputs(case, seed=0)
+    with pytest.raises(ValueError, match="'2d' variant only"):
+        lasad_attention_linear(**inputs, grid=case.grid, variant=variant, backend="gpu", interpret=True)
+
+
+@pytest.mark.parametrize(("field", "value"), [("rows", 3), ("dv_block", 8), ("num_warps", 0), ("num_stages", 0)])
+def test_linear_blocks_validate_themselves(field, value):
+    with pytest.raises(ValueError, match=f"LinearBlocks.{field}"):
+        LinearBlocks(**{field: value})
