@@ -16,6 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_ablation():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))   # the script imports ablation_figures beside it
     spec = importlib.util.spec_from_file_location("ablation", os.path.join(REPO, "benchmarks", "ablation.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules["ablation"] = module   # its dataclasses look their module up
@@ -24,6 +25,7 @@ def load_ablation():
 
 
 ablation = load_ablation()
+import ablation_figures  # noqa: E402  (importable once load_ablation put benchmarks/ on the path)
 
 
 @pytest.mark.parametrize("variant", ["2d", "2d_row", "1d", "none"])
@@ -38,7 +40,7 @@ def test_decay_map_is_the_reference_decay_of_the_middle_query(variant, grid):
     out = lasad_reference(q, q, v, grid=grid, variant=variant, log_decay_row=jnp.log(jnp.array([g_row])),
                           log_decay_col=jnp.log(jnp.array([g_col])))
     expected = np.asarray(out)[0, a, 0].reshape(grid)
-    np.testing.assert_allclose(ablation.decay_map(variant, g_row, g_col, grid), expected, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(ablation_figures.decay_map(variant, g_row, g_col, grid), expected, rtol=1e-5, atol=1e-9)
 
 
 def test_inception_packing_round_trip(tmp_path):
