@@ -7,8 +7,8 @@ the data iterator's position, saved together), metrics.jsonl, tensorboard/, samp
 the EMA parameters) and, at the end, params_ema/ (what `python -m lasadgen_jax.sample --ckpt` reads).
 Starting again in the same workdir resumes from the latest checkpoint at exactly the next batch;
 SIGTERM (preemption) saves a checkpoint and exits cleanly (with several processes, at one step that
-JAX's preemption service agrees on). The workdir may be gs://... (etils.epath and Orbax; README,
-"Scaling out"); launch/ starts the processes of a multi-host run.
+JAX's preemption service agrees on). The workdir may be gs://... (etils.epath and Orbax;
+docs/training.md, "Scaling out"); launch/ starts the processes of a multi-host run.
 
 Sections: workdir -> data -> logging, samples and evals -> the loop. The config checks are in
 train_config.py, the train state and the jitted step in train_state.py, checkpoints in checkpoints.py.

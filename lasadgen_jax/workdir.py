@@ -1,7 +1,7 @@
 """A training run's workdir: claiming it (a run file naming the kind of run and the model that owns it),
 atomic writes, paths for Orbax, and which inputs may live on gs://.
 
-The workdir may be a gs:// URI (etils.epath and Orbax; README, "Scaling out"); the trainers claim it
+The workdir may be a gs:// URI (etils.epath and Orbax; docs/training.md, "Scaling out"); the trainers claim it
 before writing anything else, so that a workdir of another model is refused, not overwritten.
 """
 
