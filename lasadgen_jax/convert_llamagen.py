@@ -47,6 +47,7 @@ from flax import nnx
 from lasadgen_jax.model_io import save_params
 from lasadgen_jax.models.lasadgen import SIZES, LASADGen, ModelConfig
 from lasadgen_jax.tokenizer.checkpoint import load_flat_params
+from lasadgen_jax.torch_checkpoint import float32_arrays, is_tensor, load_checkpoint
 
 RECORD_FILE = "llamagen.json"
 RECORD_KIND = "lasadgen_jax.convert_llamagen"
@@ -65,22 +66,9 @@ def load_gpt_state_dict(path: str, key: str = "auto") -> tuple[dict[str, np.ndar
 
     key "auto": under "model" if present, else the top level when it holds only tensors (FSDP releases).
     """
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError("the converter needs PyTorch: pip install 'lasadgen_jax[torch]'") from error
-    if not os.path.isfile(path):
-        raise ValueError(f"--src {path!r} is not a file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError (or RuntimeError) for non-tensor content
-        raise ValueError(f"--src {path!r} could not be loaded with weights_only=True (it holds more than "
-                         f"tensors, or is not a PyTorch checkpoint): {error}") from error
-    if not isinstance(checkpoint, dict) or not checkpoint:
-        raise ValueError(f"--src {path!r} holds {type(checkpoint).__name__} {str(checkpoint)[:40]!r}, not a dict of "
-                         f"tensors")
+    checkpoint = load_checkpoint(path)
     if key == "auto":
-        all_tensors = all(isinstance(value, torch.Tensor) for value in checkpoint.values())
+        all_tensors = all(is_tensor(value) for value in checkpoint.values())
         key = "model" if isinstance(checkpoint.get("model"), dict) else "" if all_tensors else None
         if key is None:
             raise ValueError(f"--src {path!r} has no state_dict under 'model' and its top level is not one "
@@ -88,10 +76,7 @@ def load_gpt_state_dict(path: str, key: str = "auto") -> tuple[dict[str, np.ndar
     elif key not in checkpoint or not isinstance(checkpoint[key], dict):
         raise ValueError(f"--src {path!r} has no state_dict under --key {key!r}; it holds {sorted(checkpoint)[:8]}")
     state_dict = checkpoint[key] if key else checkpoint
-    not_tensors = [name for name, value in state_dict.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(f"--src {path!r}: entries {not_tensors[:5]} of the state_dict are not tensors")
-    return {name: value.detach().to(torch.float32).numpy() for name, value in state_dict.items()}, key
+    return float32_arrays(state_dict, path, "of the state_dict"), key
 
 
 def _shape(state_dict: dict, name: str, ndim: int, source: str) -> tuple[int, ...]:

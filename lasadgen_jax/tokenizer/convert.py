@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import numpy as np
 
 from lasadgen_jax.tokenizer import architecture as architectures
 from lasadgen_jax.tokenizer.checkpoint import load_flat_params, param_shapes, save_tokenizer
 from lasadgen_jax.tokenizer.model import VQModel, abstract_vq_model
+from lasadgen_jax.torch_checkpoint import float32_arrays, load_checkpoint
 
 # Buffers in LlamaGen's state_dict that are bookkeeping, not parameters.
 IGNORED_TORCH_KEYS = frozenset({"quantize.codebook_used"})
@@ -45,7 +45,8 @@ def to_flax_layout(flax_name: str, tensor: np.ndarray) -> np.ndarray:
     return tensor
 
 
-def convert_state_dict(state_dict: dict[str, np.ndarray], arch: architectures.VQArchitecture, source: str = "state_dict") -> VQModel:
+def convert_state_dict(state_dict: dict[str, np.ndarray], arch: architectures.VQArchitecture,
+                       source: str = "state_dict") -> VQModel:
     """A VQModel of `arch` holding the state_dict's weights (numpy arrays keyed by LlamaGen names)."""
     model = abstract_vq_model(arch)
     names = list(param_shapes(model))
@@ -64,25 +65,10 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], arch: architectures.VQ
 
 def load_torch_state_dict(path: str, key: str) -> dict[str, np.ndarray]:
     """The state_dict under `key` of a PyTorch checkpoint file, as float32 numpy arrays."""
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError("the converter needs PyTorch: pip install 'lasadgen_jax[torch]'") from error
-    if not os.path.isfile(path):
-        raise ValueError(f"--src {path!r} is not a file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError (or RuntimeError) for non-tensor content
-        raise ValueError(f"--src {path!r} could not be loaded with weights_only=True (it holds more than "
-                         f"tensors, or is not a PyTorch checkpoint): {error}") from error
-    if not isinstance(checkpoint, dict) or key not in checkpoint:
-        keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"--src {path!r} has no state_dict under --key {key!r}; it holds {keys}")
-    state_dict = checkpoint[key]
-    not_tensors = [name for name, value in state_dict.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(f"--src {path!r}: entries {not_tensors[:5]} under {key!r} are not tensors")
-    return {name: value.detach().to(torch.float32).numpy() for name, value in state_dict.items()}
+    checkpoint = load_checkpoint(path)
+    if key not in checkpoint:
+        raise ValueError(f"--src {path!r} has no state_dict under --key {key!r}; it holds {sorted(checkpoint)}")
+    return float32_arrays(checkpoint[key], path, f"under {key!r}")
 
 
 def resolve_architecture(value: str) -> architectures.VQArchitecture:
