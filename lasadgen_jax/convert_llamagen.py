@@ -26,30 +26,27 @@ Layout differences, and how each is made the same function:
   SwiGLU w1/w2/w3 and the class token in front are the same.
 
 DST is a new directory (an existing one is refused, nothing is overwritten): the Orbax parameters
-that `model_io.load_params` reads (`--ckpt DST`), plus `llamagen.json`, a record of the model
-config, the source file's sha256 and the `--config` flags for `sample` and `evaluate`.
+that `model_io.load_params` reads (`--ckpt=DST`), with `model.json` (model_io.MODEL_FILE): the model
+config (so `sample --ckpt=DST` needs no --config), the source file's sha256 and the matching `--config` flags.
 torch is the optional extra `torch`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import os
 import re
 import shutil
-import sys
 
 import numpy as np
 from flax import nnx
 
-from lasadgen_jax.model_io import save_params
+from lasadgen_jax.model_io import MODEL_FILE, config_to_json, save_params
 from lasadgen_jax.models.lasadgen import SIZES, LASADGen, ModelConfig
 from lasadgen_jax.tokenizer.checkpoint import load_flat_params
 from lasadgen_jax.torch_checkpoint import float32_arrays, is_tensor, load_checkpoint
 
-RECORD_FILE = "llamagen.json"
+RECORD_FILE = MODEL_FILE
 RECORD_KIND = "lasadgen_jax.convert_llamagen"
 DOWNSAMPLE = 16            # VQ-16: 256 px -> 16x16 tokens, 384 px -> 24x24
 ROPE_BASE = 10000.0        # LlamaGen's ModelArgs.rope_base, SoftmaxAttention's default
@@ -265,9 +262,7 @@ def write_params_directory(model: LASADGen, record: dict, dst: str) -> None:
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     staging = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.partial-{os.getpid()}")
     try:
-        save_params(model, staging)
-        with open(os.path.join(staging, RECORD_FILE), "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
+        save_params(model, staging, record={key: value for key, value in record.items() if key != "model"})
         if os.path.lexists(dst):
             raise ValueError(f"--dst {dst} appeared while converting; nothing was overwritten")
         os.rename(staging, dst)
@@ -287,10 +282,7 @@ def convert_checkpoint(src: str, dst: str, size: str | None = None, image_size: 
     del state_dict
     record = {
         "kind": RECORD_KIND,
-        "model": {field: list(value) if isinstance(value, tuple) else value
-                  for field, value in dataclasses.asdict(config).items()
-                  if field in ("vocab_size", "num_classes", "grid", "dim", "depth", "num_heads", "attention",
-                               "num_prefix", "ffn_multiple_of", "use_rope", "rope_layout", "norm_eps")},
+        "model": config_to_json(config),
         "config_flags": sampling_flags(config),
         "source": {"file": os.path.basename(src), "sha256": file_sha256(src), "key": found_key},
     }
@@ -311,7 +303,7 @@ def main(argv):
     model = record["model"]
     print(f"wrote {FLAGS.dst}: LlamaGen GPT depth {model['depth']}, dim {model['dim']}, {model['num_heads']} heads, "
           f"grid {model['grid'][0]}x{model['grid'][1]} as softmax LASADGen (rope_layout=llamagen)"
-          + (f"; sample with {record['config_flags']} --ckpt={FLAGS.dst}" if record["config_flags"] else ""))
+          + f"; sample with python -m lasadgen_jax.sample --ckpt={FLAGS.dst} --tokenizer=TOKENIZER_DIR")
 
 
 def define_flags():
@@ -328,11 +320,7 @@ def define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from lasadgen_jax import cli
 
     define_flags()
-    try:
-        app.run(main)
-    except ValueError as error:  # bad flags or checkpoint: one clear line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

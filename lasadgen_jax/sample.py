@@ -16,14 +16,13 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lasadgen_jax.model_io import load_params, load_tokenizer_for, model_config_from
+from lasadgen_jax.model_io import load_params, load_tokenizer_for, model_config_from, resolve_model
 from lasadgen_jax.models.lasadgen import LASADGen
 from lasadgen_jax.tokenizer.evaluation import to_uint8
 
@@ -214,6 +213,19 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
     return classes
 
 
+def prepare_output_directory(out_dir: str, overwrite: bool) -> None:
+    """Refuses an --out that is a file or already holds samples (unless `overwrite`), then creates it:
+    before any sampling, so that a bad --out costs nothing."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} is a file, not a directory; choose another --out")
+    if os.path.exists(os.path.join(out_dir, "tokens.npz")) and not overwrite:
+        raise ValueError(f"{out_dir}/tokens.npz exists; pass --overwrite or another --out")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out_dir} cannot be created: {error}") from None
+
+
 def main(argv):
     del argv
     from absl import flags
@@ -222,8 +234,14 @@ def main(argv):
 
     FLAGS = flags.FLAGS
     out_dir = FLAGS.out
-    config = FLAGS.config
-    model_config = model_config_from(config)
+    if (FLAGS.ckpt is None) == (not FLAGS.random_init):
+        raise ValueError("give exactly one of --ckpt=DIR and --random_init")
+    if FLAGS.ckpt is not None:
+        params_dir, model_config = resolve_model(FLAGS.ckpt, FLAGS.config)
+    elif FLAGS.config is None:
+        raise ValueError("--random_init needs --config=... (the model to initialise)")
+    else:
+        params_dir, model_config = None, model_config_from(FLAGS.config)
     sampling = SamplingConfig(
         cfg_scale=FLAGS.cfg_scale, cfg_schedule=FLAGS.cfg_schedule, temperature=FLAGS.temperature,
         top_k=FLAGS.top_k, top_p=FLAGS.top_p,
@@ -231,23 +249,21 @@ def main(argv):
     classes = parse_classes(FLAGS.classes, model_config.num_classes)
     if FLAGS.num < 1 or FLAGS.batch_size < 1:
         raise ValueError(f"--num and --batch_size must be >= 1, got {FLAGS.num} and {FLAGS.batch_size}")
-    if (FLAGS.ckpt is None) == (not FLAGS.random_init):
-        raise ValueError("give exactly one of --ckpt=DIR and --random_init")
-    if os.path.exists(os.path.join(out_dir, "tokens.npz")) and not FLAGS.overwrite:
-        raise ValueError(f"{out_dir}/tokens.npz exists; pass --overwrite or another --out")
+    prepare_output_directory(out_dir, FLAGS.overwrite)
 
     tokenizer = None
     if FLAGS.tokenizer is not None:
         tokenizer = load_tokenizer_for(FLAGS.tokenizer, model_config, "--tokenizer")
 
     model = LASADGen(model_config, rngs=nnx.Rngs(FLAGS.seed))
-    if FLAGS.ckpt is not None:
-        load_params(model, FLAGS.ckpt)
+    if params_dir is not None:
+        load_params(model, params_dir)
     model.eval()
     labels = np.repeat(np.asarray(classes, np.int32), FLAGS.num)
     key = jax.random.PRNGKey(FLAGS.seed)
     batches = []
-    with tqdm(total=len(labels), unit="img", desc=f"sampling {model_config.grid[0]}x{model_config.grid[1]} tokens") as bar:
+    description = f"sampling {model_config.grid[0]}x{model_config.grid[1]} tokens"
+    with tqdm(total=len(labels), unit="img", desc=description) as bar:
         for start in range(0, len(labels), FLAGS.batch_size):
             batch_labels = labels[start : start + FLAGS.batch_size]
             padded = np.pad(batch_labels, (0, FLAGS.batch_size - len(batch_labels)), mode="edge")  # one compiled shape
@@ -257,7 +273,6 @@ def main(argv):
             bar.update(len(batch_labels))
     tokens = np.concatenate(batches)
 
-    os.makedirs(out_dir, exist_ok=True)
     np.savez(os.path.join(out_dir, "tokens.npz"), tokens=tokens, labels=labels)
     picture = token_grid_picture(tokens, model_config.vocab_size, columns=FLAGS.num)
     Image.fromarray(picture).save(os.path.join(out_dir, "tokens.png"))
@@ -268,7 +283,7 @@ def main(argv):
         Image.fromarray(tile(images, columns=FLAGS.num)).save(os.path.join(out_dir, "samples.png"))
         written += f", {out_dir}/images.npz (arr_0: uint8 {list(images.shape)}), {out_dir}/samples.png"
     with open(os.path.join(out_dir, "sampling.json"), "w") as f:
-        json.dump({"classes": classes, "num_per_class": FLAGS.num, "seed": FLAGS.seed, "ckpt": FLAGS.ckpt,
+        json.dump({"classes": classes, "num_per_class": FLAGS.num, "seed": FLAGS.seed, "ckpt": params_dir,
                    "tokenizer": FLAGS.tokenizer,
                    "sampling": dataclasses.asdict(sampling), "model": dataclasses.asdict(model_config)}, f, indent=1)
     print(f"Wrote {len(tokens)} samples ({model_config.grid[0]}x{model_config.grid[1]} tokens, one row per "
@@ -279,8 +294,10 @@ def define_flags():
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Model config file, e.g. configs/imagenet256.py:size=L", lock_config=True)
-    flags.DEFINE_string("ckpt", None, "Parameter checkpoint directory (written by model_io.save_params / the trainer).")
+    config_flags.DEFINE_config_file("config", None, "Model config file, e.g. configs/imagenet256.py:size=L; default: "
+                                    "the model recorded in --ckpt (its model.json)", lock_config=True)
+    flags.DEFINE_string("ckpt", None, "Params directory (model_io.save_params, convert_llamagen) or a trainer "
+                        "workdir (its params_ema).")
     flags.DEFINE_bool("random_init", False, "Sample from randomly initialised weights (smoke runs, benchmarks).")
     flags.DEFINE_string("classes", "0", "'all' or comma-separated class ids.")
     flags.DEFINE_integer("num", 4, "Samples per class.")
@@ -294,15 +311,10 @@ def define_flags():
     flags.DEFINE_string("tokenizer", None, "Tokenizer directory: also decode the samples into images.")
     flags.DEFINE_string("out", "samples", "Output directory.")
     flags.DEFINE_bool("overwrite", False, "Replace existing outputs in --out.")
-    flags.mark_flag_as_required("config")
 
 
 if __name__ == "__main__":
-    from absl import app
+    from lasadgen_jax import cli
 
     define_flags()
-    try:
-        app.run(main)
-    except ValueError as error:  # bad flags or config: one clear line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

@@ -25,7 +25,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -153,8 +153,8 @@ def evaluate_ema(evaluator: dict, graphdef, rng_state_template, ema_params, toke
 
 
 def export_params(graphdef, rng_state_template, params, workdir: str) -> None:
-    """The (EMA) parameters as WORKDIR/params_ema (model_io.save_params), for `sample --ckpt`; every
-    process takes part, and an earlier export is replaced."""
+    """The (EMA) parameters as WORKDIR/params_ema with its model.json (model_io.save_params), for
+    `sample --ckpt=WORKDIR` without --config; every process takes part, and an earlier export is replaced."""
     model = nnx.merge(graphdef, params, seeded_rng_state(rng_state_template, jax.random.key(0)))
     save_params(model, workdir_path(workdir, "params_ema"), force=True)
 
@@ -289,9 +289,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
     if is_main and not preempted:
         samples_dir = epath.Path(workdir) / "samples"
         samples = sorted(path.name for path in samples_dir.iterdir()) if samples_dir.is_dir() else []
-        print(f"done: {step} steps; EMA params in {workdir}/params_ema (python -m lasadgen_jax.sample "
-              f"--ckpt={workdir}/params_ema); metrics in {workdir}/metrics.jsonl and {workdir}/tensorboard"
-              + (f"; samples in {workdir}/samples/{samples[-1]}" if samples else ""), flush=True)
+        sample_command = f"python -m lasadgen_jax.sample --ckpt={workdir}/params_ema" + (
+            f" --tokenizer={config.tokenizer_dir}" if config.tokenizer_dir else "")
+        print(f"done: {step} steps; EMA params in {workdir}/params_ema; metrics in {workdir}/metrics.jsonl and "
+              f"{workdir}/tensorboard" + (f"; samples in {workdir}/samples/{samples[-1]}" if samples else "")
+              + f"\nsample the EMA params: {sample_command}", flush=True)
     return summary
 
 
@@ -302,13 +304,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from lasadgen_jax import cli
+
     FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. configs/imagenet256.py",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, metrics and samples go here (default: config.workdir)")
     flags.mark_flags_as_required(["config"])
-    try:
-        app.run(main)
-    except ValueError as error:  # bad config, workdir or data: one clear line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

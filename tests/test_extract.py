@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ from lasadgen_jax.data.sources import ImageFolderSource, open_source
 from lasadgen_jax.tokenizer import load_tokenizer, save_tokenizer
 from lasadgen_jax.tokenizer.model import create_vq_model
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 16          # tiny VQ: 16x16 crops -> 4x4 codes
 GOOD_IMAGES = {"cat": [(20, 24), (30, 18), (16, 16)], "dog": [(40, 33), (17, 21)]}
 ENCODE = nnx.jit(lambda model, images: model.encode(images.astype(jnp.float32) / 127.5 - 1.0))
@@ -223,18 +226,49 @@ def test_hosts_write_disjoint_shards_and_the_last_writes_the_manifest(tokenizer_
         assert label == single_label
 
 
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lasadgen_jax.data.extract", *args], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+
+
 def test_tencrop_extraction_through_the_cli(tokenizer_dir, image_folder, tmp_path):
     out = tmp_path / "tokens"
-    summary = extract.main(["--tokenizer", tokenizer_dir, "--source", f"imagefolder:{image_folder}",
-                            "--image-size", str(IMAGE_SIZE), "--crops", "tencrop", "--out", str(out),
-                            "--shard-size", "4", "--batch-size", "2", "--workers", "1"])
-    assert summary["num_shards"] == 2
+    result = run_cli(f"--tokenizer={tokenizer_dir}", f"--source=imagefolder:{image_folder}",
+                     f"--image_size={IMAGE_SIZE}", "--crops=tencrop", f"--out={out}", "--shard_size=4",
+                     "--batch_size=2", "--workers=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert manifests.read_manifest(str(out))["spec"]["shard_size"] == 4 and len(os.listdir(out)) == 5
     got = read_all_records(str(out))
     want = expected_records(tokenizer_dir, ImageFolderSource(image_folder), "tencrop")
     assert [codes.shape for codes, _ in got] == [(10, 16)] * 5
     for (codes, label), (want_codes, want_label) in zip(got, want):
         np.testing.assert_array_equal(codes, want_codes)
         assert label == want_label
+
+
+def test_image_size_defaults_to_the_tokenizers_and_another_is_refused(tokenizer_dir, image_folder, tmp_path):
+    trained_at_16 = str(tmp_path / "tokenizer16")
+    save_tokenizer(create_vq_model(tiny_vq_architecture(), seed=0), trained_at_16, image_size=IMAGE_SIZE)
+    options = dict(crops="flip", shard_size=10, batch_size=3, workers=1, max_images=2)
+    summary = extract.extract(trained_at_16, f"imagefolder:{image_folder}", str(tmp_path / "default"), **options)
+    assert summary["manifest"]["spec"]["image_size"] == IMAGE_SIZE
+    with pytest.raises(ValueError, match=r"--image_size=32, but the tokenizer .* was trained at 16 px.*"
+                                         r"--allow_other_image_size"):
+        extract.extract(trained_at_16, f"imagefolder:{image_folder}", str(tmp_path / "big"), image_size=32, **options)
+    assert not os.path.exists(tmp_path / "big")
+    summary = extract.extract(trained_at_16, f"imagefolder:{image_folder}", str(tmp_path / "big"), image_size=32,
+                              allow_other_image_size=True, **options)
+    assert summary["manifest"]["spec"]["image_size"] == 32
+    with pytest.raises(ValueError, match="does not record the image size it was trained at; give --image_size"):
+        extract.extract(tokenizer_dir, f"imagefolder:{image_folder}", str(tmp_path / "unrecorded"), **options)
+
+
+def test_outputs_are_checked_before_the_work(tokenizer_dir, image_folder, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_cli(f"--tokenizer={tokenizer_dir}", f"--source=imagefolder:{image_folder}",
+                     f"--image_size={IMAGE_SIZE}", f"--out={tmp_path / 'a_file'}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path / 'a_file'} is a file, not a directory; choose another --out"]
 
 
 def test_max_images_takes_the_first_images(tokenizer_dir, image_folder, tmp_path):

@@ -15,7 +15,7 @@ from helpers import rel_error, tiny_vq_architecture
 
 from lasadgen_jax.config_files import load_config
 from lasadgen_jax.tokenizer import VQArchitecture, convert, load_tokenizer, save_tokenizer, tokenizer_hash
-from lasadgen_jax.tokenizer.checkpoint import param_shapes
+from lasadgen_jax.tokenizer.checkpoint import param_shapes, trained_image_size
 from lasadgen_jax.tokenizer.model import abstract_vq_model, create_vq_model
 
 # Tiny but complete: three levels (two downsamples), attention on the last level, a channel change
@@ -185,9 +185,11 @@ class TorchVQ(tnn.Module):
 
     def __init__(self, arch: VQArchitecture):
         super().__init__()
-        mult, base, g, last = arch.channel_multipliers, arch.base_channels, arch.num_groups, len(arch.channel_multipliers) - 1
+        mult, base, g = arch.channel_multipliers, arch.base_channels, arch.num_groups
+        last = len(arch.channel_multipliers) - 1
         top = base * mult[-1]
-        mid = lambda: tnn.ModuleList([TorchResnetBlock(top, top, g), TorchAttnBlock(top, g), TorchResnetBlock(top, top, g)])
+        mid = lambda: tnn.ModuleList([TorchResnetBlock(top, top, g), TorchAttnBlock(top, g),
+                                      TorchResnetBlock(top, top, g)])
         self.encoder = tnn.Module()
         self.encoder.conv_in = tnn.Conv2d(arch.image_channels, base, 3, padding=1)
         self.encoder.conv_blocks = tnn.ModuleList([
@@ -232,7 +234,8 @@ class TorchVQ(tnn.Module):
         z = self.quant_conv(e.conv_out(F.silu(e.norm_out(h))))
         z = F.normalize(z.permute(0, 2, 3, 1), dim=-1)
         codebook = F.normalize(self.quantize.embedding.weight, dim=-1)
-        distances = (z**2).sum(-1, keepdim=True) + (codebook**2).sum(-1) - 2 * torch.einsum("bhwd,nd->bhwn", z, codebook)
+        distances = ((z**2).sum(-1, keepdim=True) + (codebook**2).sum(-1)
+                     - 2 * torch.einsum("bhwd,nd->bhwn", z, codebook))
         return distances.argmin(-1)
 
     def decode(self, codes):
@@ -276,8 +279,9 @@ def test_converter_matches_pytorch_codes_and_reconstructions(tmp_path):
     torch.save({"model": module.state_dict(), "steps": 7}, checkpoint)
     arch_file = tmp_path / "arch.json"
     arch_file.write_text(TINY.to_json())
-    convert.main(["--src", str(checkpoint), "--dst", str(tmp_path / "tok"), "--arch", str(arch_file)])
+    convert.convert_tokenizer(str(checkpoint), str(tmp_path / "tok"), arch=str(arch_file), image_size=16)
     model = load_tokenizer(str(tmp_path / "tok"))
+    assert trained_image_size(str(tmp_path / "tok")) == 16
 
     images = np.array(random_images(7, batch=4, size=16))
     with torch.no_grad():

@@ -2,13 +2,16 @@
 
     python -m lasadgen_jax.data.extract --tokenizer=TOKENIZER_DIR \\
         --source=imagefolder:DIR | tfds:imagenet2012 | fashion_mnist \\
-        --image-size=256 --crops=tencrop|flip --out=OUT_DIR
+        --crops=tencrop|flip --out=OUT_DIR [--image_size=256]
 
-The images [0, N) are cut into shards of --shard-size; process p of P (jax.process_index /
-process_count, or --process-index / --process-count) writes the shards k with k % P == p, so hosts
+--image_size defaults to the size the tokenizer was trained at (its tokenizer.json); another size is
+refused unless --allow_other_image_size (e.g. LlamaGen's 256 px VQ on 384 px crops).
+The images [0, N) are cut into shards of --shard_size; process p of P (jax.process_index /
+process_count, or --process_index / --process_count) writes the shards k with k % P == p, so hosts
 never share a shard. Run it on every host (`--distributed`, as the trainer: jax.distributed.initialize
-from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM, Open MPI or a Cloud TPU VM), or
-give each host --process-index and --process-count. A shard is written to a temporary file and renamed, then its sidecar JSON
+from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM, Open MPI or a Cloud TPU VM),
+or give each host --process_index and --process_count. A shard is written to a temporary file and
+renamed, then its sidecar JSON
 (spec + counts) is renamed into place: a shard with a sidecar is finished and a re-run skips it.
 Images that cannot be decoded are skipped and counted, never fatal. When every shard is finished,
 `manifest.json` lists them (see lasadgen_jax.data.manifest; records: lasadgen_jax.data.records).
@@ -16,7 +19,6 @@ Images that cannot be decoded are skipped and counted, never fatal. When every s
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import glob
@@ -35,14 +37,14 @@ from lasadgen_jax.data.records import code_bytes_for, encode_record
 from lasadgen_jax.data.sharded_encoder import ShardedEncoder
 from lasadgen_jax.data.sources import open_source
 from lasadgen_jax.distributed import maybe_initialize_distributed
-from lasadgen_jax.tokenizer.checkpoint import load_tokenizer, tokenizer_hash
+from lasadgen_jax.tokenizer.checkpoint import load_tokenizer, tokenizer_hash, trained_image_size
 
 MAX_LISTED_SKIPS = 20  # per shard, in its sidecar; the count is always complete
 
 
 def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
     if shard_size <= 0:
-        raise ValueError(f"--shard-size must be positive, got {shard_size}")
+        raise ValueError(f"--shard_size must be positive, got {shard_size}")
     return [(start, min(start + shard_size, num_images)) for start in range(0, num_images, shard_size)]
 
 
@@ -91,7 +93,8 @@ def write_shard(shard_path, image_range, source, encoder, spec, batch_size, pool
     remove_stale_temporaries(shard_path)
     temporary = f"{shard_path}.tmp-{os.getpid()}"
     records, skipped = 0, []
-    batches = [range(s, min(s + batch_size, image_range[1])) for s in range(image_range[0], image_range[1], batch_size)]
+    batches = [range(s, min(s + batch_size, image_range[1]))
+               for s in range(image_range[0], image_range[1], batch_size)]
     submit = lambda batch: [pool.submit(load_crops, source, i, image_size, mode) for i in batch]
     pending, writer = [], None
     try:
@@ -131,25 +134,54 @@ def write_manifest_if_complete(out: str, spec: dict, num_shards: int) -> dict | 
     """Write manifest.json from every shard's sidecar; None (and nothing written) while any is missing."""
     sidecars = []
     for index in range(num_shards):
-        sidecar = check_existing_sidecar(manifests.sidecar_path(os.path.join(out, manifests.shard_name(index, num_shards))), spec)
+        shard_path = os.path.join(out, manifests.shard_name(index, num_shards))
+        sidecar = check_existing_sidecar(manifests.sidecar_path(shard_path), spec)
         if sidecar is None:
             return None
         sidecars.append(sidecar)
     manifest = {"format": manifests.FORMAT, "spec": spec,
-                "record_layout": "lasadgen_jax.data.records v1: 20-byte LTOK header, codes [crops, h*w] little-endian, int32 label",
+                "record_layout": "lasadgen_jax.data.records v1: 20-byte LTOK header, codes [crops, h*w] "
+                                 "little-endian, int32 label",
                 "shards": [{key: s[key] for key in ("file", "records", "skipped")} for s in sidecars],
                 "num_records": sum(s["records"] for s in sidecars), "num_skipped": sum(s["skipped"] for s in sidecars)}
     manifests.write_json_atomically(os.path.join(out, manifests.MANIFEST_FILE), manifest)
     return manifest
 
 
-def extract(tokenizer: str, source: str, out: str, *, split: str = "train", image_size: int = 256,
+def resolve_image_size(tokenizer: str, image_size: int | None, allow_other: bool) -> int:
+    """The crop size: by default the one the tokenizer was trained at (tokenizer.json); another is refused
+    unless `allow_other` (a VQ trained at 32 px run on 256 px crops upsamples 8x, and grows shards 64x)."""
+    trained = trained_image_size(tokenizer)
+    if image_size is None:
+        if trained is None:
+            raise ValueError(f"--image_size: the tokenizer {tokenizer} does not record the image size it was "
+                             f"trained at; give --image_size=N")
+        return trained
+    if trained is not None and image_size != trained and not allow_other:
+        raise ValueError(f"--image_size={image_size}, but the tokenizer {tokenizer} was trained at {trained} px; "
+                         f"leave --image_size out, or pass --allow_other_image_size to encode {image_size} px crops")
+    return image_size
+
+
+def check_output_directory(out: str) -> None:
+    """Refuses an --out that is a file, then creates it: before the tokenizer and the source are read."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory; choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be created: {error}") from None
+
+
+def extract(tokenizer: str, source: str, out: str, *, split: str = "train", image_size: int | None = None,
+            allow_other_image_size: bool = False,
             crops: str = "tencrop", shard_size: int = 10000, batch_size: int = 64, workers: int = 8,
             process_index: int | None = None, process_count: int | None = None,
             tfds_data_dir: str | None = None, max_images: int | None = None,
             skip_empty_classes: bool = False, fashion_mnist_root: str | None = None) -> dict:
     """Run (or resume) an extraction; returns a summary of what this process did.
 
+    image_size: the crop side; None: the tokenizer's training size (see resolve_image_size).
     max_images: extract only the source's first max_images images (a quick look or a benchmark).
     skip_empty_classes: leave out class directories of an imagefolder source that hold no images
     (by default they are refused; see sources.ImageFolderSource).
@@ -157,15 +189,18 @@ def extract(tokenizer: str, source: str, out: str, *, split: str = "train", imag
     lasadgen_jax.data.fashion_mnist); it reads the first max_images, refusing more than the data hold.
     """
     crop_recipes.check_crop_mode(crops)
+    if max_images is not None and max_images <= 0:
+        raise ValueError(f"--max_images must be positive, got {max_images}")
+    image_size = resolve_image_size(tokenizer, image_size, allow_other_image_size)
     model = load_tokenizer(tokenizer)
     grid = model.arch.grid(image_size)
-    if max_images is not None and max_images <= 0:
-        raise ValueError(f"--max-images must be positive, got {max_images}")
+    check_output_directory(out)
     image_source = open_source(source, split, tfds_data_dir, skip_empty_classes, fashion_mnist_root, max_images)
     num_images = len(image_source) if max_images is None else min(len(image_source), max_images)
-    spec = {"tokenizer_hash": tokenizer_hash(tokenizer), "grid": list(grid), "codebook_size": model.arch.codebook_size,
-            "code_bytes": code_bytes_for(model.arch.codebook_size), "crops": crops,
-            "num_crops": crop_recipes.NUM_CROPS[crops], "image_size": image_size, "source": image_source.name,
+    spec = {"tokenizer_hash": tokenizer_hash(tokenizer), "grid": list(grid),
+            "codebook_size": model.arch.codebook_size, "code_bytes": code_bytes_for(model.arch.codebook_size),
+            "crops": crops, "num_crops": crop_recipes.NUM_CROPS[crops], "image_size": image_size,
+            "source": image_source.name,
             "num_images": num_images, "num_classes": image_source.num_classes, "shard_size": shard_size}
     multihost = process_index is None and jax.process_count() > 1
     process_index = jax.process_index() if process_index is None else process_index
@@ -173,7 +208,6 @@ def extract(tokenizer: str, source: str, out: str, *, split: str = "train", imag
 
     ranges = shard_ranges(num_images, shard_size)
     mine = shards_of_process(len(ranges), process_index, process_count)
-    os.makedirs(out, exist_ok=True)
     shard_paths = {k: os.path.join(out, manifests.shard_name(k, len(ranges))) for k in mine}
     todo = [k for k in mine if check_existing_sidecar(manifests.sidecar_path(shard_paths[k]), spec) is None]
     encoder = ShardedEncoder(model, batch_size * spec["num_crops"])
@@ -196,46 +230,59 @@ def extract(tokenizer: str, source: str, out: str, *, split: str = "train", imag
             "manifest": manifest, "images_per_second": progress.format_dict["rate"]}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (convert or tokenizer.train output)")
-    parser.add_argument("--source", required=True, help="imagefolder:DIR | tfds:NAME | fashion_mnist")
-    parser.add_argument("--split", default="train", help="split of tfds and fashion_mnist sources")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--crops", default="tencrop", help="tencrop | flip")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--shard-size", type=int, default=10000, help="images per shard")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call (x crops)")
-    parser.add_argument("--workers", type=int, default=8, help="threads decoding and cropping images")
-    parser.add_argument("--process-index", type=int, default=None, help="default: jax.process_index()")
-    parser.add_argument("--process-count", type=int, default=None, help="default: jax.process_count()")
-    parser.add_argument("--distributed", default="auto", choices=("auto", "yes", "no"),
-                        help="jax.distributed.initialize (as config.distributed.initialize of the trainer); "
-                             "unused with --process-index")
-    parser.add_argument("--tfds-data-dir", default=None)
-    parser.add_argument("--max-images", type=int, default=None, help="only the source's first N images")
-    parser.add_argument("--fashion-mnist-root", default=None,
-                        help="fashion_mnist: directory of its four IDX .gz files (default: $LASADGEN_FASHION_MNIST, "
-                             "Debian's package, else the subset in the package)")
-    parser.add_argument("--skip-empty-classes", action="store_true",
-                        help="imagefolder: leave out class directories without images (default: refuse them)")
-    args = parser.parse_args(argv)
-    if (args.process_index is None) != (args.process_count is None):
-        parser.error("--process-index and --process-count go together")
-    if args.process_index is None:   # several hosts, each told its place by jax.distributed
+def main(argv) -> None:
+    from absl import flags
+
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {argv[1:]}")
+    FLAGS = flags.FLAGS
+    if (FLAGS.process_index is None) != (FLAGS.process_count is None):
+        raise ValueError("--process_index and --process_count go together")
+    if FLAGS.process_index is None:   # several hosts, each told its place by jax.distributed
         maybe_initialize_distributed(ml_collections.ConfigDict(dict(
-            initialize=args.distributed, coordinator_address=None, num_processes=None, process_id=None)))
-    summary = extract(args.tokenizer, args.source, args.out, split=args.split, image_size=args.image_size,
-                      crops=args.crops, shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
-                      process_index=args.process_index, process_count=args.process_count,
-                      tfds_data_dir=args.tfds_data_dir, max_images=args.max_images,
-                      skip_empty_classes=args.skip_empty_classes, fashion_mnist_root=args.fashion_mnist_root)
+            initialize=FLAGS.distributed, coordinator_address=None, num_processes=None, process_id=None)))
+    summary = extract(FLAGS.tokenizer, FLAGS.source, FLAGS.out, split=FLAGS.split, image_size=FLAGS.image_size,
+                      allow_other_image_size=FLAGS.allow_other_image_size, crops=FLAGS.crops,
+                      shard_size=FLAGS.shard_size, batch_size=FLAGS.batch_size, workers=FLAGS.workers,
+                      process_index=FLAGS.process_index, process_count=FLAGS.process_count,
+                      tfds_data_dir=FLAGS.tfds_data_dir, max_images=FLAGS.max_images,
+                      skip_empty_classes=FLAGS.skip_empty_classes, fashion_mnist_root=FLAGS.fashion_mnist_root)
     manifest = summary["manifest"]
     print(f"wrote {len(summary['written'])} shard(s), skipped {len(summary['skipped_finished'])} finished; "
           + (f"manifest: {manifest['num_records']} records, {manifest['num_skipped']} unreadable images skipped"
              if manifest else "manifest not written yet (shards of other processes missing)"))
-    return summary
+
+
+def define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("tokenizer", None, "Tokenizer directory (tokenizer.convert or tokenizer.train output).")
+    flags.DEFINE_string("source", None, "imagefolder:DIR | tfds:NAME | fashion_mnist")
+    flags.DEFINE_string("split", "train", "Split of tfds and fashion_mnist sources.")
+    flags.DEFINE_integer("image_size", None, "Crop side in pixels (default: the size the tokenizer was trained at, "
+                         "from its tokenizer.json).")
+    flags.DEFINE_bool("allow_other_image_size", False, "Accept an --image_size other than the tokenizer's training "
+                      "size.")
+    flags.DEFINE_enum("crops", "tencrop", list(crop_recipes.NUM_CROPS), "Crops per image.")
+    flags.DEFINE_string("out", None, "Output directory of the shards and manifest.json.")
+    flags.DEFINE_integer("shard_size", 10000, "Images per shard.")
+    flags.DEFINE_integer("batch_size", 64, "Images per encoder call (x crops).")
+    flags.DEFINE_integer("workers", 8, "Threads decoding and cropping images.")
+    flags.DEFINE_integer("process_index", None, "This process's index (default: jax.process_index()).")
+    flags.DEFINE_integer("process_count", None, "Number of processes (default: jax.process_count()).")
+    flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"], "jax.distributed.initialize (as "
+                      "config.distributed.initialize of the trainer); unused with --process_index.")
+    flags.DEFINE_string("tfds_data_dir", None, "data_dir of tfds sources.")
+    flags.DEFINE_integer("max_images", None, "Only the source's first N images.")
+    flags.DEFINE_string("fashion_mnist_root", None, "fashion_mnist: directory of its four IDX .gz files (default: "
+                        "$LASADGEN_FASHION_MNIST, Debian's package, else the subset in the package).")
+    flags.DEFINE_bool("skip_empty_classes", False, "imagefolder: leave out class directories without images "
+                      "(default: refuse them).")
+    flags.mark_flags_as_required(["tokenizer", "source", "out"])
 
 
 if __name__ == "__main__":
-    main()
+    from lasadgen_jax import cli
+
+    define_flags()
+    cli.run(main)

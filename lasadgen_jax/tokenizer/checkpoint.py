@@ -53,13 +53,15 @@ def load_flat_params(model: VQModel, params: dict[str, np.ndarray], source: str)
     for name, variable in expected.items():
         value = params[name]
         if value.shape != variable.shape:
-            raise ValueError(f"{source}: parameter {name} has shape {value.shape}, the architecture needs {variable.shape}")
+            raise ValueError(f"{source}: parameter {name} has shape {value.shape}, the architecture needs "
+                             f"{variable.shape}")
         variable.set_value(jax.numpy.asarray(value, np.float32))
     nnx.update(model, state)
 
 
-def save_tokenizer(model: VQModel, directory: str) -> str:
-    """Write the tokenizer directory atomically; returns its hash (see `tokenizer_hash`)."""
+def save_tokenizer(model: VQModel, directory: str, image_size: int | None = None) -> str:
+    """Write the tokenizer directory atomically; returns its hash (see `tokenizer_hash`). image_size: the
+    side of the images it was trained at, recorded for token extraction's default (not part of the hash)."""
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
@@ -68,6 +70,9 @@ def save_tokenizer(model: VQModel, directory: str) -> str:
     params_bytes = buffer.getvalue()
     spec = {"format": FORMAT, "architecture": json.loads(model.arch.to_json()),
             "params_sha256": hashlib.sha256(params_bytes).hexdigest()}
+    if image_size is not None:
+        model.arch.grid(int(image_size))  # a size the tokenizer cannot encode is refused here
+        spec["image_size"] = int(image_size)
     staging = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
     try:
         with open(os.path.join(staging, PARAMS_FILE), "wb") as f:
@@ -96,6 +101,11 @@ def read_spec(directory: str) -> dict:
     return spec
 
 
+def trained_image_size(directory: str) -> int | None:
+    """The image side the tokenizer of `directory` was trained at (tokenizer.json), None if unrecorded."""
+    return read_spec(directory).get("image_size")
+
+
 def load_tokenizer(directory: str) -> VQModel:
     """The VQModel stored in `directory`, its params checked against the recorded sha256."""
     spec = read_spec(directory)
@@ -115,5 +125,6 @@ def load_tokenizer(directory: str) -> VQModel:
 def tokenizer_hash(directory: str) -> str:
     """sha256 over the architecture and the parameters' hash: what token shards record as provenance."""
     spec = read_spec(directory)
-    identity = json.dumps({"architecture": spec["architecture"], "params_sha256": spec["params_sha256"]}, sort_keys=True)
+    identity = json.dumps({"architecture": spec["architecture"], "params_sha256": spec["params_sha256"]},
+                          sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()

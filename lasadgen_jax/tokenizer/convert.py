@@ -1,6 +1,6 @@
 """Convert LlamaGen's PyTorch VQ checkpoint (e.g. vq_ds16_c2i.pt) into a tokenizer directory.
 
-    python -m lasadgen_jax.tokenizer.convert --src vq_ds16_c2i.pt --dst tokenizers/vq16 [--arch vq16] [--key model]
+    python -m lasadgen_jax.tokenizer.convert --src=vq_ds16_c2i.pt --dst=tokenizers/vq16 [--arch=vq16] [--key=model]
 
 The checkpoint is a dict holding a state_dict under `--key` ("model" in the public release). It is
 loaded with `torch.load(..., weights_only=True)`: tensors and plain containers only, never code.
@@ -11,7 +11,6 @@ another architecture is refused by name, not half-loaded. torch is the optional 
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -79,19 +78,37 @@ def resolve_architecture(value: str) -> architectures.VQArchitecture:
     return architectures.preset(value)
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", required=True, help="PyTorch checkpoint (.pt)")
-    parser.add_argument("--dst", required=True, help="tokenizer directory to write")
-    parser.add_argument("--arch", default="vq16", help="preset name or a .json file of VQArchitecture fields")
-    parser.add_argument("--key", default="model", help="key of the state_dict inside the checkpoint dict")
-    args = parser.parse_args(argv)
-    arch = resolve_architecture(args.arch)
-    model = convert_state_dict(load_torch_state_dict(args.src, args.key), arch, source=args.src)
-    digest = save_tokenizer(model, args.dst)
-    print(f"wrote {args.dst} (tokenizer hash {digest[:16]})")
+def convert_tokenizer(src: str, dst: str, arch: str = "vq16", key: str = "model", image_size: int = 256) -> str:
+    """Converts the checkpoint `src` into the tokenizer directory `dst`; returns its hash."""
+    model = convert_state_dict(load_torch_state_dict(src, key), resolve_architecture(arch), source=src)
+    digest = save_tokenizer(model, dst, image_size=image_size)
+    print(f"wrote {dst} (tokenizer hash {digest[:16]}, trained at {image_size} px)")
     return digest
 
 
+def main(argv):
+    from absl import flags
+
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {argv[1:]}")
+    FLAGS = flags.FLAGS
+    convert_tokenizer(FLAGS.src, FLAGS.dst, FLAGS.arch, FLAGS.key, FLAGS.image_size)
+
+
+def define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("src", None, "PyTorch checkpoint (.pt).")
+    flags.DEFINE_string("dst", None, "Tokenizer directory to write.")
+    flags.DEFINE_string("arch", "vq16", "Preset name or a .json file of VQArchitecture fields.")
+    flags.DEFINE_string("key", "model", "Key of the state_dict inside the checkpoint dict.")
+    flags.DEFINE_integer("image_size", 256, "Image side the tokenizer was trained at (LlamaGen's VQ: 256), "
+                         "recorded in tokenizer.json as token extraction's default.")
+    flags.mark_flags_as_required(["src", "dst"])
+
+
 if __name__ == "__main__":
-    main()
+    from lasadgen_jax import cli
+
+    define_flags()
+    cli.run(main)

@@ -21,11 +21,12 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from lasadgen_jax import cli
 from lasadgen_jax.checkpoints import checkpoint_manager
 from lasadgen_jax.data.fashion_mnist import load_fashion_mnist
 from lasadgen_jax.optimizer import make_optimizer
@@ -169,7 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"resuming from step {start_step} of {config.num_steps}")
 
     started = time.time()
-    progress = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps, desc="vq", unit="step")
+    progress = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps, desc="vq",
+                    unit="step")
     metrics = None
     for step in progress:
         images = train_images[batch_indices(config.seed, step, len(train_images), config.batch_size)]
@@ -195,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   train_seconds_this_run=round(train_seconds, 1), eval_images=len(eval_images),
                   psnr_db=round(evaluation.psnr(eval_images, reconstructions), 3),
                   codebook_usage=round(usage, 4), codebook_perplexity=round(perplexity, 1),
-                  tokenizer_hash=save_tokenizer(model, os.path.join(workdir, "tokenizer")),
+                  tokenizer_hash=save_tokenizer(model, os.path.join(workdir, "tokenizer"),
+                                                 image_size=eval_images.shape[1]),
                   png=save_reconstructions(model, preview_images, workdir, config.num_steps, config.batch_size))
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -213,7 +216,8 @@ def main(argv):
 
 if __name__ == "__main__":
     FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. configs/vq_small.py", lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. configs/vq_small.py",
+                                    lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, PNGs and the exported tokenizer go")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

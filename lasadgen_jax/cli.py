@@ -1,0 +1,64 @@
+"""What every command-line entry point shares: absl flags, quiet library logs, user errors as one line.
+
+    if __name__ == "__main__":
+        define_flags()
+        cli.run(main)
+
+`run` adds `--debug`; library INFO logs (Orbax, absl) are silenced unless `--verbosity` is given;
+a ValueError or FileNotFoundError (bad flags, config or input) prints `error: ...` on stderr and
+exits with status 2, with the full traceback only under `--debug` or `--verbosity>=1`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _wants_traceback() -> bool:
+    FLAGS = flags.FLAGS
+    if FLAGS.is_parsed():
+        return bool(FLAGS.debug) or FLAGS.verbosity >= 1
+    return any(arg in ("--debug", "-debug") or arg.startswith(("--verbosity=1", "--verbosity=2", "-v=1"))
+               for arg in sys.argv[1:])
+
+
+def config_load_error(error: BaseException) -> str | None:
+    """ml_collections' report of a config file that cannot be loaded, as one line (None: not that)."""
+    text = str(error)
+    if "Failed loading config file" not in text and "earlier failure to load" not in text:
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    path = next((line for line in lines[1:] if not line.startswith(("Attempted", "["))), "?")
+    reason = lines[-1] if len(lines) > 1 else text
+    return f"--config {path}: {reason}"
+
+
+def _quiet_main(main):
+    def wrapped(argv):
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+        main(argv)  # a returned value would become the exit status under app.run
+    return wrapped
+
+
+def run(main) -> None:
+    """absl's app.run(main) with --debug, quiet logs and one-line user errors (exit status 2)."""
+    if "debug" not in flags.FLAGS:
+        flags.DEFINE_bool("debug", False, "Show the full traceback of an error (as does --verbosity=1).")
+    try:
+        app.run(_quiet_main(main))
+    except USER_ERRORS as error:
+        if _wants_traceback():
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # ml_collections raises OSError for a config file it cannot load
+        message = config_load_error(error)
+        if message is None or _wants_traceback():
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
