@@ -112,17 +112,22 @@ def check_config_matches(params_dir: str, model_config: ModelConfig) -> None:
                          + "; ".join(differences) + " (leave out --config to use the checkpoint's own)")
 
 
+def _param_name(path) -> str:
+    """'blocks/0/ffn/w1/kernel' of a tree path (nnx's trailing 'value' left out)."""
+    parts = [str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))) for key in path]
+    return "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
 def _shape_differences(abstract, params_dir: str, limit: int = 5) -> str:
     """The first `limit` parameters whose stored shape differs from the model's (or that are missing)."""
     try:
         metadata = ocp.StandardCheckpointer().metadata(params_dir)
         stored = getattr(metadata, "item_metadata", metadata)
-        stored_shapes = {jax.tree_util.keystr(path): tuple(leaf.shape)
+        stored_shapes = {_param_name(path): tuple(leaf.shape)
                          for path, leaf in jax.tree_util.tree_leaves_with_path(stored) if hasattr(leaf, "shape")}
     except Exception:  # noqa: BLE001 -- the summary is a courtesy; the refusal stands without it
         return ""
-    wanted = {jax.tree_util.keystr(path): tuple(leaf.shape)
-              for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+    wanted = {_param_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
     lines = [f"{name}: checkpoint {stored_shapes.get(name, 'missing')}, model {shape}"
              for name, shape in wanted.items() if stored_shapes.get(name) != shape]
     lines += [f"{name}: only in the checkpoint" for name in stored_shapes if name not in wanted]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def test_loss_decreases_and_outputs_exist(uninterrupted):
     assert np.mean(run_losses[-4:]) < np.mean(run_losses[:4]) - 0.05, run_losses
     assert checkpoint_steps(uninterrupted)[-1] == NUM_STEPS
     assert os.path.isdir(os.path.join(uninterrupted, "params_ema"))
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(uninterrupted, "tensorboard")))
+    tensorboard = os.listdir(os.path.join(uninterrupted, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in tensorboard)
 
 
 def test_preempt_then_kill_then_resume_gives_the_uninterrupted_losses(uninterrupted, tokens_dir, tmp_path):
@@ -167,6 +169,65 @@ def test_non_finite_loss_skips_the_update_and_counts_it(tokens_dir):
     assert not bool(metrics["finite"]) and int(state["skipped_steps"]) == 1 and int(state["step"]) == 1
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, state["params"]), before["params"])
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, state["opt_state"]), before["opt_state"])
+
+
+# ----------------------------------------------------------------------------- the workdir knows its model
+
+
+def test_the_printed_sample_command_runs_and_a_mismatching_config_is_refused(tokens_dir, tmp_path, capsys):
+    from helpers import tiny_vq_architecture
+
+    from lasadgen_jax.tokenizer import save_tokenizer
+    from lasadgen_jax.tokenizer.model import create_vq_model
+
+    tokenizer_dir = str(tmp_path / "tokenizer")   # codebook 64, 4x4 codes of 16x16 images
+    save_tokenizer(create_vq_model(tiny_vq_architecture(), seed=0), tokenizer_dir, image_size=16)
+    config = tiny_config(tokens_dir, 2)
+    config.tokenizer_dir = tokenizer_dir
+    workdir = str(tmp_path / "run")
+    train.train(config, workdir)
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    prefix = "sample the EMA params: "
+    assert last_line.startswith(prefix), last_line
+    command = shlex.split(last_line[len(prefix):])
+    assert command[:3] == ["python", "-m", "lasadgen_jax.sample"] and f"--tokenizer={tokenizer_dir}" in command
+    env = dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)   # as printed (its --out is the default, here under tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.load(tmp_path / "samples" / "images.npz")["arr_0"].shape == (4, 16, 16, 3)
+    assert "INFO" not in result.stderr   # Orbax's restore logs are silenced
+
+    result = subprocess.run([sys.executable, "-m", "lasadgen_jax.sample", f"--ckpt={workdir}",
+                             "--config=configs/demo.py", f"--out={tmp_path / 'other'}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert "does not fit this model config" in result.stderr and "dim: checkpoint 32, config" in result.stderr
+    assert "grid: checkpoint (4, 4)" in result.stderr and not os.path.exists(tmp_path / "other")
+
+
+def test_params_without_model_json_are_refused_naming_shapes(uninterrupted, tmp_path):
+    import dataclasses
+    import shutil
+
+    from flax import nnx
+
+    from lasadgen_jax import model_io
+    from lasadgen_jax.models.lasadgen import LASADGen
+
+    params = str(tmp_path / "params")
+    shutil.copytree(os.path.join(uninterrupted, "params_ema"), params)
+    recorded = model_io.read_model_config(params)
+    assert recorded == model_config_from(tiny_config("unused", 1))
+    other = dataclasses.replace(recorded, attention="2d_row")
+    with pytest.raises(ValueError, match=r"does not fit this model config \(model.json differs\): attention: "
+                                         r"checkpoint '2d', config '2d_row'"):
+        model_io.load_params(LASADGen(other, rngs=nnx.Rngs(0)), params)
+    os.remove(os.path.join(params, model_io.MODEL_FILE))
+    with pytest.raises(ValueError, match=r"does not fit this model config: .*checkpoint \(\d+, 32\), "
+                                         r"model \(\d+, 48\)"):
+        model_io.load_params(LASADGen(dataclasses.replace(recorded, dim=48), rngs=nnx.Rngs(0)), params)
 
 
 # ----------------------------------------------------------------------------- refusals
