@@ -180,7 +180,8 @@ def test_pytorch_fid_state_dict_converts_to_the_same_network(weights_path, tmp_p
     state = {}
     for tf_path, tv_prefix in convert_inception.torchvision_names().items():
         state[f"{tv_prefix}.conv.weight"] = torch.from_numpy(ours[f"{tf_path}/kernel"].transpose(3, 2, 0, 1).copy())
-        for ours_name, tv_name in (("scale", "weight"), ("beta", "bias"), ("mean", "running_mean"), ("var", "running_var")):
+        for ours_name, tv_name in (("scale", "weight"), ("beta", "bias"), ("mean", "running_mean"),
+                                   ("var", "running_var")):
             state[f"{tv_prefix}.bn.{tv_name}"] = torch.from_numpy(ours[f"{tf_path}/{ours_name}"])
         state[f"{tv_prefix}.bn.num_batches_tracked"] = torch.tensor(0)
     fc = np.random.default_rng(0).normal(size=(1008, 2048)).astype(np.float32)
@@ -397,17 +398,22 @@ def run_cli(*args):
 
 
 def test_command_line_writes_the_metrics_as_json(weights_path, tmp_path):
-    np.savez(tmp_path / "samples.npz", arr_0=structured_images(4, seed=8))
+    """Samples of twice the reference's size, resized to it by --eval_image_size (LlamaGen's 384 protocol)."""
+    doubled = structured_images(4, seed=8).repeat(2, axis=1).repeat(2, axis=2)
+    np.savez(tmp_path / "samples.npz", arr_0=doubled)
     np.savez(tmp_path / "ref.npz", arr_0=structured_images(5, seed=9))
     out = tmp_path / "result.json"
     result = run_cli(f"--samples={tmp_path / 'samples.npz'}", f"--ref={tmp_path / 'ref.npz'}", f"--out={out}",
                      f"--inception={os.path.dirname(weights_path)}", f"--cache_dir={tmp_path / 'cache'}",
-                     "--feature_batch_size=4")
+                     "--feature_batch_size=4", f"--eval_image_size={SIZE}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: FID of 4 samples (fewer than 10000)" in result.stderr
     data = json.loads(out.read_text())
-    assert data["num_samples"] == 4 and data["num_reference"] == 5
+    assert data["num_samples"] == 4 and data["num_reference"] == 5 and data["eval_image_size"] == SIZE
+    assert json.loads(result.stdout[result.stdout.index("{"):]) == data   # printed, then written
     assert data["fid"] > 0 and data["sfid"] > 0 and 0 <= data["precision"] <= 1 and 0 <= data["recall"] <= 1
-    assert "inception_score" in data["skipped"] and data["inception_weights_sha256"] == convert_inception.TORCHSCRIPT_SHA256
+    assert "inception_score" in data["skipped"]
+    assert data["inception_weights_sha256"] == convert_inception.TORCHSCRIPT_SHA256
     cached = list((tmp_path / "cache").glob("ref-*.npz"))  # the reference's statistics, for the next run
     assert len(cached) == 1 and set(np.load(cached[0]).files) >= {"mu", "sigma", "mu_s", "sigma_s", "pool3", "radii"}
 
@@ -419,6 +425,34 @@ def test_command_line_refuses_a_reference_without_images_or_statistics(weights_p
                      f"--inception={weights_path}")
     assert result.returncode == 2
     assert "needs 'arr_0'" in result.stderr and "it has ['features']" in result.stderr
+
+
+def test_outputs_are_checked_before_any_work(tmp_path):
+    """A bad --out fails at once: before the Inception weights (here absent) and the samples are read."""
+    (tmp_path / "a_file").write_text("")
+    common = (f"--samples={tmp_path / 'missing.npz'}", "--ref=fashion_mnist:test", f"--inception={tmp_path}")
+    result = run_cli(*common, f"--out={tmp_path / 'a_file' / 'result.json'}")
+    assert result.returncode == 2 and result.stderr.startswith("error: --out ")
+    assert "its directory cannot be created" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run_cli(*common, f"--out={tmp_path / 'a_file'}")
+    assert result.returncode == 2 and f"--out {tmp_path / 'a_file'} exists; pass --overwrite" in result.stderr
+
+
+def test_resize_images_is_pils_bicubic():
+    from PIL import Image
+
+    from lasadgen_jax.evaluate import resize_images
+
+    images = random_images(3, seed=13, size=24)
+    resized = resize_images(images, SIZE)
+    assert resized.shape == (3, SIZE, SIZE, 3) and resized.dtype == np.uint8
+    want = np.asarray(Image.fromarray(images[1]).resize((SIZE, SIZE), Image.BICUBIC))
+    np.testing.assert_array_equal(resized[1], want)
+    grey = resize_images(images[..., :1], 8)
+    assert grey.shape == (3, 8, 8, 1)
+    np.testing.assert_array_equal(grey[0, ..., 0], np.asarray(Image.fromarray(images[0, ..., 0]).resize((8, 8),
+                                                                                                      Image.BICUBIC)))
+    assert resize_images(images, 24) is images
 
 
 # ----------------------------------------------------------------------------- guards: image size, NaN

@@ -63,7 +63,8 @@ def test_guided_greedy_tokens_follow_the_guided_parallel_logits_and_a_sweep_comp
     null = jnp.full_like(labels, model.class_embedder.null_class)
     compiled_before = None
     for scale in (2.5, 4.0):
-        tokens = sample.generate(model, labels, jax.random.PRNGKey(0), sample.SamplingConfig(cfg_scale=scale, temperature=0.0))
+        tokens = sample.generate(model, labels, jax.random.PRNGKey(0),
+                                 sample.SamplingConfig(cfg_scale=scale, temperature=0.0))
         flat = tokens.reshape(2, 12)
         guided = sample.guided_logits(model(flat, labels), model(flat, null), scale)
         np.testing.assert_array_equal(np.argmax(guided, axis=-1), flat)
@@ -84,7 +85,8 @@ def test_unconditional_half_uses_the_null_class():
     """Guidance scale 0 keeps only the unconditional logits: greedy then equals null-class greedy."""
     model = tiny_model("2d")
     labels = jnp.array([0, 1, 2], jnp.int32)
-    only_uncond = sample.generate(model, labels, jax.random.PRNGKey(0), sample.SamplingConfig(cfg_scale=0.0, temperature=0.0))
+    only_uncond = sample.generate(model, labels, jax.random.PRNGKey(0),
+                                  sample.SamplingConfig(cfg_scale=0.0, temperature=0.0))
     null = jnp.full_like(labels, model.class_embedder.null_class)
     np.testing.assert_array_equal(only_uncond, sample.generate(model, null, jax.random.PRNGKey(0), GREEDY))
     conditional = sample.generate(model, labels, jax.random.PRNGKey(0), GREEDY)
@@ -187,3 +189,24 @@ def test_command_line_refuses_bad_classes(tmp_path):
     )
     assert result.returncode == 2
     assert "--classes [1000] out of range [0, 999]" in result.stderr
+
+
+def test_command_line_refuses_an_out_that_is_a_file_before_sampling(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_cli(
+        "--config=configs/imagenet256.py:size=B", "--config.model.depth=1", "--config.model.grid=(2,2)",
+        "--random_init", f"--out={tmp_path / 'a_file'}",
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path / 'a_file'} is a file, not a directory; choose another --out"]
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    result = run_cli("--config=configs/no_such_config.py", "--random_init", f"--out={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --config configs/no_such_config.py: [Errno 2] No such file or directory: 'configs/no_such_config.py'"]
+    result = run_cli("--random_init", f"--out={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --random_init needs --config=... (the model to initialise)"
