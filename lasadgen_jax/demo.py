@@ -14,13 +14,13 @@ config.prepare (configs/demo.py) holds the tokenizer's config and the extraction
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from lasadgen_jax import cli
 from lasadgen_jax.data import manifest as manifests
 from lasadgen_jax.data.extract import extract
 from lasadgen_jax.metric_writer import is_remote
@@ -96,8 +96,4 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", "configs/demo.py", "the demo's config file", lock_config=True)
     flags.DEFINE_string("workdir", None, "tokenizer, tokens, checkpoints and samples go here (default: "
                         "config.workdir)")
-    try:
-        app.run(main)
-    except ValueError as error:  # bad config or workdir: one clear line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

