@@ -342,6 +342,7 @@ def test_trainer_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert os.path.isfile(interrupted / "reconstructions" / "step_000003.png")
     model = load_tokenizer(str(interrupted / "tokenizer"))
     chex.assert_shape(encode(model, random_images(0, batch=1, size=32)), (1, 8, 8))
+    assert trained_image_size(str(interrupted / "tokenizer")) == 32   # token extraction's default size
 
 
 def test_trainer_refuses_a_workdir_of_another_model(tmp_path):
