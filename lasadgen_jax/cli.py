@@ -11,6 +11,7 @@ exits with status 2, with the full traceback only under `--debug` or `--verbosit
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -37,6 +38,19 @@ def config_load_error(error: BaseException) -> str | None:
     return f"--config {path}: {reason}"
 
 
+def unknown_config_key_error(error: BaseException) -> str | None:
+    """ml_collections' KeyError/AttributeError for a --config.a.b=... override of a key the config lacks,
+    as one line naming the override (None: not that)."""
+    text = str(error)
+    keys = re.findall(r"'([A-Za-z_][A-Za-z0-9_]*)'", text.replace("\\'", "'"))
+    overrides = [arg.split("=", 1)[0] for arg in sys.argv[1:] if arg.startswith("--config.")]
+    culprit = next((arg for arg in overrides for key in keys if arg.split(".")[-1] == key), None)
+    if culprit is None:
+        return None
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    return f"{culprit}: config has no such key" + (f" (did you mean {suggestion.group(1)}?)" if suggestion else "")
+
+
 def _quiet_main(main):
     def wrapped(argv):
         if not flags.FLAGS["verbosity"].present:
@@ -55,6 +69,12 @@ def run(main) -> None:
         if _wants_traceback():
             raise
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as error:  # ml_collections, for an override of an unknown config key
+        message = None if flags.FLAGS.is_parsed() else unknown_config_key_error(error)
+        if message is None or _wants_traceback():
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:  # ml_collections raises OSError for a config file it cannot load
         message = config_load_error(error)

@@ -17,7 +17,7 @@ import os
 
 import jax
 import ml_collections
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from lasadgen_jax import cli
@@ -87,7 +87,6 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | None = None) -> d
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO, burying the progress bars
     run_demo(FLAGS.config, FLAGS.workdir)
 
 

@@ -25,7 +25,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -299,7 +299,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO, burying the progress bar
     train(FLAGS.config, FLAGS.workdir)
 
 

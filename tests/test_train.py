@@ -240,6 +240,8 @@ def test_unknown_config_key_is_an_error(entry):
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode != 0
     assert "learning_rte" in result.stderr
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [   # one line, no traceback
+        "error: --config.optimizer.learning_rte: config has no such key (did you mean learning_rate?)"]
     assert not os.path.exists("/nonexistent/never/written")
 
 

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import flags, logging
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -210,7 +210,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO, burying the progress bar
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
