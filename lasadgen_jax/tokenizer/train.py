@@ -170,8 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"resuming from step {start_step} of {config.num_steps}")
 
     started = time.time()
-    progress = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps, desc="vq",
-                    unit="step")
+    progress = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps, desc="vq", unit="step")
     metrics = None
     for step in progress:
         images = train_images[batch_indices(config.seed, step, len(train_images), config.batch_size)]
