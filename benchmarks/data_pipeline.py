@@ -8,7 +8,8 @@ images (up to 12000 from the subset in the package; more need the full dataset) 
 call, twice: the first run includes loading and compiling, the second (into a fresh directory)
 reuses the compiled encoder; baseline: the compiled encoder alone on ready crops. Pipeline: synthetic
 shards shaped like ImageNet through VQ-16 (10 crops x 256 codes of 16384, int16), batches of
---batch-size from `token_iterator`, after one warm-up batch; baseline: bulk ArrayRecord reads of the same number of random records, nothing decoded.
+--batch-size from `token_iterator`, after one warm-up batch; baseline: bulk ArrayRecord reads of the
+same number of random records, nothing decoded.
 """
 
 from __future__ import annotations

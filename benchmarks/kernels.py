@@ -130,8 +130,9 @@ def kernel_runs(variant, backwards_2d, impls=("pallas",)):
         runs.append(("pallas", "pallas", chunk_config()))  # gpu_lowering "auto": Mosaic GPU where it applies
         runs.append(("pallas triton", "pallas", chunk_config(gpu_lowering="triton")))
     if "pallas" in impls and variant == "2d":
-        runs += [("pallas" if backward == "refwd" else f"pallas {backward}", "pallas", chunk_config(backward_2d=backward))
-                 for backward in backwards_2d]
+        for backward in backwards_2d:
+            name = "pallas" if backward == "refwd" else f"pallas {backward}"
+            runs.append((name, "pallas", chunk_config(backward_2d=backward)))
     if "pallas_parallel" in impls:
         runs.append(("pallas parallel", "pallas_parallel", ParallelBlocks()))
     return runs
@@ -301,7 +302,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=1e9, help="seconds after which --extras stops")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--impls", default="pallas",
-                        help="LASAD kernels to time next to flash and chunked, comma-separated: pallas, pallas_parallel")
+                        help="LASAD kernels to time next to flash and chunked, comma-separated: "
+                             "pallas, pallas_parallel")
     parser.add_argument("--backward-2d", default="refwd",
                         help="the 2d kernel's backward(s), comma-separated: refwd (default), sweep")
     args = parser.parse_args(argv)

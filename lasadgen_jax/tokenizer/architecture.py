@@ -40,7 +40,8 @@ class VQArchitecture:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"VQArchitecture.{name} must be a positive int, got {value!r}")
         if not self.channel_multipliers or min(self.channel_multipliers) <= 0:
-            raise ValueError(f"VQArchitecture.channel_multipliers must be positive ints, got {self.channel_multipliers}")
+            raise ValueError("VQArchitecture.channel_multipliers must be positive ints, "
+                             f"got {self.channel_multipliers}")
         for multiplier in self.channel_multipliers:
             channels = self.base_channels * multiplier
             if channels % self.num_groups:
