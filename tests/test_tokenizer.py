@@ -185,9 +185,11 @@ class TorchVQ(tnn.Module):
 
     def __init__(self, arch: VQArchitecture):
         super().__init__()
-        mult, base, g, last = arch.channel_multipliers, arch.base_channels, arch.num_groups, len(arch.channel_multipliers) - 1
+        mult, base, g = arch.channel_multipliers, arch.base_channels, arch.num_groups
+        last = len(arch.channel_multipliers) - 1
         top = base * mult[-1]
-        mid = lambda: tnn.ModuleList([TorchResnetBlock(top, top, g), TorchAttnBlock(top, g), TorchResnetBlock(top, top, g)])
+        mid = lambda: tnn.ModuleList([TorchResnetBlock(top, top, g), TorchAttnBlock(top, g),
+                                      TorchResnetBlock(top, top, g)])
         self.encoder = tnn.Module()
         self.encoder.conv_in = tnn.Conv2d(arch.image_channels, base, 3, padding=1)
         self.encoder.conv_blocks = tnn.ModuleList([
@@ -232,7 +234,8 @@ class TorchVQ(tnn.Module):
         z = self.quant_conv(e.conv_out(F.silu(e.norm_out(h))))
         z = F.normalize(z.permute(0, 2, 3, 1), dim=-1)
         codebook = F.normalize(self.quantize.embedding.weight, dim=-1)
-        distances = (z**2).sum(-1, keepdim=True) + (codebook**2).sum(-1) - 2 * torch.einsum("bhwd,nd->bhwn", z, codebook)
+        distances = ((z**2).sum(-1, keepdim=True) + (codebook**2).sum(-1)
+                     - 2 * torch.einsum("bhwd,nd->bhwn", z, codebook))
         return distances.argmin(-1)
 
     def decode(self, codes):
