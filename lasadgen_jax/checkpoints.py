@@ -125,7 +125,11 @@ def file_digests(directory: epath.Path) -> dict[str, str]:
             if path.is_dir():
                 folders.append(path)
             else:
-                digests[str(path.relative_to(directory))] = hashlib.sha256(path.read_bytes()).hexdigest()
+                digest = hashlib.sha256()
+                with path.open("rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(chunk)
+                digests[str(path.relative_to(directory))] = digest.hexdigest()
     return dict(sorted(digests.items()))
 
 

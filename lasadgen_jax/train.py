@@ -5,10 +5,13 @@
 The workdir holds run.json (the model config that owns it), checkpoints/ (Orbax; the train state and
 the data iterator's position, saved together), metrics.jsonl, tensorboard/, samples/ (PNG grids from
 the EMA parameters) and, at the end, params_ema/ (what `python -m lasadgen_jax.sample --ckpt` reads).
-Starting again in the same workdir resumes from the latest checkpoint at exactly the next batch;
+Starting again in the same workdir resumes from the newest intact checkpoint at exactly the next batch
+(each checkpoint carries checksums.json; a damaged one is named and moved to damaged_checkpoints/);
 SIGTERM (preemption) saves a checkpoint and exits cleanly (with several processes, at one step that
-JAX's preemption service agrees on). The workdir may be gs://... (etils.epath and Orbax;
-docs/training.md, "Scaling out"); launch/ starts the processes of a multi-host run.
+JAX's preemption service agrees on). While it runs, WORKDIR/lock refuses a second trainer (local
+workdirs). A step with a non-finite loss or update is skipped; config.max_consecutive_skips in a row
+end the run (exit 3). The workdir may be gs://... (etils.epath and Orbax; docs/training.md, "Scaling
+out"); launch/ starts the processes of a multi-host run.
 
 Sections: workdir -> data -> logging, samples and evals -> the loop. The config checks are in
 train_config.py, the train state and the jitted step in train_state.py, checkpoints in checkpoints.py.
