@@ -54,6 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_epochs = 300
     config.num_steps = placeholder(int)       # overrides num_epochs
     config.ema_decay = 0.9999
+    # A step whose loss, gradient or updated state is not finite is skipped; this many in a row end the run.
+    config.max_consecutive_skips = 5
     config.seed = 0
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1: the remaining devices

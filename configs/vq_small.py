@@ -57,6 +57,7 @@ def get_config(profile: str = "default") -> ml_collections.ConfigDict:
     config.num_steps = 400
     config.checkpoint_every = 100
     config.keep_checkpoints = 2
+    config.max_consecutive_skips = 5    # steps in a row with a non-finite loss or update before the run stops
     config.reconstruction_images = 32   # test images in each reconstruction PNG
 
     if profile == "smoke":

@@ -6,7 +6,9 @@
 
 `run` adds `--debug`; library INFO logs (Orbax, absl) are silenced unless `--verbosity` is given;
 a ValueError or FileNotFoundError (bad flags, config or input) prints `error: ...` on stderr and
-exits with status 2, with the full traceback only under `--debug` or `--verbosity>=1`.
+exits with status 2, a FloatingPointError (a diverged run: too many non-finite steps, or a
+non-finite state refused at a save) exits with status 3; the full traceback only under `--debug`
+or `--verbosity>=1`.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ def run(main) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as error:  # diverged (train_state.TrainingDiverged), or a non-finite state to save
+        if _wants_traceback():
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)
     except (AttributeError, KeyError) as error:  # ml_collections, for an override of an unknown config key
         message = None if flags.FLAGS.is_parsed() else unknown_config_key_error(error)
         if message is None or _wants_traceback():

@@ -5,10 +5,13 @@
 The workdir holds run.json (the model config that owns it), checkpoints/ (Orbax; the train state and
 the data iterator's position, saved together), metrics.jsonl, tensorboard/, samples/ (PNG grids from
 the EMA parameters) and, at the end, params_ema/ (what `python -m lasadgen_jax.sample --ckpt` reads).
-Starting again in the same workdir resumes from the latest checkpoint at exactly the next batch;
+Starting again in the same workdir resumes from the newest intact checkpoint at exactly the next batch
+(each checkpoint carries checksums.json; a damaged one is named and moved to damaged_checkpoints/);
 SIGTERM (preemption) saves a checkpoint and exits cleanly (with several processes, at one step that
-JAX's preemption service agrees on). The workdir may be gs://... (etils.epath and Orbax;
-docs/training.md, "Scaling out"); launch/ starts the processes of a multi-host run.
+JAX's preemption service agrees on). While it runs, WORKDIR/lock refuses a second trainer (local
+workdirs). A step with a non-finite loss or update is skipped; config.max_consecutive_skips in a row
+end the run (exit 3). The workdir may be gs://... (etils.epath and Orbax; docs/training.md, "Scaling
+out"); launch/ starts the processes of a multi-host run.
 
 Sections: workdir -> data -> logging, samples and evals -> the loop. The config checks are in
 train_config.py, the train state and the jitted step in train_state.py, checkpoints in checkpoints.py.
@@ -34,7 +37,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from lasadgen_jax import sharding
-from lasadgen_jax.checkpoints import PreemptionFlag, restore_checkpoint, save_checkpoint, train_checkpoint_manager
+from lasadgen_jax.checkpoints import (
+    PreemptionFlag,
+    close_manager,
+    finish_saves,
+    restore_latest_train_state,
+    save_checkpoint,
+    train_checkpoint_manager,
+)
 from lasadgen_jax.distributed import maybe_initialize_distributed
 from lasadgen_jax.eval.features import FeatureExtractor
 from lasadgen_jax.eval.reference import load_reference
@@ -53,8 +63,8 @@ from lasadgen_jax.train_config import (
     num_training_steps,
     resolve_workdir,
 )
-from lasadgen_jax.train_state import seeded_rng_state, setup_training
-from lasadgen_jax.workdir import check_locations, claim_workdir, workdir_path, write_bytes_atomically
+from lasadgen_jax.train_state import SkippedSteps, seeded_rng_state, setup_training
+from lasadgen_jax.workdir import WorkdirLock, check_locations, claim_workdir, workdir_path, write_bytes_atomically
 
 RUN_KIND = "lasadgen_jax.train"
 
@@ -67,6 +77,20 @@ def claim_train_workdir(workdir: str, model_config: ModelConfig, config: ml_coll
     its run.json: this model's identity and the whole config."""
     claim_workdir(workdir, RUN_KIND, model_identity(model_config), foreign_marker="checkpoints",
                   extra={"config": json.loads(config.to_json_best_effort())})
+
+
+def check_metrics_without_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuse to start from step 0 in a workdir whose checkpoints are gone but whose metrics.jsonl logs
+    steps by which a checkpoint had surely been written (the first save is complete once the second
+    starts): restarting would silently repeat them."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    if steps and max(steps) >= 2 * config.checkpoint.every_steps:
+        raise ValueError(f"{workdir}/checkpoints holds no checkpoint, but {path} logs steps up to {max(steps)}: "
+                         f"the checkpoints were removed or lost; restore them, or move metrics.jsonl aside to "
+                         f"train again from step 0")
 
 
 # ============================================================================= data
@@ -163,11 +187,11 @@ def export_params(graphdef, rng_state_template, params, workdir: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devices=None) -> dict:
-    """Train (resuming from the workdir's latest checkpoint); returns a summary of the run.
+    """Train (resuming from the workdir's latest intact checkpoint); returns a summary of the run.
 
     devices: the devices of the mesh (default: all of them).
     """
-    # ---- config, distributed set-up, workdir: every refusal before anything is written
+    # ---- config, distributed set-up, data, workdir: every refusal before anything is written
     maybe_initialize_distributed(config.distributed)
     check_config(config)
     model_config = model_config_from(config)
@@ -177,29 +201,47 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
     check_locations(config, workdir)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     check_batch_fits_mesh(config, mesh)
-    tokens_dir, tokenizer_dir = config.data.tokens_dir, config.tokenizer_dir
-    manifest = check_tokens_fit_model(tokens_dir, model_config)
-    claim_train_workdir(workdir, model_config, config)
+    manifest = check_tokens_fit_model(config.data.tokens_dir, model_config)
     num_steps = num_training_steps(config, manifest)
-    is_main = jax.process_index() == 0
-
-    # ---- model, optimizer, shardings
+    iterator = open_data(config, config.data.tokens_dir, model_config)
     setup = setup_training(config, model_config, mesh, num_steps)
+    claim_train_workdir(workdir, model_config, config)
+    with WorkdirLock(workdir, RUN_KIND):
+        return train_in_workdir(config, workdir, model_config, mesh, setup, iterator, num_steps)
+
+
+def train_in_workdir(config, workdir: str, model_config: ModelConfig, mesh, setup, iterator, num_steps: int) -> dict:
+    """The run in a claimed and locked workdir: restore, the loop, the export. On any exception the
+    in-flight checkpoint save is finished before the exception goes on."""
+    manager = train_checkpoint_manager(workdir, config)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    try:
+        return train_loop(config, workdir, model_config, mesh, setup, iterator, num_steps, manager, writer)
+    finally:
+        try:
+            close_manager(manager)
+        finally:
+            writer.close()
+
+
+def train_loop(config, workdir: str, model_config: ModelConfig, mesh, setup, iterator, num_steps: int, manager,
+               writer: MetricWriter) -> dict:
+    is_main = jax.process_index() == 0
     graphdef, rng_state_template = setup.graphdef, setup.rng_state_template
     abstract_state, state_shardings, train_step = setup.abstract_state, setup.state_shardings, setup.train_step
+    tokenizer_dir = config.tokenizer_dir
 
-    # ---- data and checkpoint
-    iterator = open_data(config, tokens_dir, model_config)
-    manager = train_checkpoint_manager(workdir, config)
-    writer = MetricWriter(workdir, enabled=is_main)
-    start_step = manager.latest_step()
-    if start_step is not None:
-        state = restore_checkpoint(manager, start_step, abstract_state, state_shardings, iterator)
+    # ---- checkpoint: the newest intact one, else (if nothing says there was one) scratch
+    restored = restore_latest_train_state(manager, abstract_state, state_shardings, iterator)
+    if restored is not None:
+        state, start_step = restored
         writer.truncate_after(start_step)
         if is_main:
             print(f"resuming from {manager.directory}/{start_step} (step {start_step} of {num_steps})", flush=True)
     else:
+        check_metrics_without_checkpoint(workdir, config)
         start_step = 0
+        writer.truncate_after(0)
         state = setup.initial_state(model_config, config.seed)
     if int(state["step"]) != start_step:
         raise ValueError(f"checkpoint {start_step} holds train-state step {int(state['step'])}")
@@ -228,6 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
                     dynamic_ncols=True, file=sys.stderr)
     pending, interval_start, interval_steps = [], time.time(), 0
     step, preempted, last_metrics = start_step, False, {}
+    skipped = SkippedSteps(config.max_consecutive_skips)
     with PreemptionFlag(install=jax.process_count() == 1) as preemption:
         while step < num_steps:
             tokens, labels = global_batch(next(iterator), mesh)
@@ -235,13 +278,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
             step += 1
             pending.append(metrics)
             interval_steps += 1
+            skipped.add(step, metrics["finite"])
+            if manager.should_save(step):
+                skipped.flush()
             save_checkpoint(manager, step, state, iterator)
             if step % config.log_every == 0 or step == num_steps:
                 values = jax.device_get(pending)
                 elapsed = time.time() - interval_start
                 losses = np.array([v["loss"] for v in values])
                 tokens_per_second = interval_steps * tokens_per_step / elapsed
-                scalars = {"loss": float(np.mean(losses[np.isfinite(losses)])) if np.isfinite(losses).any() else float("nan"),
+                finite_losses = losses[np.isfinite(losses)]
+                scalars = {"loss": float(np.mean(finite_losses)) if len(finite_losses) else float("nan"),
                            "last_loss": float(losses[-1]), "grad_norm": float(values[-1]["grad_norm"]),
                            "learning_rate": float(values[-1]["learning_rate"]),
                            "skipped_steps": int(state["skipped_steps"]), "steps_per_second": interval_steps / elapsed,
@@ -267,9 +314,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
                 interval_start = time.time()
             stop = preemption.raised or (jax.process_count() > 1 and manager.reached_preemption(step))
             if stop and step < num_steps:
+                skipped.flush()
                 if manager.latest_step() != step:
                     save_checkpoint(manager, step, state, iterator, force=True)
-                manager.wait_until_finished()
+                finish_saves(manager)
                 preempted = True
                 if is_main:
                     tqdm.write(f"preempted (SIGTERM): saved checkpoint {step}; re-run the same command to resume")
@@ -277,13 +325,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
     progress.close()
 
     # ---- the end
+    skipped.flush()
     if not preempted:
         if manager.latest_step() != step:
             save_checkpoint(manager, step, state, iterator, force=True)
-        manager.wait_until_finished()
+        finish_saves(manager)
         export_params(graphdef, rng_state_template, state["ema_params"], workdir)
-    manager.close()
-    writer.close()
     summary = {"workdir": workdir, "start_step": start_step, "step": step, "num_steps": num_steps,
                "preempted": preempted, "last_metrics": last_metrics}
     if is_main and not preempted:

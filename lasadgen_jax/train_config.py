@@ -3,6 +3,7 @@ the config key; and what follows from the config (the number of steps, the workd
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -22,13 +23,36 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"({config.grad_accum_steps}) x processes ({jax.process_count()})")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
-    if config.optimizer.schedule not in ("constant", "cosine"):
-        raise ValueError(f"config.optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
+    check_optimizer_config(config.optimizer)
+    if config.max_consecutive_skips < 1:
+        raise ValueError(f"config.max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}")
     if config.checkpoint.every_steps < 1 or config.checkpoint.keep < 1 or config.log_every < 1:
         raise ValueError("config.checkpoint.every_steps, config.checkpoint.keep and config.log_every must be >= 1")
     if config.data.tokens_dir is None:
         raise ValueError("config.data.tokens_dir is not set: a token directory written by python -m "
                          "lasadgen_jax.data.extract (the CPU demo, python -m lasadgen_jax.demo, writes its own)")
+
+
+def check_optimizer_config(optimizer: ml_collections.ConfigDict, key: str = "config.optimizer") -> None:
+    """Refuse optimizer settings that would write non-finite parameters, naming the config key (both trainers)."""
+    def number(name):
+        value = optimizer[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key}.{name} must be a finite number, got {value!r}")
+        return value
+
+    bounds = {"learning_rate": (lambda v: v > 0, "> 0"), "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+              "b2": (lambda v: 0 <= v < 1, "in [0, 1)"), "eps": (lambda v: v > 0, "> 0"),
+              "weight_decay": (lambda v: v >= 0, ">= 0"), "grad_clip_norm": (lambda v: v > 0, "> 0"),
+              "warmup_steps": (lambda v: v >= 0, ">= 0")}
+    for name, (valid, wanted) in bounds.items():
+        if not valid(number(name)):
+            raise ValueError(f"{key}.{name} must be {wanted}, got {optimizer[name]!r}")
+    if optimizer.schedule not in ("constant", "cosine"):
+        raise ValueError(f"{key}.schedule must be 'constant' or 'cosine', got {optimizer.schedule!r}")
+    if optimizer.schedule == "cosine" and not 0 <= number("end_learning_rate_fraction") <= 1:
+        raise ValueError(f"{key}.end_learning_rate_fraction must be in [0, 1], got "
+                         f"{optimizer.end_learning_rate_fraction!r}")
 
 
 def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:

@@ -86,9 +86,17 @@ def train_state_shardings(abstract_state: dict, tx, mesh, rules) -> dict:
 # ----------------------------------------------------------------------------- the step
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite (integer leaves, e.g. counts, are)."""
+    checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_shardings, mesh):
-    """One jitted step: forward/backward (over grad_accum_steps micro-batches), a NaN/inf guard that
-    skips the update and counts it, AdamW, EMA. The state is donated."""
+    """One jitted step: forward/backward (over grad_accum_steps micro-batches), AdamW, EMA, and a NaN/inf
+    guard that keeps the old state (and counts the step as skipped) unless the loss, the gradient norm
+    and the updated params, optimizer state and EMA are all finite. The state is donated."""
     accum, ema_decay, seed = config.grad_accum_steps, config.ema_decay, config.seed
     batch_sharding = sharding.batch_sharding(mesh)
 
@@ -123,20 +131,16 @@ def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_sh
         key = jax.random.fold_in(jax.random.key(seed), state["step"])
         loss, grads = accumulated_grads(state["params"], tokens, labels, key)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def apply(_):
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema_params"], params)
-            return params, opt_state, ema
-
-        def skip(_):
-            return state["params"], state["opt_state"], state["ema_params"]
-
-        params, opt_state, ema = jax.lax.cond(finite, apply, skip, None)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema_params"], params)
+        # The guard looks at what would be kept, not only at the loss: a finite loss with a non-finite
+        # (or overflowing) learning rate still writes NaN parameters.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((params, opt_state, ema))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         applied_updates = state["step"] - state["skipped_steps"]   # the optimizer's own step count
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema_params": ema,
+        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                     "opt_state": keep(opt_state, state["opt_state"]), "ema_params": keep(ema, state["ema_params"]),
                      "skipped_steps": state["skipped_steps"] + (~finite).astype(jnp.int32)}
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "learning_rate": schedule(applied_updates)}
         return new_state, metrics
@@ -152,6 +156,40 @@ def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_sh
             return jitted(state, tokens, labels)
 
     return train_step_on_mesh
+
+
+class TrainingDiverged(FloatingPointError):
+    """config.max_consecutive_skips steps in a row were skipped (non-finite loss, gradient or update)."""
+
+
+class SkippedSteps:
+    """Counts consecutive skipped steps from each step's `finite` flag, read one step late (so that the
+    host does not wait for the device every step; `flush` reads the last one, before saves and at the
+    end), and raises TrainingDiverged at config.max_consecutive_skips in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.run, self.unread = limit, [], None
+
+    def add(self, step: int, finite) -> None:
+        previous, self.unread = self.unread, (step, finite)
+        if previous is not None:
+            self._count(*previous)
+
+    def flush(self) -> None:
+        if self.unread is not None:
+            self._count(*self.unread)
+            self.unread = None
+
+    def _count(self, step: int, finite) -> None:
+        if bool(finite):
+            self.run = []
+            return
+        self.run.append(step)
+        if len(self.run) >= self.limit:
+            raise TrainingDiverged(f"steps {self.run[0]}-{self.run[-1]}: {len(self.run)} steps in a row skipped "
+                                   f"(config.max_consecutive_skips={self.limit}): non-finite loss, gradients or "
+                                   f"updated state; the checkpoints hold the last good state. Lower "
+                                   f"config.optimizer.learning_rate or check the data")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,14 +1,18 @@
 """A training run's workdir: claiming it (a run file naming the kind of run and the model that owns it),
 atomic writes, paths for Orbax, and which inputs may live on gs://.
 
-The workdir may be a gs:// URI (etils.epath and Orbax; docs/training.md, "Scaling out"); the trainers claim it
-before writing anything else, so that a workdir of another model is refused, not overwritten.
+The workdir may be a gs:// URI (etils.epath and Orbax; docs/training.md, "Scaling out"); the trainers
+claim it before writing anything else, so that a workdir of another model is refused, not overwritten,
+and hold WORKDIR/lock while they run, so that a second trainer on the same workdir is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import time
 
 import fsspec
 import jax
@@ -19,6 +23,7 @@ from lasadgen_jax.distributed import sync_processes
 from lasadgen_jax.metric_writer import is_remote
 
 RUN_FILE = "run.json"
+LOCK_FILE = "lock"
 
 
 def claim_workdir(workdir: str, kind: str, identity: dict, *, run_file: str = RUN_FILE,
@@ -92,3 +97,76 @@ def check_locations(config: ml_collections.ConfigDict, workdir: str) -> None:
         fsspec.get_filesystem_class(workdir.split("://", 1)[0])
     except (ImportError, ValueError) as error:
         raise ValueError(f"--workdir {workdir!r}: {error} (gs:// needs `pip install gcsfs`)") from None
+
+
+class WorkdirLock:
+    """WORKDIR/lock, created exclusively (O_CREAT | O_EXCL) by process 0 and holding its host, PID and
+    start time; removed on exit, exceptions included. A second trainer is refused naming the holder; a
+    lock left by a process that died on this host (its PID no longer alive) is taken over, saying so.
+
+    Local (and mounted) workdirs only: object stores (gs://) have no exclusive create through epath,
+    so a gs:// workdir is not locked, and one run at a time there is up to whoever starts them.
+    """
+
+    def __init__(self, workdir: str, kind: str):
+        self.path = epath.Path(workdir) / LOCK_FILE
+        self.kind = kind
+        self.held = False
+
+    def __enter__(self):
+        if jax.process_index() != 0 or is_remote(self.path):
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        holder = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(descriptor, "w") as f:
+                json.dump(holder, f)
+            self.held = True
+            return self
+        raise ValueError(f"--workdir {str(self.path.parent)!r}: could not take {self.path}; another run took it")
+
+    def _take_over_if_stale(self) -> None:
+        """Move aside a lock whose process is gone (same host, PID not alive); refuse a live one."""
+        try:
+            holder = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):   # released meanwhile, or half-written: look again
+            holder = {}
+        host, pid = holder.get("host"), holder.get("pid")
+        if host == socket.gethostname() and isinstance(pid, int) and not process_alive(pid):
+            try:
+                os.rename(self.path, f"{self.path}.stale-{pid}")   # only one taker succeeds
+            except FileNotFoundError:
+                return
+            os.remove(f"{self.path}.stale-{pid}")
+            print(f"taking over {self.path}: its holder (host {host}, PID {pid}, started {holder.get('started')}) "
+                  f"is no longer running", file=sys.stderr, flush=True)
+            return
+        if holder:
+            raise ValueError(f"--workdir {str(self.path.parent)!r} is in use by another run (host {host}, PID {pid}, "
+                             f"started {holder.get('started')}; {self.path}); wait for it to end, or remove the "
+                             f"lock file if that process is gone")
+
+    def __exit__(self, *exc):
+        if self.held:
+            try:
+                if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                    self.path.unlink()
+            except (FileNotFoundError, ValueError):
+                pass
+            self.held = False
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, someone else's
+        return True
+    return True

@@ -359,3 +359,52 @@ def test_trainer_refuses_a_workdir_of_another_model(tmp_path):
         claim_vq_workdir(str(tmp_path / "other"), TINY)
     with pytest.raises(AttributeError, match="num_stepz"):
         smoke_config(num_stepz=3)
+
+
+def test_trainer_stops_a_diverging_run_and_keeps_its_checkpoints_intact(tmp_path):
+    """Updates that overflow (finite losses) are skipped; config.max_consecutive_skips in a row stop the
+    run with the steps named, after the in-flight save has finished: intact, summed, finite, unlocked."""
+    from lasadgen_jax import checkpoints
+    from lasadgen_jax.tokenizer.train import train_and_evaluate
+    from lasadgen_jax.train_state import TrainingDiverged
+
+    config = smoke_config(num_steps=6, checkpoint_every=1, max_consecutive_skips=2)
+    config.optimizer.learning_rate = 1e39   # finite in float64 (the config check), inf in float32 (the step)
+    workdir = tmp_path / "diverged"
+    with pytest.raises(TrainingDiverged, match="steps 1-2: 2 steps in a row skipped"):
+        train_and_evaluate(config, str(workdir))   # step 1's save (of the initial state) is in flight then
+    assert os.listdir(workdir / "checkpoints") == ["1"] and not (workdir / "lock").exists()
+    assert (workdir / "checkpoints" / "1" / checkpoints.CHECKSUM_FILE).is_file()
+    assert not (workdir / "tokenizer").exists()
+
+
+@pytest.mark.parametrize("key, value", [("learning_rate", float("nan")), ("eps", -1.0), ("b2", 1.5)])
+def test_trainer_refuses_bad_optimizer_settings_before_writing(tmp_path, key, value):
+    from lasadgen_jax.tokenizer.train import train_and_evaluate
+
+    config = smoke_config()
+    config.optimizer[key] = value
+    with pytest.raises(ValueError, match=f"config.optimizer.{key} must be"):
+        train_and_evaluate(config, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_trainer_refuses_a_workdir_in_use(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from lasadgen_jax.tokenizer.train import claim_vq_workdir, train_and_evaluate
+
+    config = smoke_config()
+    workdir = tmp_path / "busy"
+    claim_vq_workdir(str(workdir), VQArchitecture.from_dict(dict(config.model)))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (workdir / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(ValueError, match=f"in use by another run .*PID {holder.pid}"):
+            train_and_evaluate(config, str(workdir))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (workdir / "checkpoints").exists()

@@ -1,5 +1,6 @@
 """The trainer: learning, determinism, kill/preempt and resume, meshes of 8 fake devices, NaN guard,
-gradient accumulation and remat, and refusals of bad configs, workdirs and data.
+gradient accumulation and remat, refusals of bad configs, workdirs and data, divergence, workdir
+locks and damaged checkpoints.
 
 Runs that need signals or fake devices are subprocesses of tests/train_runs.py.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +25,9 @@ import pytest
 from helpers import write_synthetic_token_dir
 from train_runs import losses, tiny_config
 
-from lasadgen_jax import sharding, train, train_state
+from lasadgen_jax import checkpoints, sharding, train, train_state
 from lasadgen_jax.model_io import model_config_from
+from lasadgen_jax.workdir import WorkdirLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "tests", "train_runs.py")
@@ -295,3 +299,130 @@ def test_demo_refuses_token_and_tokenizer_directories_it_would_not_write(tokens_
     with pytest.raises(ValueError, match="config.data.tokens_dir.*the demo writes its own tokens"):
         demo.run_demo(config, str(tmp_path / "demo"))
     assert not os.path.exists(tmp_path / "demo")
+
+
+# ----------------------------------------------------------------------------- guards: divergence, locks, damage
+
+
+def test_a_diverging_run_stops_without_saving_non_finite_state(tokens_dir, tmp_path):
+    """A learning rate that overflows float32 gives finite losses but non-finite updates: every step is
+    skipped (the state kept), the run stops at config.max_consecutive_skips naming the steps, the saved
+    checkpoint is intact (summed, no temporary directory) and holds finite values, the lock is released."""
+    workdir = str(tmp_path / "diverged")
+    config = tiny_config(tokens_dir, 8)
+    config.optimizer.update(learning_rate=1e39, warmup_steps=0)
+    config.max_consecutive_skips = 3
+    config.checkpoint.every_steps = 2
+    with pytest.raises(train_state.TrainingDiverged, match="steps 1-3: 3 steps in a row skipped"):
+        train.train(config, workdir)
+    assert all(line["skipped_steps"] == line["step"] for line in map(json.loads, open(f"{workdir}/metrics.jsonl")))
+    directory = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(directory)) == ["1", "2"]   # Orbax saves the first step too; no temporary left
+    assert all(os.path.isfile(os.path.join(directory, name, checkpoints.CHECKSUM_FILE)) for name in ("1", "2"))
+    assert not os.path.exists(os.path.join(workdir, "params_ema")) and not os.path.exists(os.path.join(workdir, "lock"))
+    state, step = restore_from(workdir, tokens_dir)
+    assert step == 2 and checkpoints.non_finite_leaves(state) == [] and int(state["skipped_steps"]) == 2
+    with pytest.raises(FloatingPointError, match=r"refusing to save checkpoint 5: non-finite values in \['params'\]"):
+        checkpoints.check_finite_state({"params": jnp.array([1.0, jnp.inf]), "step": jnp.int32(5)}, 5)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("learning_rate", float("nan"), "config.optimizer.learning_rate must be a finite number"),
+    ("learning_rate", 0.0, "config.optimizer.learning_rate must be > 0"),
+    ("b1", 1.0, r"config.optimizer.b1 must be in \[0, 1\)"),
+    ("b2", -0.1, r"config.optimizer.b2 must be in \[0, 1\)"),
+    ("eps", 0.0, "config.optimizer.eps must be > 0"),
+    ("weight_decay", float("inf"), "config.optimizer.weight_decay must be a finite number"),
+    ("grad_clip_norm", 0.0, "config.optimizer.grad_clip_norm must be > 0"),
+    ("warmup_steps", -1, "config.optimizer.warmup_steps must be >= 0"),
+])
+def test_bad_optimizer_settings_are_refused_before_writing(tokens_dir, tmp_path, key, value, message):
+    config = tiny_config(tokens_dir, 4)
+    config.optimizer[key] = value
+    with pytest.raises(ValueError, match=message):
+        train.train(config, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_a_refused_run_leaves_the_workdir_unclaimed(tokens_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(tokens_dir, 4)
+    config.batch_size = 20000   # more than the records: refused by the data pipeline
+    with pytest.raises(ValueError, match="fewer than one batch of 20000"):
+        train.train(config, workdir)
+    assert not os.path.exists(workdir)
+    config = tiny_config(tokens_dir, 4)
+    train.claim_train_workdir(workdir, model_config_from(config), config)   # the correct run may claim it
+
+
+def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(tokens_dir, tmp_path, capsys):
+    workdir = tmp_path / "busy"
+    workdir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (workdir / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                  "started": "2026-12-06T00:00:00Z"}))
+        with pytest.raises(ValueError, match=rf"in use by another run \(host {socket.gethostname()}, PID {holder.pid}"):
+            train.train(tiny_config(tokens_dir, 4), str(workdir))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((workdir / "lock").read_text())["pid"] == holder.pid   # the holder's lock is left alone
+    with WorkdirLock(str(workdir), "test"):   # now dead: taken over
+        assert json.loads((workdir / "lock").read_text())["pid"] == os.getpid()
+    assert f"PID {holder.pid}" in capsys.readouterr().err and not (workdir / "lock").exists()
+
+
+def restore_from(workdir, tokens_dir):
+    """(train state, step) of the workdir's newest intact checkpoint, restored as the trainer does."""
+    config = tiny_config(tokens_dir, NUM_STEPS)
+    model_config = model_config_from(config)
+    setup = train_state.setup_training(config, model_config, sharding.make_mesh(config.mesh.to_dict(),
+                                                                                jax.devices()[:1]), NUM_STEPS)
+    manager = checkpoints.train_checkpoint_manager(workdir, config)
+    try:
+        return checkpoints.restore_latest_train_state(manager, setup.abstract_state, setup.state_shardings,
+                                                      train.open_data(config, tokens_dir, model_config))
+    finally:
+        manager.close()
+
+
+def largest_file(directory):
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return max((path for path in files if not path.endswith(".json")), key=os.path.getsize)
+
+
+def test_damaged_checkpoints_are_named_and_skipped(uninterrupted, tokens_dir, tmp_path, capsys):
+    assert checkpoint_steps(uninterrupted) == [8, 12, 16]
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(uninterrupted, workdir)
+    checkpoints_dir = os.path.join(workdir, "checkpoints")
+    with open(largest_file(os.path.join(checkpoints_dir, "16", "state")), "r+b") as f:   # one flipped byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    os.remove(os.path.join(checkpoints_dir, "12", "data", "process_0-of-1.json"))   # the iterator position
+    _, step = restore_from(workdir, tokens_dir)
+    err = capsys.readouterr().err
+    assert step == 8
+    assert "checkpoint 16 at" in err and "is damaged: altered state/" in err
+    assert "checkpoint 12 at" in err and "is damaged: missing data/process_0-of-1.json" in err
+    assert "resuming from checkpoint 8, the newest intact one (damaged: [16, 12])" in err
+    assert sorted(os.listdir(os.path.join(workdir, "damaged_checkpoints"))) == ["12", "16"]
+
+    workdir = str(tmp_path / "truncated")   # a checkpoint without checksums (killed before they were written)
+    shutil.copytree(uninterrupted, workdir)
+    os.remove(os.path.join(workdir, "checkpoints", "16", checkpoints.CHECKSUM_FILE))
+    path = largest_file(os.path.join(workdir, "checkpoints", "16", "state"))
+    os.truncate(path, os.path.getsize(path) // 2)
+    _, step = restore_from(workdir, tokens_dir)
+    assert step == 12 and "checkpoint 16 at" in capsys.readouterr().err
+
+    workdir = str(tmp_path / "emptied")
+    shutil.copytree(uninterrupted, workdir)
+    for name in os.listdir(os.path.join(workdir, "checkpoints")):
+        shutil.rmtree(os.path.join(workdir, "checkpoints", name))
+    with pytest.raises(ValueError, match=r"checkpoints holds no checkpoint, but .*metrics.jsonl logs steps up to 16"):
+        train.train(tiny_config(tokens_dir, NUM_STEPS), workdir)
+    assert len(losses(workdir)) == NUM_STEPS

@@ -2,11 +2,13 @@
 
     python -m lasadgen_jax.tokenizer.train --config=configs/vq_small.py --workdir=workdirs/vq_small
 
-Writes into the workdir: `checkpoints/` (Orbax, atomic; a re-run resumes from the latest),
+Writes into the workdir: `checkpoints/` (Orbax, atomic, checksummed; a re-run resumes from the newest
+intact one),
 `reconstructions/step_NNNNNN.png` (test originals above their reconstructions) at each checkpoint,
 `tokenizer/` (the tokenizer directory that token extraction takes) and `metrics.json` at the end,
-when PSNR and codebook usage on the test split are also printed. Single-process; LPIPS and the GAN
-loss of LlamaGen's recipe are left out (their weights cannot be fetched offline).
+when PSNR and codebook usage on the test split are also printed. A step whose loss or updated state
+is not finite is skipped; config.max_consecutive_skips in a row end the run. Single-process; LPIPS
+and the GAN loss of LlamaGen's recipe are left out (their weights cannot be fetched offline).
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from lasadgen_jax import cli
-from lasadgen_jax.checkpoints import checkpoint_manager
+from lasadgen_jax.checkpoints import checkpoint_manager, close_manager, finish_saves, restore_newest_good, save_items
 from lasadgen_jax.data.fashion_mnist import load_fashion_mnist
 from lasadgen_jax.optimizer import make_optimizer
 from lasadgen_jax.tokenizer import evaluation
 from lasadgen_jax.tokenizer.architecture import VQArchitecture
 from lasadgen_jax.tokenizer.checkpoint import save_tokenizer
 from lasadgen_jax.tokenizer.model import create_vq_model
-from lasadgen_jax.workdir import claim_workdir
+from lasadgen_jax.train_config import check_optimizer_config
+from lasadgen_jax.train_state import SkippedSteps, all_finite
+from lasadgen_jax.workdir import WorkdirLock, claim_workdir
 
 RUN_FILE = "vq_run.json"
 RUN_KIND = "lasadgen_jax.tokenizer.train"
@@ -48,6 +52,17 @@ RECONSTRUCTION_LOSSES = {"mse": lambda x: x**2, "l1": jnp.abs}
 def claim_vq_workdir(workdir: str, arch: VQArchitecture) -> None:
     """Refuse a workdir that holds anything but a run of this same architecture; then mark it as ours."""
     claim_workdir(workdir, RUN_KIND, json.loads(arch.to_json()), run_file=RUN_FILE, identity_key="architecture")
+
+
+def check_vq_config(config: ml_collections.ConfigDict) -> None:
+    """Refuse settings the tokenizer trainer cannot honour, naming the config key, before anything is written."""
+    check_optimizer_config(config.optimizer)
+    if config.loss.reconstruction not in RECONSTRUCTION_LOSSES:
+        raise ValueError(f"config.loss.reconstruction {config.loss.reconstruction!r} unknown; "
+                         f"known: {sorted(RECONSTRUCTION_LOSSES)}")
+    for key in ("batch_size", "num_steps", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
+        if config[key] < 1:
+            raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
 
 
 def load_training_data(config: ml_collections.ConfigDict):
@@ -77,7 +92,9 @@ def initial_state(params: dict, tx) -> dict:
 
 
 def make_train_step(graphdef, rest, tx, loss_config: ml_collections.ConfigDict):
-    """One jitted step (the state donated): reconstruction + codebook + commitment losses, AdamW."""
+    """One jitted step (the state donated): reconstruction + codebook + commitment losses, AdamW; the old
+    state is kept (metrics["finite"] False) unless the loss and the updated params and optimizer state
+    are all finite."""
     if loss_config.reconstruction not in RECONSTRUCTION_LOSSES:
         raise ValueError(f"config.loss.reconstruction {loss_config.reconstruction!r} unknown; "
                          f"known: {sorted(RECONSTRUCTION_LOSSES)}")
@@ -97,7 +114,11 @@ def make_train_step(graphdef, rest, tx, loss_config: ml_collections.ConfigDict):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], images)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        finite = jnp.isfinite(metrics["loss"]) & all_finite((params, opt_state))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                     "opt_state": keep(opt_state, state["opt_state"])}
+        return new_state, {**metrics, "finite": finite}
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -112,16 +133,19 @@ def reconstruct(model, images_uint8):
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: dict) -> tuple[dict, int]:
-    """(the latest checkpoint's train state, its step), or (state, 0) when there is none."""
-    step = manager.latest_step()
-    if step is None:
-        return state, 0
+    """(the newest intact checkpoint's train state, its step), or (state, 0) when there is none; damaged
+    ones are reported and moved aside (checkpoints.restore_newest_good)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"checkpoint {manager.directory}/{step} does not fit this model and config: {error}") from None
-    return restored, int(step)
+
+    def restore_step(step):
+        try:
+            return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"checkpoint {manager.directory}/{step} does not fit this model and config: "
+                             f"{error}") from None
+
+    restored = restore_newest_good(manager, restore_step)
+    return (state, 0) if restored is None else (restored[0], int(restored[1]))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -151,16 +175,25 @@ def save_reconstructions(model, images_uint8, workdir: str, step: int, batch_siz
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (resuming from the workdir's latest checkpoint), export the tokenizer, return final metrics."""
+    """Train (resuming from the workdir's newest intact checkpoint), export the tokenizer, return final
+    metrics. Every refusal comes before anything is written; the workdir is locked while the run lasts."""
+    check_vq_config(config)
     arch = VQArchitecture.from_dict(dict(config.model))
-    claim_vq_workdir(workdir, arch)
     train_images, eval_images = load_training_data(config)
-    preview_images = eval_images[: config.reconstruction_images]
+    claim_vq_workdir(workdir, arch)
+    with WorkdirLock(workdir, RUN_KIND):
+        manager = checkpoint_manager(workdir, keep=config.keep_checkpoints)
+        try:
+            return train_in_workdir(config, workdir, arch, train_images, eval_images, manager)
+        finally:   # also on an exception: the in-flight save is finished, not abandoned
+            close_manager(manager)
 
+
+def train_in_workdir(config, workdir: str, arch: VQArchitecture, train_images, eval_images, manager) -> dict:
+    preview_images = eval_images[: config.reconstruction_images]
     graphdef, params, rest = nnx.split(create_vq_model(arch, seed=config.seed), nnx.Param, ...)
     tx, _ = make_optimizer(config.optimizer, config.num_steps)
     train_step = make_train_step(graphdef, rest, tx, config.loss)
-    manager = checkpoint_manager(workdir, keep=config.keep_checkpoints)
     state, start_step = restore_latest(manager, initial_state(nnx.to_pure_dict(params), tx))
 
     def model_of(state):   # the VQModel of a train state, valid until the next step (which donates the state)
@@ -170,23 +203,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"resuming from step {start_step} of {config.num_steps}")
 
     started = time.time()
-    progress = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps, desc="vq", unit="step")
-    metrics = None
+    progress = tqdm(range(start_step, config.num_steps), initial=start_step, total=config.num_steps, desc="vq",
+                    unit="step")
+    skipped = SkippedSteps(config.max_consecutive_skips)
     for step in progress:
         images = train_images[batch_indices(config.seed, step, len(train_images), config.batch_size)]
         state, metrics = train_step(state, jnp.asarray(images))
         done = step + 1
+        skipped.add(done, metrics["finite"])
         if done % LOG_EVERY == 0 or done == config.num_steps:
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss by step {done} (last checked at step "
-                                         f"{max(start_step, done - LOG_EVERY)}): {jax.device_get(metrics)}")
-            progress.set_postfix(loss=f"{loss:.4f}", psnr=f"{float(metrics['psnr']):.2f}")
+            progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", psnr=f"{float(metrics['psnr']):.2f}",
+                                 skipped=len(skipped.run))
         if done % config.checkpoint_every == 0 or done == config.num_steps:
-            manager.save(done, args=ocp.args.StandardSave(state))
+            skipped.flush()
+            save_items(manager, done, ocp.args.StandardSave(state), state, force=True)
             save_reconstructions(model_of(state), preview_images, workdir, done, config.batch_size)
     progress.close()
-    manager.wait_until_finished()
+    skipped.flush()
+    finish_saves(manager)
     train_seconds = time.time() - started
 
     model = model_of(state)
