@@ -27,6 +27,7 @@ from flax import nnx
 
 from lasadgen_jax import sample
 from lasadgen_jax.models.lasadgen import LASADGen, model_config
+from lasadgen_jax.ops.lasad import recurrent
 
 
 def best_time(fn, *args, repeats: int = 5) -> float:
@@ -49,19 +50,20 @@ def state_bytes(state) -> int:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(state))
 
 
-def lasad_step_state_bytes(variant: str, w: int, d: int, dv: int, itemsize: int) -> float:
+def lasad_step_state_bytes(variant: str, w: int, d: int, dv: int, itemsize: int, num_prefix: int) -> float:
     """Bytes of state one fused step moves per (sequence, head, layer), averaged over a row: what
     kernels/decode.py reads and writes (its module docstring's table)."""
-    matrix, key, value = d * dv * itemsize, d * itemsize, dv * itemsize
+    matrix, slot = d * dv * itemsize, (d + dv) * itemsize
+    prefix_slots = recurrent.prefix_slots(num_prefix, d, dv)
+    prefix = prefix_slots * slot if prefix_slots else matrix  # read every step
     if variant in ("none", "1d"):
-        return 3 * matrix  # read state, prefix; write state
+        return 2 * matrix + prefix  # read and write the state
     if variant == "2d_row":
-        return 6 * matrix  # read vertical, row_sum, row, prefix; write row_sum, row (a row start: 3 + 3 + prefix)
-    slot = key + value
-    # in a row, column c >= 1: read C[c], prefix and the c-1 slots before c-1; write slot c-1
-    in_row = sum(2 * matrix + (c - 1) * slot + slot for c in range(1, w))
-    row_start = (w + 1) * matrix + (w - 1) * slot + w * matrix  # read every column, prefix, slots; write the columns
-    return (in_row + row_start) / w
+        return 5 * matrix + prefix  # read vertical, row_sum, row; write row_sum, row (a row start: 3 + 3)
+    # in a row, column c >= 1: read C[c] and the c-1 slots before c-1, write slot c-1
+    in_row = sum(matrix + (c - 1) * slot + slot for c in range(1, w))
+    row_start = 2 * w * matrix + (w - 1) * slot  # read every column and the slots; write every column
+    return (in_row + row_start) / w + prefix
 
 
 def step_bytes(model: LASADGen, batch: int) -> tuple[int, float]:
@@ -75,7 +77,8 @@ def step_bytes(model: LASADGen, batch: int) -> tuple[int, float]:
         return weights, per_layer * config.depth
     head_dim = config.dim // config.num_heads
     itemsize = jnp.dtype(config.decode_state_dtype).itemsize
-    per_head = lasad_step_state_bytes(config.attention, config.grid[1], head_dim, head_dim, itemsize)
+    per_head = lasad_step_state_bytes(config.attention, config.grid[1], head_dim, head_dim, itemsize,
+                                      config.num_prefix)
     return weights, per_head * batch * config.num_heads * config.depth
 
 

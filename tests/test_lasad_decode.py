@@ -47,11 +47,13 @@ def jitted_step(grid, variant, row_start, impl):
     return jax.jit(step)
 
 
-def run_steps(case, variant, impl, inputs, state_dtype="float32", static_rows=True):
+def run_steps(case, variant, impl, inputs, state_dtype="float32", static_rows=True, prefix_vectors=True):
     """Every cell's output [B, N, H, dv] and the final state, cell by cell as the sampler runs them
-    (row_start static), or with row_start=None (the step decides under a lax.cond)."""
+    (row_start static), or with row_start=None (the step decides under a lax.cond). The prefix is kept
+    as key/value slots (prefix_vectors) or as a matrix."""
     state = lasad.init_state(case.batch, case.heads, case.d, case.dv, grid=case.grid, variant=variant,
-                             state_dtype=state_dtype)
+                             state_dtype=state_dtype, num_prefix=case.prefix if prefix_vectors else 0)
+    assert ("prefix_k" in state) == bool(prefix_vectors and case.prefix)
     if case.prefix:
         state = lasad.fold_prefix(state, inputs["prefix_k"], inputs["prefix_v"])
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
@@ -81,7 +83,8 @@ def reference_output(case, variant, inputs):
 def test_xla_steps_match_reference(variant, case_name, static_rows):
     case = CASE_BY_NAME[case_name]
     inputs = with_prefix(case, seed=len(case_name) + 3)
-    actual, _ = run_steps(case, variant, "xla", inputs, static_rows=static_rows)
+    # the prefix as slots with the row structure static, as a matrix with it traced
+    actual, _ = run_steps(case, variant, "xla", inputs, static_rows=static_rows, prefix_vectors=static_rows)
     chex.assert_type(actual, jnp.float32)
     assert rel_error(actual, reference_output(case, variant, inputs)) < 1e-5
 
@@ -93,6 +96,25 @@ def test_2d_state_layout_and_size():
     assert recurrent.row_slots(1) == 16 and recurrent.row_slots(17) == 32 and recurrent.row_slots(64) == 64
     bf16 = lasad.init_state(1, 1, 8, 8, grid=(2, 2), variant="2d_row", state_dtype="bfloat16")
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16))
+
+
+def test_short_prefix_kept_as_vectors():
+    assert recurrent.prefix_slots(1, 64, 64) == 1 and recurrent.prefix_slots(3, 64, 64) == 4
+    assert recurrent.prefix_slots(0, 64, 64) == 0 and recurrent.prefix_slots(32, 64, 64) == 0  # the matrix is smaller
+    state = lasad.init_state(2, 3, 64, 32, grid=(4, 4), variant="1d", num_prefix=3)
+    chex.assert_shape([state["prefix_k"], state["prefix_v"]], [(2, 3, 4, 64), (2, 3, 4, 32)])
+    assert "prefix" not in state
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    prefix_k, prefix_v = jax.random.normal(keys[0], (2, 3, 3, 64)), jax.random.normal(keys[1], (2, 3, 3, 32))
+    filled = lasad.fold_prefix(state, prefix_k, prefix_v)
+    np.testing.assert_array_equal(filled["prefix_k"][:, :, :3], jnp.swapaxes(prefix_k, 1, 2))
+    np.testing.assert_array_equal(filled["prefix_v"][:, :, 3], 0.0)
+    # a prefix of another length: the state keeps the prefix as the matrix, of everything folded so far
+    longer = lasad.fold_prefix(filled, prefix_k[:, :2], prefix_v[:, :2])
+    assert "prefix_k" not in longer and longer["prefix"].dtype == jnp.float32
+    expected = lasad.common.prefix_state(prefix_k, prefix_v) + lasad.common.prefix_state(prefix_k[:, :2],
+                                                                                         prefix_v[:, :2])
+    assert rel_error(longer["prefix"], expected) < 1e-6
 
 
 def test_bad_state_dtype_raises():
@@ -150,6 +172,17 @@ def test_fused_step_matches_xla_step(variant, case_name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", lasad.VARIANTS)
+def test_fused_step_with_a_prefix_matrix(variant, backend):
+    case = CASE_BY_NAME["grid3x5_batch3_prefix1"]
+    inputs = with_prefix(case, seed=17)
+    expected, _ = run_steps(case, variant, "xla", inputs, prefix_vectors=False)
+    actual, states = run_steps(case, variant, backend, inputs, prefix_vectors=False)
+    assert "prefix" in states[-1]
+    assert rel_error(actual, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["2d", "2d_row"])
 def test_fused_step_with_traced_rows(variant, backend):
     case = CASE_BY_NAME["grid3x5_batch1_prefix2"]
@@ -193,10 +226,11 @@ def test_gpu_body_refuses_head_dims_it_cannot_tile():
 @pytest.mark.parametrize("variant", lasad.VARIANTS)
 def test_fused_step_lowers_to_triton_and_mosaic_tpu(variant):
     """Both bodies pass Pallas's Triton and Mosaic TPU lowerings (jax.export on the CPU), for the
-    in-row and the row-start kernels, float32 and bf16 storage."""
+    in-row and the row-start kernels, float32 storage with a prefix matrix and bf16 with prefix slots."""
     grid, batch, heads, d = (4, 24), 2, 2, 64
-    for state_dtype in ("float32", "bfloat16"):
-        state = lasad.init_state(batch, heads, d, d, grid=grid, variant=variant, state_dtype=state_dtype)
+    for state_dtype, num_prefix in (("float32", 0), ("bfloat16", 1)):
+        state = lasad.init_state(batch, heads, d, d, grid=grid, variant=variant, state_dtype=state_dtype,
+                                 num_prefix=num_prefix)
         q = jnp.zeros((batch, heads, d), jnp.bfloat16)
         decays = jnp.full((heads,), -0.1)
         for row_start in (False, True):
@@ -282,7 +316,7 @@ def test_compiled_fused_step_matches_xla_step_on_device(variant, grid):
     inputs = with_prefix(case, seed=11)
     for state_dtype, tolerance in (("float32", 1e-5), ("bfloat16", BF16_FUSED_BOUND)):
         state = lasad.init_state(case.batch, case.heads, case.d, case.dv, grid=grid, variant=variant,
-                                 state_dtype=state_dtype)
+                                 state_dtype=state_dtype, num_prefix=case.prefix)
         states = {"xla": lasad.fold_prefix(state, inputs["prefix_k"], inputs["prefix_v"])}
         states["fused"] = states["xla"]
         steps = {

@@ -152,13 +152,10 @@ class LASADAttention(nnx.Module):
     # ------------------------------------------------------------------ decoding
 
     def init_decode_state(self, batch: int, *, grid, num_prefix: int = 1) -> dict:
-        """An empty LASAD decode state for this block (stored in state_dtype; size independent of h).
-
-        num_prefix is accepted for the interface SoftmaxAttention shares; the state does not depend on it.
-        """
-        del num_prefix
+        """An empty LASAD decode state for this block (stored in state_dtype; size independent of h); a
+        short prefix of num_prefix positions is kept as key/value vectors (lasad.init_state)."""
         return lasad.init_state(batch, self.num_heads, self.head_dim, self.head_dim, grid=grid, variant=self.variant,
-                                state_dtype=self.state_dtype)
+                                state_dtype=self.state_dtype, num_prefix=num_prefix)
 
     def prefill(self, x_prefix, state: dict, *, grid):
         """x_prefix: [batch, P, dim], the P prefix positions. Returns (outputs [batch, P, dim], state).

@@ -3,7 +3,10 @@
 The state is a dict of arrays, each [batch, heads, ...], stored in `state_dtype` (float32 by
 default, or bfloat16) and always updated in float32; its size never depends on h:
 
-    every variant  prefix          [B, H, d, dv]     sum of prefix k v^T (undecayed)
+    every variant  prefix          [B, H, d, dv]     sum of prefix k v^T (undecayed), or, when the
+                                                     state is made for a short prefix (below):
+                   prefix_k        [B, H, Sp, d]     the prefix keys, Sp = next power of two >= P
+                   prefix_v        [B, H, Sp, dv]    the prefix values (slots past P zero)
     none, 1d       state           [B, H, d, dv]     sum_{m<a} D(a,m) k_m v_m^T
     2d_row         vertical        [B, H, d, dv]     rows above, decayed by row distance
                    row_sum         [B, H, d, dv]     this row's k v^T so far, undecayed
@@ -12,6 +15,9 @@ default, or bfloat16) and always updated in float32; its size never depends on h
                    row_k           [B, H, S, d]      this row's keys by column (slot c = column c)
                    row_v           [B, H, S, dv]     this row's values by column
 
+init_state(num_prefix=P) keeps the prefix as its Sp keys and values when that is smaller than one
+d x dv matrix (the class prefix, P = 1: 2 (d + dv) numbers instead of d dv), and fold_prefix then
+fills those slots (once); without num_prefix it keeps the matrix and fold_prefix adds to it.
 S = row_slots(w) >= w: the power of two >= max(w, 16), so that a kernel can load the row as one
 [S, d] tile; slots >= w stay zero. A slot holds a key from the step after its token until the row
 ends; slots at or past the query's column are stale (last row's) and never read.
@@ -50,19 +56,38 @@ def check_state_dtype(state_dtype) -> jnp.dtype:
     return dtype
 
 
-def init_state(batch: int, heads: int, d: int, dv: int, *, grid, variant: str, state_dtype="float32") -> dict:
-    """An empty decode state (no prefix, no tokens), stored in state_dtype."""
+def prefix_slots(num_prefix: int, d: int, dv: int) -> int:
+    """Key/value slots of a prefix kept as vectors (the power of two >= num_prefix), or 0 when the
+    d x dv matrix is smaller (or there is no prefix)."""
+    if num_prefix < 1:
+        return 0
+    slots = 1 << (num_prefix - 1).bit_length()
+    return slots if slots * (d + dv) < d * dv else 0
+
+
+def init_state(batch: int, heads: int, d: int, dv: int, *, grid, variant: str, state_dtype="float32",
+               num_prefix: int = 0) -> dict:
+    """An empty decode state (no prefix, no tokens), stored in state_dtype. num_prefix: the prefix length
+    fold_prefix will bring, when known: a short prefix is then kept as vectors (module docstring)."""
     _, w = common.check_grid(grid)
     common.check_variant(variant)
     dtype = check_state_dtype(state_dtype)
+    if int(num_prefix) != num_prefix or num_prefix < 0:
+        raise ValueError(f"num_prefix must be an int >= 0, got {num_prefix!r}")
     matrix = jnp.zeros((batch, heads, d, dv), dtype)
+    slots_p = prefix_slots(num_prefix, d, dv)
+    if slots_p:
+        prefix = {"prefix_k": jnp.zeros((batch, heads, slots_p, d), dtype),
+                  "prefix_v": jnp.zeros((batch, heads, slots_p, dv), dtype)}
+    else:
+        prefix = {"prefix": matrix}
     if variant in ("none", "1d"):
-        return {"prefix": matrix, "state": matrix}
+        return {**prefix, "state": matrix}
     if variant == "2d_row":
-        return {"prefix": matrix, "vertical": matrix, "row_sum": matrix, "row": matrix}
+        return {**prefix, "vertical": matrix, "row_sum": matrix, "row": matrix}
     slots = row_slots(w)
     return {
-        "prefix": matrix,
+        **prefix,
         "columns": jnp.zeros((batch, heads, w, d, dv), dtype),
         "row_k": jnp.zeros((batch, heads, slots, d), dtype),
         "row_v": jnp.zeros((batch, heads, slots, dv), dtype),
@@ -70,7 +95,22 @@ def init_state(batch: int, heads: int, d: int, dv: int, *, grid, variant: str, s
 
 
 def fold_prefix(state: dict, prefix_k, prefix_v) -> dict:
-    """Adds prefix keys/values [batch, P, heads, d|dv] to the state; every later query sees them."""
+    """Adds prefix keys/values [batch, P, heads, d|dv] to the state; every later query sees them.
+
+    A state made with init_state(num_prefix=P) keeps a prefix of P positions in its slots (taken once:
+    the slots are set, not added to); a prefix of another length turns its prefix into the matrix
+    (the slots' k v^T plus the new prefix's), as a state made without num_prefix keeps it.
+    """
+    if "prefix" not in state:
+        slots, length = state["prefix_k"].shape[2], prefix_k.shape[1]
+        if prefix_slots(length, prefix_k.shape[-1], prefix_v.shape[-1]) == slots:
+            pad = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, slots - length), (0, 0)))
+            return {**state, "prefix_k": pad(prefix_k).astype(state["prefix_k"].dtype),
+                    "prefix_v": pad(prefix_v).astype(state["prefix_v"].dtype)}
+        held = common.mm("bhsd,bhse->bhde", state["prefix_k"], state["prefix_v"], jnp.float32)
+        stored_dtype = state["prefix_k"].dtype
+        state = {key: value for key, value in state.items() if key not in ("prefix_k", "prefix_v")}
+        state["prefix"] = held.astype(stored_dtype)
     prefix = state["prefix"].astype(jnp.float32) + common.prefix_state(prefix_k, prefix_v)
     return {**state, "prefix": prefix.astype(state["prefix"].dtype)}
 
@@ -119,8 +159,10 @@ def decode_step(state: dict, q, k_prev, v_prev, cell, *, grid, variant, log_deca
     acc = common.accumulation_dtype(dtype)
     out = sum(
         jnp.einsum("bhd,bhde->bhe", q.astype(acc), part.astype(acc), precision=jax.lax.Precision.HIGHEST)
-        for part in read + [state["prefix"]]
+        for part in read + ([state["prefix"]] if "prefix" in state else [])
     )
+    if "prefix_k" in state:
+        out = out + slots_read(q.astype(acc), state["prefix_k"], state["prefix_v"], None)
     if variant == "2d":
         out = out + row_read(q.astype(acc), state["row_k"], state["row_v"], col, log_decay_col)
     return out, state
@@ -130,8 +172,14 @@ def row_read(q, row_k, row_v, col, log_decay_col):
     """sum_{c' < col} g_col^(col - c') (q . k_c') v_c' over the row's key/value slots: [batch, heads, dv]."""
     slot = jnp.arange(row_k.shape[2])
     weights = jnp.where(slot < col, jnp.exp(log_decay_col[:, None] * (col - slot)), 0.0)  # [heads, S]
-    scores = jnp.einsum("bhd,bhsd->bhs", q, row_k.astype(q.dtype), precision=jax.lax.Precision.HIGHEST)
-    return jnp.einsum("bhs,bhse->bhe", scores * weights, row_v.astype(q.dtype), precision=jax.lax.Precision.HIGHEST)
+    return slots_read(q, row_k, row_v, weights)
+
+
+def slots_read(q, keys, values, weights):
+    """sum_s weights[h, s] (q . k_s) v_s over key/value slots [batch, heads, S, d|dv] (weights None: 1)."""
+    scores = jnp.einsum("bhd,bhsd->bhs", q, keys.astype(q.dtype), precision=jax.lax.Precision.HIGHEST)
+    scores = scores if weights is None else scores * weights
+    return jnp.einsum("bhs,bhse->bhe", scores, values.astype(q.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
 def row_fold_weights(width: int, slots: int, log_decay_col):

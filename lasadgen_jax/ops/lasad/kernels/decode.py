@@ -11,6 +11,8 @@ against), stored in float32 or bfloat16 and updated in float32:
     2d       columns[c], row_k, row_v, prefix row_k[c-1], row_v[c-1]
                                                                columns, row_k, row_v / columns
 
+where `prefix` is the prefix matrix or, in a state made for a short prefix, its key/value slots.
+
 Inputs arrive as [B, H, d, 1] columns and [B, H, 1, d] rows, so that every tile is 2-D and outer
 products and reads are broadcasts, no transposes. The `2d` row fold (once per row) is one
 [S, d]^T x [S, dv] matmul per column, in the query's dtype with float32 accumulation.
@@ -37,11 +39,21 @@ from lasadgen_jax.ops.lasad.kernels.backend import BACKENDS
 
 # What each variant's step reads (besides q, k, v) and writes, by state key; a row start may differ.
 _READS = {
-    "none": ("state", "prefix"),
-    "1d": ("state", "prefix"),
-    "2d_row": ("vertical", "row_sum", "row", "prefix"),
-    "2d": ("columns", "row_k", "row_v", "prefix"),
+    "none": ("state",),
+    "1d": ("state",),
+    "2d_row": ("vertical", "row_sum", "row"),
+    "2d": ("columns", "row_k", "row_v"),
 }
+PREFIX_FORMS = (("prefix",), ("prefix_k", "prefix_v"))  # a matrix, or key/value slots
+
+
+def read_keys(variant: str, state: dict) -> tuple[str, ...]:
+    """The state arrays a step reads, in the kernel's order: the variant's, then the prefix's."""
+    prefix = next((form for form in PREFIX_FORMS if set(form) <= set(state)), None)
+    if prefix is None or set(state) != set(_READS[variant]) | set(prefix):
+        raise ValueError(f"state for variant {variant!r} must hold {sorted(_READS[variant])} and either 'prefix' or "
+                         f"'prefix_k' and 'prefix_v', got {sorted(state)}")
+    return _READS[variant] + prefix
 _WRITES = {"none": ("state",), "1d": ("state",), "2d_row": ("row_sum", "row")}
 _WRITES_AT_ROW_START = {"2d_row": ("vertical", "row_sum", "row"), "2d": ("columns",)}
 
@@ -103,9 +115,9 @@ def _fold_dot(setting, weighted_k, row_v):
                                precision=jax.lax.Precision.HIGHEST if exact else None)
 
 
-def _kernel(cell_ref, decay_ref, q_col_ref, q_row_ref, k_col_ref, k_row_ref, v_ref, *refs, setting: _Setting):
+def _kernel(cell_ref, decay_ref, q_col_ref, q_row_ref, k_col_ref, k_row_ref, v_ref, *refs, setting: _Setting,
+            reads: tuple[str, ...]):
     variant = setting.variant
-    reads = _READS[variant]
     state = dict(zip(reads, refs[: len(reads)]))
     out_ref, *written = refs[len(reads):]
     written = dict(zip(written_keys(variant, setting.row_start), written))
@@ -138,7 +150,11 @@ def _kernel(cell_ref, decay_ref, q_col_ref, q_row_ref, k_col_ref, k_row_ref, v_r
             out = _read(q_col, f32(state["vertical"])) + _read(q_col, row)
     else:
         out = _2d_step(setting, state, written, cell, log_col, g_row, q_col, q_row, k_row, v_row)
-    out_ref[...] = out + _read(q_col, f32(state["prefix"]))
+    if "prefix" in state:
+        out_ref[...] = out + _read(q_col, f32(state["prefix"]))
+    else:  # sum_p (q . k_p) v_p; the slots past the prefix are zero
+        scores = jnp.sum(f32(state["prefix_k"]) * q_row, axis=1, keepdims=True)
+        out_ref[...] = out + jnp.sum(scores * f32(state["prefix_v"]), axis=0, keepdims=True)
 
 
 def _2d_step(setting, state, written, cell, log_col, g_row, q_col, q_row, k_row, v_row):
@@ -193,7 +209,7 @@ def _call(state, q, k_prev, v_prev, cell, decays, *, setting: _Setting, interpre
     batch, heads, _ = q.shape
     dv = v_prev.shape[-1]
     variant = setting.variant
-    reads = _READS[variant]
+    reads = read_keys(variant, state)
     writes = written_keys(variant, setting.row_start)
     block = lambda array: pl.BlockSpec((None, None, *array.shape[2:]), lambda b, h: (b, h) + (0,) * (len(array.shape) - 2))
     as_col = lambda x: x[..., None]
@@ -211,7 +227,7 @@ def _call(state, q, k_prev, v_prev, cell, decays, *, setting: _Setting, interpre
     out_shape += [jax.ShapeDtypeStruct(state[key].shape, state[key].dtype) for key in writes]
     first_state = 2 + len(vectors)
     outputs = pl.pallas_call(
-        functools.partial(_kernel, setting=setting),
+        functools.partial(_kernel, setting=setting, reads=reads),
         out_shape=out_shape,
         grid=(batch, heads),
         in_specs=scalar_specs + [block(x) for x in inputs[2:]],
@@ -233,8 +249,7 @@ def decode_step(state: dict, q, k_prev, v_prev, cell, *, grid, variant, log_deca
     common.check_variant(variant)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if set(state) != set(_READS[variant]) | {"prefix"}:
-        raise ValueError(f"state for variant {variant!r} must hold {sorted(_READS[variant])}, got {sorted(state)}")
+    read_keys(variant, state)
     if q.ndim != 3 or k_prev.shape != q.shape or v_prev.shape[:2] != q.shape[:2]:
         raise ValueError(f"q, k_prev must be [batch, heads, d] and v_prev [batch, heads, dv], got {q.shape}, "
                          f"{k_prev.shape}, {v_prev.shape}")
