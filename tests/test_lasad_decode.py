@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from helpers import Case, make_inputs, rel_error, tiny_model
 
 from lasadgen_jax.ops import lasad

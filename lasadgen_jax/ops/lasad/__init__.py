@@ -284,7 +284,8 @@ def resolve_decode_impl(impl: str, backend: str | None = None, head_dims: tuple[
         raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {impl!r}")
     backend = kernel_backend.backend_name(jax.default_backend()) if backend is None else backend
     if impl == "pallas" and backend not in kernel_backend.BACKENDS:
-        raise ValueError(f"decode_impl='pallas' needs a GPU or TPU, but the backend is {backend!r}; use 'xla' or 'auto'")
+        raise ValueError(
+            f"decode_impl='pallas' needs a GPU or TPU, but the backend is {backend!r}; use 'xla' or 'auto'")
     if impl != "auto":
         return impl
     if backend not in kernel_backend.BACKENDS:

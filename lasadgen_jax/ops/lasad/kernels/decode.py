@@ -211,7 +211,8 @@ def _call(state, q, k_prev, v_prev, cell, decays, *, setting: _Setting, interpre
     variant = setting.variant
     reads = read_keys(variant, state)
     writes = written_keys(variant, setting.row_start)
-    block = lambda array: pl.BlockSpec((None, None, *array.shape[2:]), lambda b, h: (b, h) + (0,) * (len(array.shape) - 2))
+    block = lambda array: pl.BlockSpec((None, None, *array.shape[2:]),
+                                       lambda b, h: (b, h) + (0,) * (len(array.shape) - 2))
     as_col = lambda x: x[..., None]
     as_row = lambda x: x[..., None, :]
     vectors = [as_col(q), as_row(q), as_col(k_prev), as_row(k_prev), as_row(v_prev)]
