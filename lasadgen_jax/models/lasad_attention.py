@@ -47,6 +47,8 @@ class LASADAttention(nnx.Module):
         rope_base: float = 10000.0,
         decay_range: tuple[float, float] = (0.5, 0.985),
         impl: str = "auto",
+        decode_impl: str = "auto",
+        state_dtype: str = "float32",
         norm_eps: float = 1e-6,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -56,11 +58,15 @@ class LASADAttention(nnx.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         lasad.common.check_variant(variant)
         lasad.resolve_impl(impl)
+        if decode_impl not in lasad.DECODE_IMPLS:
+            raise ValueError(f"decode_impl must be one of {lasad.DECODE_IMPLS}, got {decode_impl!r}")
+        lasad.recurrent.check_state_dtype(state_dtype)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         if use_rope and self.head_dim % 4:
             raise ValueError(f"use_rope needs a head dim divisible by 4, got {self.head_dim}")
         self.variant, self.use_rope, self.rope_base = variant, use_rope, rope_base
         self.impl, self.norm_eps, self.dtype = impl, norm_eps, dtype
+        self.decode_impl, self.state_dtype = decode_impl, state_dtype
 
         linear = lambda: nnx.Linear(dim, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.out_proj = (linear() for _ in range(5))
@@ -146,12 +152,10 @@ class LASADAttention(nnx.Module):
     # ------------------------------------------------------------------ decoding
 
     def init_decode_state(self, batch: int, *, grid, num_prefix: int = 1) -> dict:
-        """An empty LASAD decode state for this block (float32; size independent of h).
-
-        num_prefix is accepted for the interface SoftmaxAttention shares; the state does not depend on it.
-        """
-        del num_prefix
-        return lasad.init_state(batch, self.num_heads, self.head_dim, self.head_dim, grid=grid, variant=self.variant)
+        """An empty LASAD decode state for this block (stored in state_dtype; size independent of h); a
+        short prefix of num_prefix positions is kept as key/value vectors (lasad.init_state)."""
+        return lasad.init_state(batch, self.num_heads, self.head_dim, self.head_dim, grid=grid, variant=self.variant,
+                                state_dtype=self.state_dtype, num_prefix=num_prefix)
 
     def prefill(self, x_prefix, state: dict, *, grid):
         """x_prefix: [batch, P, dim], the P prefix positions. Returns (outputs [batch, P, dim], state).
@@ -178,8 +182,8 @@ class LASADAttention(nnx.Module):
         query_row, query_col, key_row, key_col = alignment.decode_cells(cell, w)
         q, k = self._rotate(q, query_row, query_col), self._rotate(k, key_row, key_col)
         log_decay_row, log_decay_col = self.log_decays()
-        out, state = lasad.decode_step(
+        out, state = lasad.decode(
             state, q[:, 0], k[:, 0], v[:, 0], cell, grid=grid, variant=self.variant,
-            log_decay_row=log_decay_row, log_decay_col=log_decay_col, row_start=row_start,
+            log_decay_row=log_decay_row, log_decay_col=log_decay_col, row_start=row_start, impl=self.decode_impl,
         )
         return self._output(out, gate[:, 0]), state

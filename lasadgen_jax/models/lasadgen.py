@@ -53,6 +53,8 @@ class ModelConfig:
     ffn_dropout: float = 0.1
     use_rope: bool = True
     lasad_impl: str = "auto"
+    decode_impl: str = "auto"  # LASAD decode step: 'auto', 'xla' or 'pallas' (lasad.resolve_decode_impl)
+    decode_state_dtype: str = "float32"  # LASAD decode state storage: 'float32' or 'bfloat16'
     decay_range: tuple[float, float] = (0.5, 0.985)
     norm_eps: float = 1e-5
     dtype: str = "float32"
@@ -129,7 +131,8 @@ def make_attention(config: ModelConfig, rngs: nnx.Rngs):
         )
     return LASADAttention(
         config.dim, config.num_heads, variant=config.attention, use_rope=config.use_rope,
-        decay_range=config.decay_range, impl=config.lasad_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        decay_range=config.decay_range, impl=config.lasad_impl, decode_impl=config.decode_impl,
+        state_dtype=config.decode_state_dtype, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
     )
 
 

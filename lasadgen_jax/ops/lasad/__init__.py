@@ -2,7 +2,9 @@
 
 `lasad_attention` is the one public entry point; `impl` picks the algorithm, resolved in
 `resolve_impl` and nowhere else. The decode API (`init_state`, `fold_prefix`, `decode_step`) is the
-recurrent algorithm's state and step.
+recurrent algorithm's state and step; `decode` runs a step through the implementation `decode_impl`
+picks ('xla': that step, the reference and the CPU path; 'pallas': the fused kernel of
+kernels/decode.py), resolved in `resolve_decode_impl` and nowhere else.
 """
 
 from __future__ import annotations
@@ -15,20 +17,24 @@ from lasadgen_jax.ops.lasad import autodiff, chunked, common, parallel, recurren
 from lasadgen_jax.ops.lasad.common import VARIANTS
 from lasadgen_jax.ops.lasad.kernels import backend as kernel_backend
 from lasadgen_jax.ops.lasad.kernels import chunk, linear_2d, parallel_form
+from lasadgen_jax.ops.lasad.kernels import decode as decode_kernels
 from lasadgen_jax.ops.lasad.kernels.chunk import BlockSizes, ChunkOptions
 from lasadgen_jax.ops.lasad.kernels.linear_2d import LinearBlocks
 from lasadgen_jax.ops.lasad.kernels.parallel_form import ParallelBlocks
-from lasadgen_jax.ops.lasad.recurrent import decode_step, fold_prefix, init_state
+from lasadgen_jax.ops.lasad.recurrent import STATE_DTYPES, decode_step, fold_prefix, init_state
 
 __all__ = [
     "AUTO_IMPL",
+    "DECODE_IMPLS",
     "IMPLS",
     "VARIANTS",
     "BlockSizes",
     "ChunkOptions",
     "LinearBlocks",
     "ParallelBlocks",
+    "STATE_DTYPES",
     "auto_impl",
+    "decode",
     "decode_step",
     "fold_prefix",
     "init_state",
@@ -36,6 +42,7 @@ __all__ = [
     "lasad_attention_linear",
     "lasad_attention_pallas",
     "lasad_attention_parallel",
+    "resolve_decode_impl",
     "resolve_impl",
 ]
 
@@ -259,3 +266,45 @@ def _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, p
 def chunked_with_block_size(block_tokens: int):
     """The chunked algorithm with a chosen block size (tests and benchmarks sweep it)."""
     return chunked.chunked_with_vjp(block_tokens)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+DECODE_IMPLS = ("auto", "xla", "pallas")
+
+
+def resolve_decode_impl(impl: str, backend: str | None = None, head_dims: tuple[int, int] | None = None) -> str:
+    """The one place that maps a decode_impl to 'xla' or 'pallas'.
+
+    'auto' is the fused kernel (kernels/decode.py) on GPU and TPU, the XLA step on CPU; on GPU only
+    for head dims the Triton body tiles (powers of two >= 16; head_dims=(d, dv) when known), else
+    'xla'. 'pallas' on CPU raises. backend defaults to jax's default backend.
+    """
+    if impl not in DECODE_IMPLS:
+        raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {impl!r}")
+    backend = kernel_backend.backend_name(jax.default_backend()) if backend is None else backend
+    if impl == "pallas" and backend not in kernel_backend.BACKENDS:
+        raise ValueError(
+            f"decode_impl='pallas' needs a GPU or TPU, but the backend is {backend!r}; use 'xla' or 'auto'")
+    if impl != "auto":
+        return impl
+    if backend not in kernel_backend.BACKENDS:
+        return "xla"
+    if backend == "gpu" and head_dims is not None:
+        try:
+            decode_kernels.check_head_dims(backend, *head_dims)
+        except ValueError:
+            return "xla"
+    return "pallas"
+
+
+def decode(state: dict, q, k_prev, v_prev, cell, *, grid, variant, log_decay_row, log_decay_col,
+           row_start: bool | None = None, impl: str = "auto"):
+    """decode_step through `impl` (resolve_decode_impl): the same arguments and results."""
+    impl = resolve_decode_impl(impl, head_dims=(q.shape[-1], v_prev.shape[-1]))
+    kwargs = dict(grid=grid, variant=variant, log_decay_row=log_decay_row, log_decay_col=log_decay_col,
+                  row_start=row_start)
+    if impl == "xla":
+        return decode_step(state, q, k_prev, v_prev, cell, **kwargs)
+    backend = kernel_backend.backend_name(jax.default_backend())  # 'gpu' or 'tpu': resolved above
+    return decode_kernels.decode_step(state, q, k_prev, v_prev, cell, **kwargs, backend=backend)

@@ -9,6 +9,7 @@ parallel_form.py  the fused parallel-form kernel behind impl="pallas_parallel"
 linear_2d.py    the linear-time exact `2d` kernel behind impl="pallas_linear": tiles, custom_vjp,
                 entry (linear_2d_chunk.py the arithmetic of one row chunk; bodies:
                 linear_2d_gpu.py Triton, linear_2d_tpu.py Mosaic TPU)
+decode.py       the fused decode step behind decode_impl="pallas" (Triton and Mosaic TPU bodies)
 
 This package imports none of them: import the module you need.
 """
