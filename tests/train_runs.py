@@ -71,7 +71,8 @@ def run_meshes(workdir: str, tokens_dir: str) -> dict:
         w1 = restored["params"]["blocks"][0]["ffn"]["w1"]["kernel"]
         adam = restored["opt_state"][1][0]       # chain(clip, adamw): adamw's ScaleByAdamState
         result[name] = {"losses": losses(os.path.join(workdir, name)),
-                        "w1_spec": [None if a is None else (list(a) if isinstance(a, tuple) else a) for a in w1.sharding.spec],
+                        "w1_spec": [None if a is None else (list(a) if isinstance(a, tuple) else a)
+                                    for a in w1.sharding.spec],
                         "w1_shard_shape": list(w1.addressable_shards[0].data.shape),
                         "adam_mu_w1_spec": [None if a is None else (list(a) if isinstance(a, tuple) else a)
                                             for a in adam.mu["blocks"][0]["ffn"]["w1"]["kernel"].sharding.spec]}

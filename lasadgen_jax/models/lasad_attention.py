@@ -139,13 +139,15 @@ class LASADAttention(nnx.Module):
         q, k = self._rotate(q, query_rows, query_cols), self._rotate(k, key_rows, key_cols)
 
         prefix_k, prefix_v = k[:, :num_prefix], v[:, :num_prefix]
-        pad_last_cell = lambda t: jnp.pad(t[:, num_prefix:], ((0, 0), (0, 1), (0, 0), (0, 0)))  # cell N-1's key is never read
+        # cell N-1's key is never read
+        pad_last_cell = lambda t: jnp.pad(t[:, num_prefix:], ((0, 0), (0, 1), (0, 0), (0, 0)))
         log_decay_row, log_decay_col = self.log_decays()
         cell_out = self._lasad((h, w))(
             q[:, num_prefix - 1:], pad_last_cell(k), pad_last_cell(v), log_decay_row=log_decay_row,
             log_decay_col=log_decay_col, prefix_k=prefix_k, prefix_v=prefix_v,
         )
-        prefix_out = self._prefix_causal(q[:, : num_prefix - 1], prefix_k[:, : num_prefix - 1], prefix_v[:, : num_prefix - 1])
+        before_last = slice(None, num_prefix - 1)
+        prefix_out = self._prefix_causal(q[:, before_last], prefix_k[:, before_last], prefix_v[:, before_last])
         attended = jnp.concatenate([prefix_out, cell_out.astype(jnp.float32)], axis=1)
         return self._output(attended, gate)
 

@@ -140,7 +140,8 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        norm = lambda: nnx.RMSNorm(config.dim, epsilon=config.norm_eps, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+        norm = lambda: nnx.RMSNorm(config.dim, epsilon=config.norm_eps, param_dtype=jnp.dtype(config.param_dtype),
+                                   rngs=rngs)
         self.attention_norm, self.ffn_norm = norm(), norm()
         self.attention = make_attention(config, rngs)
         self.ffn = SwiGLU(config, rngs=rngs)
@@ -158,7 +159,8 @@ class Block(nnx.Module):
         return self._ffn_residual(x + attended, deterministic=True), state
 
     def decode_step(self, x, state, cell, *, grid, row_start=None):
-        attended, state = self.attention.decode_step(self.attention_norm(x), state, cell, grid=grid, row_start=row_start)
+        attended, state = self.attention.decode_step(self.attention_norm(x), state, cell, grid=grid,
+                                                     row_start=row_start)
         return self._ffn_residual(x + attended, deterministic=True), state
 
 
