@@ -114,3 +114,15 @@ def write_synthetic_token_dir(directory, *, grid=(4, 4), codebook_size=64, num_c
             "spec": spec, "file": os.path.basename(path), "records": stop - start, "skipped": 0})
     assert extract.write_manifest_if_complete(str(directory), spec, len(ranges)) is not None
     return str(directory)
+
+
+def teacher_forced_logits(model, tokens, labels):
+    """Logits [batch, N, vocab] of decoding `tokens` one cell at a time (prefill, then decode_step)."""
+    state = model.init_decode_state(tokens.shape[0])
+    step = nnx.jit(lambda m, previous, s, cell: m.decode_step(previous, s, cell))
+    logits, state = nnx.jit(lambda m, labels, s: m.prefill(labels, s))(model, labels, state)
+    all_logits = [logits]
+    for cell in range(1, tokens.shape[1]):
+        logits, state = step(model, tokens[:, cell - 1], state, cell)
+        all_logits.append(logits)
+    return jnp.stack(all_logits, axis=1)

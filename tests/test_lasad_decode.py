@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from helpers import Case, make_inputs, rel_error, tiny_model
+from helpers import Case, make_inputs, rel_error, teacher_forced_logits, tiny_model
 
 from lasadgen_jax.ops import lasad
 from lasadgen_jax.ops.lasad import recurrent
@@ -276,17 +275,6 @@ def test_decode_dispatch_matches_xla_step():
 
 
 # ----------------------------------------------------------------------------- the model
-
-
-def teacher_forced_logits(model, tokens, labels):
-    state = model.init_decode_state(tokens.shape[0])
-    step = nnx.jit(lambda m, previous, s, cell: m.decode_step(previous, s, cell))
-    logits, state = nnx.jit(lambda m, labels, s: m.prefill(labels, s))(model, labels, state)
-    all_logits = [logits]
-    for cell in range(1, tokens.shape[1]):
-        logits, state = step(model, tokens[:, cell - 1], state, cell)
-        all_logits.append(logits)
-    return jnp.stack(all_logits, axis=1)
 
 
 @pytest.mark.parametrize("attention", lasad.VARIANTS)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import rel_error, tiny_model
+from helpers import rel_error, teacher_forced_logits, tiny_model
 
 from lasadgen_jax.models.lasadgen import (
     ATTENTION_TYPES,
@@ -19,17 +19,6 @@ from lasadgen_jax.models.lasadgen import (
     count_params,
     model_config,
 )
-
-
-def teacher_forced_decode(model, tokens, labels):
-    state = model.init_decode_state(tokens.shape[0])
-    step = nnx.jit(lambda m, previous, s, cell: m.decode_step(previous, s, cell))
-    logits, state = nnx.jit(lambda m, labels, s: m.prefill(labels, s))(model, labels, state)
-    all_logits = [logits]
-    for cell in range(1, tokens.shape[1]):
-        logits, state = step(model, tokens[:, cell - 1], state, cell)
-        all_logits.append(logits)
-    return jnp.stack(all_logits, axis=1)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -43,7 +32,7 @@ def test_decoding_logits_equal_parallel_logits(attention, grid, batch):
     parallel = nnx.jit(lambda m, t, y: m(t, y))(model, tokens, labels)
     chex.assert_shape(parallel, (batch, n, model.config.vocab_size))
     chex.assert_type(parallel, jnp.float32)
-    assert rel_error(teacher_forced_decode(model, tokens, labels), parallel) < 1e-4
+    assert rel_error(teacher_forced_logits(model, tokens, labels), parallel) < 1e-4
 
 
 @pytest.mark.parametrize("attention", ["2d", "softmax"])
@@ -51,7 +40,7 @@ def test_decoding_with_a_longer_class_prefix(attention):
     model = tiny_model(attention, grid=(3, 4), num_prefix=3)
     tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, model.config.vocab_size)
     labels = jnp.array([1, 4], jnp.int32)
-    assert rel_error(teacher_forced_decode(model, tokens, labels), model(tokens, labels)) < 1e-4
+    assert rel_error(teacher_forced_logits(model, tokens, labels), model(tokens, labels)) < 1e-4
 
 
 def test_head_starts_at_zero():
