@@ -331,4 +331,6 @@ def test_model_decodes_with_the_fused_step_on_device(attention):
     model = tiny_model(attention, grid=(3, 5), decode_impl="pallas")
     tokens = jax.random.randint(jax.random.PRNGKey(4), (3, 15), 0, model.config.vocab_size)
     labels = jnp.array([0, 2, 5], jnp.int32)
-    assert rel_error(teacher_forced_logits(model, tokens, labels), model(tokens, labels)) < 1e-4
+    # 1e-3, not the CPU's 1e-4: on a GPU the parallel forward's float32 matmuls run at the default
+    # precision (TF32 on Hopper); the fused step itself matches the XLA step to 1e-5 (test above).
+    assert rel_error(teacher_forced_logits(model, tokens, labels), model(tokens, labels)) < 1e-3
