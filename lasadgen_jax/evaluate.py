@@ -128,8 +128,12 @@ def main(argv):
         params_dir, model, tokenizer = _model_from_flags(FLAGS)
         sampling = SamplingConfig(cfg_scale=FLAGS.cfg_scale, cfg_schedule=FLAGS.cfg_schedule,
                                   temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+        sampling_started = time.time()
         images, labels = sample_images(model, tokenizer, FLAGS.num_samples, jax.random.PRNGKey(FLAGS.seed),
                                        sampling, FLAGS.batch_size)
+        seconds = time.time() - sampling_started
+        print(f"sampled and decoded {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s, "
+              f"compilation included) on {jax.local_device_count()} device(s)", file=sys.stderr)
         if FLAGS.save_samples:
             np.savez(FLAGS.save_samples, arr_0=images, labels=labels)
         total = len(images)

@@ -5,8 +5,10 @@
 
 The decode state is the LASAD state of every block (fixed size; `2d` keeps w column states) or the
 KV cache for `softmax`. With guidance the conditional and the null-class batches run stacked as one
-batch of 2B and `logits = u + s * (c - u)`. Writes the token grids (tokens.npz) and a PNG of them,
-one row per class; with --tokenizer also the decoded images: images.npz (arr_0, uint8
+batch of 2B (each label next to its null-class twin, so that a batch split over devices keeps both halves of a
+row on one device) and `logits = u + s * (c - u)`. `generate_in_batches` splits a request into batches of at most
+--batch_size, each split over the local devices (a 1-D 'data' mesh; params replicated). Writes the token grids
+(tokens.npz) and a PNG of them, one row per class; with --tokenizer also the decoded images: images.npz (arr_0, uint8
 [n, H, W, 3], the layout FID tools read) and samples.png.
 """
 
@@ -16,11 +18,13 @@ import dataclasses
 import functools
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lasadgen_jax.model_io import load_params, load_tokenizer_for, model_config_from, resolve_model
 from lasadgen_jax.models.lasadgen import LASADGen
@@ -112,12 +116,13 @@ def _generate(graphdef, params, labels, key, cfg_scale, config: SamplingConfig):
     model = nnx.merge(graphdef, params)
     num_tokens = model.config.num_tokens
     batch = labels.shape[0]
-    if config.guided:  # conditional and null-class halves as one batch
-        labels = jnp.concatenate([labels, jnp.full_like(labels, model.class_embedder.null_class)])
+    if config.guided:  # rows (label, null class) interleaved: a batch-sharded row pair stays on one device
+        labels = jnp.stack([labels, jnp.full_like(labels, model.class_embedder.null_class)], axis=1).reshape(-1)
 
     def choose(logits, cell, key):
         if config.guided:
-            logits = guided_logits(logits[:batch], logits[batch:], cfg_scale_at(cell, num_tokens, config, cfg_scale))
+            pairs = logits.reshape(batch, 2, -1)
+            logits = guided_logits(pairs[:, 0], pairs[:, 1], cfg_scale_at(cell, num_tokens, config, cfg_scale))
         return pick_tokens(key, logits, config)
 
     keys = jax.random.split(key, num_tokens)
@@ -128,7 +133,7 @@ def _generate(graphdef, params, labels, key, cfg_scale, config: SamplingConfig):
 
     def step(carry, cell, row_start):
         state, previous = carry
-        fed = jnp.concatenate([previous, previous]) if config.guided else previous
+        fed = jnp.repeat(previous, 2) if config.guided else previous
         logits, state = model.decode_step(fed, state, cell, row_start=row_start)
         token = choose(logits, cell, keys[cell])
         return (state, token), token
@@ -148,14 +153,63 @@ def _generate(graphdef, params, labels, key, cfg_scale, config: SamplingConfig):
     return tokens.T
 
 
+def sampling_mesh(devices=None) -> Mesh:
+    """A 1-D mesh ('data') over `devices` (default: the local devices): each sampling batch is split over it."""
+    return Mesh(np.asarray(jax.local_devices() if devices is None else devices), ("data",))
+
+
+def _sample_batch(graphdef, params, labels, key, config: SamplingConfig, mesh: Mesh):
+    """int32 tokens [n, h*w] for int32 labels [n], the batch split over `mesh` (params already replicated on it).
+
+    n is padded (repeating the last label) to the next multiple of the device count only: a small request
+    costs a small batch; the padded rows are dropped."""
+    labels = np.asarray(labels, np.int32)
+    rows = -(-len(labels) // mesh.size) * mesh.size
+    padded = np.pad(labels, (0, rows - len(labels)), mode="edge")
+    sharded = jax.device_put(padded, NamedSharding(mesh, PartitionSpec("data")))
+    tokens = _generate(graphdef, params, sharded, key, jnp.float32(config.cfg_scale),
+                       compiled_sampling_config(config))
+    return tokens if rows == len(labels) else tokens[: len(labels)]
+
+
+def _replicated_split(model: LASADGen, mesh: Mesh):
+    graphdef, params = nnx.split(model)
+    return graphdef, jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+
+
 def generate(model: LASADGen, labels, key, config: SamplingConfig = SamplingConfig()):
-    """Samples token grids for int labels [batch]: returns int32 [batch, h, w]."""
+    """Samples token grids for int labels [batch] as one batch, sharded as the params and labels are (the trainer's
+    mesh); returns int32 [batch, h, w]. Requests of many images: generate_in_batches (all local devices)."""
     labels = jnp.asarray(labels)
     model.check_labels(labels, allow_null=True)
     graphdef, params = nnx.split(model)
     tokens = _generate(graphdef, params, labels.astype(jnp.int32), key, jnp.float32(config.cfg_scale),
                        compiled_sampling_config(config))
     return tokens.reshape(labels.shape[0], *model.config.grid)
+
+
+def generate_in_batches(model: LASADGen, labels, key, config: SamplingConfig, batch_size: int,
+                        progress: bool = False, desc: str = "sampling", devices=None) -> np.ndarray:
+    """Token grids int32 [n, h, w] for int labels [n], sampled in batches of at most `batch_size` (the last one
+    only as large as what is left), each split over `devices` (default: the local devices); batch i uses the i-th
+    split of `key`."""
+    from tqdm import tqdm
+
+    labels = np.asarray(labels, np.int32)
+    if labels.ndim != 1 or len(labels) == 0 or batch_size < 1:
+        raise ValueError(f"labels must be a non-empty [n] array and batch_size >= 1, got labels of shape "
+                         f"{labels.shape} and batch_size {batch_size}")
+    model.check_labels(jnp.asarray(labels), allow_null=True)
+    mesh = sampling_mesh(devices)
+    graphdef, params = _replicated_split(model, mesh)
+    batches = []
+    with tqdm(total=len(labels), unit="img", desc=desc, disable=not progress) as bar:
+        for start in range(0, len(labels), batch_size):
+            batch_labels = labels[start : start + batch_size]
+            key, batch_key = jax.random.split(key)
+            batches.append(np.asarray(_sample_batch(graphdef, params, batch_labels, batch_key, config, mesh)))
+            bar.update(len(batch_labels))
+    return np.concatenate(batches).reshape(len(labels), *model.config.grid)
 
 
 # ----------------------------------------------------------------------------- pictures of tokens
@@ -230,7 +284,6 @@ def main(argv):
     del argv
     from absl import flags
     from PIL import Image
-    from tqdm import tqdm
 
     FLAGS = flags.FLAGS
     out_dir = FLAGS.out
@@ -260,18 +313,10 @@ def main(argv):
         load_params(model, params_dir)
     model.eval()
     labels = np.repeat(np.asarray(classes, np.int32), FLAGS.num)
-    key = jax.random.PRNGKey(FLAGS.seed)
-    batches = []
-    description = f"sampling {model_config.grid[0]}x{model_config.grid[1]} tokens"
-    with tqdm(total=len(labels), unit="img", desc=description) as bar:
-        for start in range(0, len(labels), FLAGS.batch_size):
-            batch_labels = labels[start : start + FLAGS.batch_size]
-            padded = np.pad(batch_labels, (0, FLAGS.batch_size - len(batch_labels)), mode="edge")  # one compiled shape
-            key, batch_key = jax.random.split(key)
-            tokens = np.asarray(generate(model, padded, batch_key, sampling))[: len(batch_labels)]
-            batches.append(tokens)
-            bar.update(len(batch_labels))
-    tokens = np.concatenate(batches)
+    started = time.perf_counter()
+    tokens = generate_in_batches(model, labels, jax.random.PRNGKey(FLAGS.seed), sampling, FLAGS.batch_size,
+                                 progress=True, desc=f"sampling {model_config.grid[0]}x{model_config.grid[1]} tokens")
+    seconds = time.perf_counter() - started
 
     np.savez(os.path.join(out_dir, "tokens.npz"), tokens=tokens, labels=labels)
     picture = token_grid_picture(tokens, model_config.vocab_size, columns=FLAGS.num)
@@ -286,6 +331,8 @@ def main(argv):
         json.dump({"classes": classes, "num_per_class": FLAGS.num, "seed": FLAGS.seed, "ckpt": params_dir,
                    "tokenizer": FLAGS.tokenizer,
                    "sampling": dataclasses.asdict(sampling), "model": dataclasses.asdict(model_config)}, f, indent=1)
+    print(f"Sampled {len(tokens)} token grids in {seconds:.1f} s ({len(tokens) / seconds:.2f} images/s, compilation "
+          f"included) on {jax.local_device_count()} device(s).")
     print(f"Wrote {len(tokens)} samples ({model_config.grid[0]}x{model_config.grid[1]} tokens, one row per "
           f"class in the pictures): {written}, and the settings to {out_dir}/sampling.json.")
 
@@ -301,7 +348,8 @@ def define_flags():
     flags.DEFINE_bool("random_init", False, "Sample from randomly initialised weights (smoke runs, benchmarks).")
     flags.DEFINE_string("classes", "0", "'all' or comma-separated class ids.")
     flags.DEFINE_integer("num", 4, "Samples per class.")
-    flags.DEFINE_integer("batch_size", 32, "Images per jitted call.")
+    flags.DEFINE_integer("batch_size", 32, "Images per jitted call, split over the local devices (a smaller "
+                         "request runs a smaller batch).")
     flags.DEFINE_integer("seed", 0, "Random seed (initialisation with --random_init, and sampling).")
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1 = none).")
     flags.DEFINE_enum("cfg_schedule", "constant", list(CFG_SCHEDULES), "Guidance schedule over the cells.")

