@@ -98,12 +98,12 @@ def test_forward_and_gradients_match_reference(case, backend, dtype, rows):
         assert error < tolerance, f"d{name}: relative error {error:.2e} >= {tolerance}"
 
 
-def _exported_forward_and_backward(backend: str, platform: str, disabled_checks=()):
+def _exported_forward_and_backward(backend: str, platform: str, disabled_checks=(), blocks=LinearBlocks(),
+                                   grid=(6, 40), d=64):
     """The MLIR text of forward + backward at a benchmark-like shape (rows of 64 slots, d = 64)."""
-    grid = (6, 40)
-    case = Case("export", batch=1, grid=grid, heads=2, d=64, dv=64, prefix=1)
+    case = Case("export", batch=1, grid=grid, heads=2, d=d, dv=d, prefix=1)
     inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
-    op = functools.partial(lasad_attention_linear, grid=grid, variant="2d", backend=backend)
+    op = functools.partial(lasad_attention_linear, grid=grid, variant="2d", backend=backend, blocks=blocks)
 
     def both(inputs):
         out, pullback = jax.vjp(lambda x: op(**x), inputs)
@@ -120,6 +120,36 @@ def test_gpu_body_lowers_to_triton():
     module = _exported_forward_and_backward("gpu", "cuda", [jax.export.DisabledSafetyCheck.custom_call(triton)])
     assert module.count("lasad_linear_2d_sweep") >= 1
     assert module.count(triton) == 3  # forward, dq, sweep
+
+
+@pytest.mark.parametrize(("grid", "d", "rows", "stages"), [((6, 40), 64, 2, 1), ((5, 7), 36, 1, 2), ((9, 64), 64, 1, 1)])
+def test_mosaic_gpu_body_lowers(grid, d, rows, stages):
+    """LinearBlocks(gpu_body="mosaic"): the forward and the dq call are Mosaic GPU kernels (two each:
+    within-chunk pairs, column states), the reverse sweep Triton; all pass lowering for CUDA on the
+    CPU, shared-memory budgets included (their numerics: benchmarks/linear_2d.py on a GPU)."""
+    triton = "__gpu$xla.gpu.triton"
+    blocks = LinearBlocks(gpu_body="mosaic", mosaic_rows=rows, mosaic_stages=stages)
+    module = _exported_forward_and_backward("gpu", "cuda", [jax.export.DisabledSafetyCheck.custom_call(triton)],
+                                            blocks=blocks, grid=grid, d=d)
+    assert module.count(f"@{triton}") == 1  # the reverse sweep
+    assert module.count("lasad_linear_2d_sweep") >= 1
+    assert module.count("mosaic_gpu") >= 4
+
+
+@pytest.mark.parametrize(("blocks", "grid", "dtype", "d", "interpret", "error"), [
+    (LinearBlocks(gpu_body="mosaic"), (4, 8), jnp.float32, 16, False, "bf16 or fp16"),
+    (LinearBlocks(gpu_body="mosaic"), (4, 65), jnp.bfloat16, 16, False, "up to 64 wide"),
+    (LinearBlocks(gpu_body="mosaic"), (4, 8), jnp.bfloat16, 96, False, "d <= 64"),
+    (LinearBlocks(gpu_body="mosaic", mosaic_rows=4), (4, 8), jnp.bfloat16, 16, False, "shared memory"),
+    (LinearBlocks(gpu_body="mosaic"), (4, 8), jnp.bfloat16, 16, True, "interpret mode"),
+])
+def test_mosaic_gpu_body_refuses_what_it_does_not_cover(blocks, grid, dtype, d, interpret, error):
+    case = Case("refuse", batch=1, grid=grid, heads=1, d=d, dv=d, prefix=0)
+    inputs = make_inputs(case, seed=0, dtype=dtype)
+    op = functools.partial(lasad_attention_linear, grid=grid, variant="2d", backend="gpu", blocks=blocks,
+                           interpret=interpret)
+    with pytest.raises(ValueError, match=error):
+        jax.eval_shape(lambda x: op(**x), inputs)
 
 
 def test_tpu_body_lowers_to_mosaic():
@@ -144,7 +174,8 @@ def test_other_variants_raise(variant):
         lasad_attention_linear(**inputs, grid=case.grid, variant=variant, backend="gpu", interpret=True)
 
 
-@pytest.mark.parametrize(("field", "value"), [("rows", 3), ("dv_block", 8), ("num_warps", 0), ("num_stages", 0)])
+@pytest.mark.parametrize(("field", "value"), [("rows", 3), ("dv_block", 8), ("num_warps", 0), ("num_stages", 0),
+                                               ("gpu_body", "cuda"), ("mosaic_rows", 3), ("mosaic_stages", 0)])
 def test_linear_blocks_validate_themselves(field, value):
     with pytest.raises(ValueError, match=f"LinearBlocks.{field}"):
         LinearBlocks(**{field: value})
