@@ -122,7 +122,8 @@ def test_gpu_body_lowers_to_triton():
     assert module.count(triton) == 3  # forward, dq, sweep
 
 
-@pytest.mark.parametrize(("grid", "d", "rows", "stages"), [((6, 40), 64, 2, 1), ((5, 7), 36, 1, 2), ((9, 64), 64, 1, 1)])
+@pytest.mark.parametrize(("grid", "d", "rows", "stages"),
+                         [((6, 40), 64, 2, 1), ((5, 7), 36, 1, 2), ((9, 64), 64, 1, 1)])
 def test_mosaic_gpu_body_lowers(grid, d, rows, stages):
     """LinearBlocks(gpu_body="mosaic"): the forward and the dq call are Mosaic GPU kernels (two each:
     within-chunk pairs, column states), the reverse sweep Triton; all pass lowering for CUDA on the
