@@ -180,3 +180,61 @@ def test_other_variants_raise(variant):
 def test_linear_blocks_validate_themselves(field, value):
     with pytest.raises(ValueError, match=f"LinearBlocks.{field}"):
         LinearBlocks(**{field: value})
+
+
+def _within_stand_in(q, k, v, log_decay_row, log_decay_col, *, rows):
+    """What linear_2d_mgpu's within-chunk kernel computes, in jnp on the same layouts."""
+    from lasadgen_jax.ops.lasad.kernels import linear_2d_mgpu
+
+    strict, full, row_power = linear_2d_mgpu.within_tables(log_decay_row, log_decay_col, rows)
+    batch, heads, length, _ = q.shape
+    slots = linear_2d_mgpu.SLOTS
+    tile = lambda x: x.astype(jnp.float32).reshape(batch, heads, length // (rows * slots), rows, slots, x.shape[-1])
+    q_t, k_t, v_t = tile(q), tile(k), tile(v)
+    out = jnp.zeros(v_t.shape, jnp.float32)
+    for i in range(rows):
+        for j in range(i + 1):
+            decay = strict if i == j else full * row_power[:, i - j, :, None]
+            scores = jnp.einsum("bhcqd,bhckd->bhcqk", q_t[:, :, :, i], k_t[:, :, :, j]) * decay[None, :, None]
+            out = out.at[:, :, :, i].add(jnp.einsum("bhcqk,bhcke->bhcqe", scores, v_t[:, :, :, j]))
+    return out.reshape(batch, heads, length, v.shape[-1])
+
+
+def _state_stand_in(q, weighted_k, values_t, log_decay_row, log_decay_col, *, rows, max_concurrent_steps):
+    """What linear_2d_mgpu's state kernel computes, in jnp on the same layouts."""
+    batch, heads, length, d = q.shape
+    slots = length // values_t.shape[2]
+    tiles, tile = values_t.shape[0] // (batch * heads), values_t.shape[1]
+    chunk = lambda x: x.astype(jnp.float32).reshape(batch, heads, -1, rows, slots, x.shape[-1])
+    q_c, k_c = chunk(q), chunk(weighted_k)
+    values = values_t.reshape(batch, heads, tiles * tile, -1, rows, slots)  # [B, H, dv, chunks, R, slots]
+    distance = jnp.abs(jnp.arange(slots)[:, None] - jnp.arange(slots)[None, :])
+    smoothing = jnp.exp(log_decay_col[:, None, None] * distance)
+    chunk_decay = jnp.exp(log_decay_row * rows)[None, :, None, None, None]
+    state = jnp.zeros((batch, heads, tiles * tile, slots, d), jnp.float32)
+    reads = []
+    for c in range(q_c.shape[2]):
+        reads.append(jnp.einsum("bhrsd,bhesd->bhers", q_c[:, :, c], state))
+        fold = jnp.einsum("bhrsd,bhers->bhesd", k_c[:, :, c], values[:, :, :, c])
+        state = chunk_decay * state + jnp.einsum("hst,bhetd->bhesd", smoothing, fold)
+    return jnp.stack(reads, axis=3).reshape(values_t.shape)
+
+
+@pytest.mark.parametrize(("grid", "rows", "dv"), [((5, 7), 2, 16), ((9, 64), 1, 20), ((6, 40), 4, 64)])
+def test_mosaic_gpu_forward_algorithm_matches_reference(monkeypatch, grid, rows, dv):
+    """linear_2d_mgpu.forward with jnp stand-ins for its two kernels (the same layouts, tables and
+    split): packing, key weights, the value-tile transposes and the sum of the two parts give the
+    reference. The kernels' own numerics need a GPU (benchmarks/linear_2d.py)."""
+    from lasadgen_jax.ops.lasad.kernels import linear_2d_mgpu
+
+    monkeypatch.setattr(linear_2d_mgpu, "within_chunks", _within_stand_in)
+    monkeypatch.setattr(linear_2d_mgpu, "state_reads", _state_stand_in)
+    monkeypatch.setattr(linear_2d_mgpu, "unsupported", lambda *args: "")  # 4-row chunks exceed shared memory
+    case = Case("stand_in", batch=2, grid=grid, heads=2, d=16, dv=dv, prefix=0)
+    inputs = make_inputs(case, seed=3, dtype=jnp.bfloat16)
+    out = linear_2d_mgpu.forward(inputs["q"], inputs["k"], inputs["v"], inputs["log_decay_row"],
+                                 inputs["log_decay_col"], grid=grid, rows=rows, max_concurrent_steps=1)
+    expected = lasad_attention(inputs["q"], inputs["k"], inputs["v"], grid=grid, variant="2d", impl="reference",
+                               log_decay_row=inputs["log_decay_row"], log_decay_col=inputs["log_decay_col"])
+    error = rel_error(out, expected)
+    assert error < TOLERANCE[jnp.bfloat16], f"relative error {error:.2e}"
