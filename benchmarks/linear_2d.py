@@ -1,18 +1,21 @@
-"""The linear-time `2d` kernel (`impl="pallas_linear"`) on a GPU: checks, a tiling sweep, then time
-against cuDNN flash attention and the parallel-form kernel in the same run.
+"""The linear-time `2d` kernel (`impl="pallas_linear"`) on a GPU: checks, an optional tiling sweep,
+then time against cuDNN flash attention and the parallel-form kernel in the same run, for each GPU
+body (--bodies: "triton", the default body; "mosaic", LinearBlocks(gpu_body="mosaic"), Hopper only).
 
-    python benchmarks/linear_2d.py                          # everything, until --budget seconds
-    python benchmarks/linear_2d.py --sizes 64,128 --skip-check
+    python benchmarks/linear_2d.py 2>&1 | tee linear_2d.txt   # checks + table, both bodies (~4 min on an H100)
+    python benchmarks/linear_2d.py --bodies mosaic --sizes 32,64 --skip-check
 
-1. Checks: forward and every gradient (q, k, v, both log decays, prefix) against the quadratic
-   reference on small grids (float32 < 1e-4, bf16 < 2e-2), then at benchmark sizes against
+1. Checks, per body: forward and every gradient (q, k, v, both log decays, prefix) against the
+   quadratic reference on small grids (5x7 batch 2 and 20x24, bf16 < 2e-2; with --float32-checks
+   also float32 < 1e-4 for the Triton body: the Mosaic GPU body takes bf16/fp16 only), then at benchmark sizes against
    `pallas_parallel` at --check-sizes (bf16, < 2e-2; the log-decay gradients against the sum of their terms'
    magnitudes, as tests/test_lasad_pallas.py does), and that every output is finite.
-2. Sweep: LinearBlocks tilings at N = 4096, forward and forward+backward.
+2. Sweep (--sweep): LinearBlocks tilings of the Triton body at N = 4096, forward and forward+backward.
 3. Table: for each N (square grid, batch = tokens // N, H = 16, d = dv = 64, bf16), the median
-   forward and forward+backward time of cuDNN flash (causal), `pallas_parallel` and
-   `pallas_linear` (the default tiles, the sweep's best and --dv-blocks), as ratios to flash.
-Exit status 1 if a check fails.
+   forward and forward+backward time of cuDNN flash (causal), `pallas_parallel` and each body of
+   `pallas_linear`, as ratios to flash.
+Every line is printed as it is measured; a body that raises (e.g. the Mosaic GPU body on a grid
+wider than 64) prints the error and the run goes on. Exit status 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -33,14 +36,21 @@ from lasadgen_jax.ops import lasad
 from lasadgen_jax.ops.lasad import LinearBlocks
 
 START = time.perf_counter()
-SWEEP = (LinearBlocks(rows=16, dv_block=16), LinearBlocks(rows=16, dv_block=64), LinearBlocks(rows=32, dv_block=64,
-                                                                                           num_warps=8))
+SWEEP = (LinearBlocks(rows=16, dv_block=16), LinearBlocks(rows=16, dv_block=64),
+         LinearBlocks(rows=32, dv_block=64, num_warps=8))
+
+
+BODIES = {"triton": LinearBlocks(), "mosaic": LinearBlocks(gpu_body="mosaic")}
 
 
 def linear_op(grid, blocks=None):
     if blocks is None:
         return lambda x: lasad.lasad_attention(**x, grid=grid, variant="2d", impl="pallas_linear")
     return lambda x: lasad.lasad_attention_linear(**x, grid=grid, variant="2d", backend="gpu", blocks=blocks)
+
+
+def error_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if str(error) else type(error).__name__
 
 
 def reference_op(grid, impl):
@@ -73,22 +83,33 @@ def compare(grid, inputs, cotangent, expected_impl, tolerance, blocks=None):
     return rel_error(actual[0], expected[0]), errors, finite
 
 
-def checks(sizes, tokens, heads, d) -> bool:
+def checks(sizes, tokens, heads, d, bodies, float32: bool) -> bool:
     ok = True
-    print("| against | grid | batch | dtype | forward | dq | dk | dv | d log g_row | d log g_col | finite | ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    runs = [("reference", (5, 7), 2, jnp.float32, 1e-4, 2), ("reference", (20, 24), 1, jnp.float32, 1e-4, 2),
-            ("reference", (20, 24), 1, jnp.bfloat16, 2e-2, 2)]
+    print("| body | against | grid | batch | dtype | forward | dq | dk | dv | d log g_row | d log g_col | finite "
+          "| ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    runs = [("reference", (5, 7), 2, jnp.bfloat16, 2e-2, 2), ("reference", (20, 24), 1, jnp.bfloat16, 2e-2, 2)]
+    if float32:
+        runs = [("reference", (5, 7), 2, jnp.float32, 1e-4, 2), ("reference", (20, 24), 1, jnp.float32, 1e-4, 2)] + runs
     runs += [("pallas_parallel", (side, side), max(1, tokens // side**2), jnp.bfloat16, 2e-2, 0) for side in sizes]
-    for impl, grid, batch, dtype, tolerance, prefix in runs:
-        inputs = random_inputs(batch, grid, heads if impl != "reference" else 2, d, prefix, dtype, seed=grid[1])
-        cotangent = jax.random.normal(jax.random.PRNGKey(5), inputs["v"].shape, jnp.float32).astype(dtype)
-        out_error, errors, finite = compare(grid, inputs, cotangent, impl, tolerance)
-        good = finite and out_error < tolerance and max(errors.values()) < tolerance
-        ok &= good
-        cells = " | ".join(f"{errors[name]:.1e}" for name in ("q", "k", "v", "log_decay_row", "log_decay_col"))
-        print(f"| {impl} | {grid[0]}x{grid[1]} | {batch} | {jnp.dtype(dtype).name} | {out_error:.1e} | {cells} | "
-              f"{finite} | {'yes' if good else 'NO'} |", flush=True)
+    for body in bodies:
+        for impl, grid, batch, dtype, tolerance, prefix in runs:
+            if body == "mosaic" and dtype == jnp.float32:
+                continue  # bf16/fp16 only (wgmma)
+            head = f"| {body} | {impl} | {grid[0]}x{grid[1]} | {batch} | {jnp.dtype(dtype).name}"
+            try:
+                inputs = random_inputs(batch, grid, heads if impl != "reference" else 2, d, prefix, dtype,
+                                       seed=grid[1])
+                cotangent = jax.random.normal(jax.random.PRNGKey(5), inputs["v"].shape, jnp.float32).astype(dtype)
+                out_error, errors, finite = compare(grid, inputs, cotangent, impl, tolerance, BODIES[body])
+            except Exception as error:  # noqa: BLE001 - reported, counted as a failed check, the run goes on
+                print(f"{head} | {error_line(error)} | | | | | | | NO |", flush=True)
+                ok = False
+                continue
+            good = finite and out_error < tolerance and max(errors.values()) < tolerance
+            ok &= good
+            cells = " | ".join(f"{errors[name]:.1e}" for name in ("q", "k", "v", "log_decay_row", "log_decay_col"))
+            print(f"{head} | {out_error:.1e} | {cells} | {finite} | {'yes' if good else 'NO'} |", flush=True)
     return ok
 
 
@@ -114,7 +135,8 @@ def sweep(tokens, heads, d, repeats, budget):
     return min(results, key=lambda r: r[0])[1] if results else None
 
 
-def table(sizes, tokens, heads, d, repeats, best, budget):
+def table(sizes, tokens, heads, d, repeats, linear_runs, budget):
+    """linear_runs: (label, LinearBlocks) rows of pallas_linear after flash and pallas_parallel."""
     print("| N | grid | batch | impl | fwd ms | fwd+bwd ms | flash / fwd | flash / fwd+bwd |")
     print("|---|---|---|---|---|---|---|---|")
     for side in sizes:
@@ -123,17 +145,18 @@ def table(sizes, tokens, heads, d, repeats, best, budget):
         inputs = random_inputs(batch, grid, heads, d, 0, jnp.bfloat16, seed=side)
         cotangent = jax.random.normal(jax.random.PRNGKey(side + 1), inputs["v"].shape, jnp.float32).astype(jnp.bfloat16)
         plain = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"]}
-        runs = [("cudnn flash", flash, plain), ("pallas_parallel", reference_op(grid, "pallas_parallel"), inputs),
-                ("pallas_linear", linear_op(grid), inputs)]
-        for blocks in best:
-            if blocks != LinearBlocks():
-                runs.append((f"pallas_linear {blocks}", linear_op(grid, blocks), inputs))
+        runs = [("cudnn flash", flash, plain), ("pallas_parallel", reference_op(grid, "pallas_parallel"), inputs)]
+        runs += [(f"pallas_linear {label}", linear_op(grid, blocks), inputs) for label, blocks in linear_runs]
         flash_ms = None
         for label, forward, args in runs:
             if time.perf_counter() - START > budget:
-                print(f"| {n} | (budget of {budget} s spent: table stopped) | | | | | | |")
+                print(f"| {n} | (budget of {budget} s spent: table stopped) | | | | | | |", flush=True)
                 return
-            ms = timed(forward, args, cotangent, repeats)
+            try:
+                ms = timed(forward, args, cotangent, repeats)
+            except Exception as error:  # noqa: BLE001 - one body's failure must not lose the other rows
+                print(f"| {n} | {side}x{side} | {batch} | {label} | {error_line(error)} | | | |", flush=True)
+                continue
             flash_ms = flash_ms or ms
             print(f"| {n} | {side}x{side} | {batch} | {label} | {ms[0]:.3f} | {ms[1]:.3f} | {flash_ms[0] / ms[0]:.2f} "
                   f"| {flash_ms[1] / ms[1]:.2f} |", flush=True)
@@ -141,26 +164,38 @@ def table(sizes, tokens, heads, d, repeats, best, budget):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bodies", default="triton,mosaic", help=f"pallas_linear GPU bodies, of {tuple(BODIES)}")
     parser.add_argument("--sizes", default="16,32,64,128", help="grid sides (N = side^2)")
-    parser.add_argument("--check-sizes", default="32,128", help="grid sides checked against pallas_parallel")
+    parser.add_argument("--check-sizes", default="32", help="grid sides checked against pallas_parallel")
     parser.add_argument("--tokens", type=int, default=32768, help="batch * N per call")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which timing stops")
+    parser.add_argument("--budget", type=float, default=200.0, help="seconds after which timing stops")
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--skip-sweep", action="store_true")
-    parser.add_argument("--dv-blocks", default="", help="more LinearBlocks.dv_block rows in the table, e.g. 64")
+    parser.add_argument("--float32-checks", action="store_true", help="also the float32 checks (Triton body)")
+    parser.add_argument("--sweep", action="store_true", help="the Triton tiling sweep at N = 4096 first")
+    parser.add_argument("--mosaic-rows", default="", help="more Mosaic GPU rows per chunk in the table, e.g. 1")
     args = parser.parse_args(argv)
+    bodies = [body for body in args.bodies.split(",") if body]
+    unknown = sorted(set(bodies) - set(BODIES))
+    if unknown:
+        parser.error(f"--bodies: unknown {unknown}, choose from {tuple(BODIES)}")
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}, tokens {args.tokens}, heads {args.heads}, "
-          f"d = dv = {args.dim}", flush=True)
-    check_sizes = [int(s) for s in args.check_sizes.split(",")]
-    ok = True if args.skip_check else checks(check_sizes, args.tokens, args.heads, args.dim)
+          f"d = dv = {args.dim}, bodies {bodies}", flush=True)
+    check_sizes = [int(s) for s in args.check_sizes.split(",") if s]
+    ok = True if args.skip_check else checks(check_sizes, args.tokens, args.heads, args.dim, bodies,
+                                                 args.float32_checks)
     print(f"checks {'passed' if ok else 'FAILED'} ({time.perf_counter() - START:.0f} s)", flush=True)
-    best = [] if args.skip_sweep else [sweep(args.tokens, args.heads, args.dim, args.repeats, args.budget)]
-    best += [LinearBlocks(dv_block=int(dv)) for dv in args.dv_blocks.split(",") if dv]
-    table(sizes, args.tokens, args.heads, args.dim, args.repeats, [b for b in best if b is not None], args.budget)
+    linear_runs = [(body, BODIES[body]) for body in bodies]
+    if args.sweep:
+        best = sweep(args.tokens, args.heads, args.dim, args.repeats, args.budget)
+        if best is not None and best != LinearBlocks():
+            linear_runs.append((f"triton {best}", best))
+    for rows in (int(r) for r in args.mosaic_rows.split(",") if r):
+        linear_runs.append((f"mosaic rows {rows}", LinearBlocks(gpu_body="mosaic", mosaic_rows=rows)))
+    table(sizes, args.tokens, args.heads, args.dim, args.repeats, linear_runs, args.budget)
     print(f"done in {time.perf_counter() - START:.0f} s", flush=True)
     return 0 if ok else 1
 

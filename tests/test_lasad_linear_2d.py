@@ -98,12 +98,12 @@ def test_forward_and_gradients_match_reference(case, backend, dtype, rows):
         assert error < tolerance, f"d{name}: relative error {error:.2e} >= {tolerance}"
 
 
-def _exported_forward_and_backward(backend: str, platform: str, disabled_checks=()):
+def _exported_forward_and_backward(backend: str, platform: str, disabled_checks=(), blocks=LinearBlocks(),
+                                   grid=(6, 40), d=64):
     """The MLIR text of forward + backward at a benchmark-like shape (rows of 64 slots, d = 64)."""
-    grid = (6, 40)
-    case = Case("export", batch=1, grid=grid, heads=2, d=64, dv=64, prefix=1)
+    case = Case("export", batch=1, grid=grid, heads=2, d=d, dv=d, prefix=1)
     inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
-    op = functools.partial(lasad_attention_linear, grid=grid, variant="2d", backend=backend)
+    op = functools.partial(lasad_attention_linear, grid=grid, variant="2d", backend=backend, blocks=blocks)
 
     def both(inputs):
         out, pullback = jax.vjp(lambda x: op(**x), inputs)
@@ -120,6 +120,37 @@ def test_gpu_body_lowers_to_triton():
     module = _exported_forward_and_backward("gpu", "cuda", [jax.export.DisabledSafetyCheck.custom_call(triton)])
     assert module.count("lasad_linear_2d_sweep") >= 1
     assert module.count(triton) == 3  # forward, dq, sweep
+
+
+@pytest.mark.parametrize(("grid", "d", "rows", "stages"),
+                         [((6, 40), 64, 2, 1), ((5, 7), 36, 1, 2), ((9, 64), 64, 1, 1)])
+def test_mosaic_gpu_body_lowers(grid, d, rows, stages):
+    """LinearBlocks(gpu_body="mosaic"): the forward and the dq call are Mosaic GPU kernels (two each:
+    within-chunk pairs, column states), the reverse sweep Triton; all pass lowering for CUDA on the
+    CPU, shared-memory budgets included (their numerics: benchmarks/linear_2d.py on a GPU)."""
+    triton = "__gpu$xla.gpu.triton"
+    blocks = LinearBlocks(gpu_body="mosaic", mosaic_rows=rows, mosaic_stages=stages)
+    module = _exported_forward_and_backward("gpu", "cuda", [jax.export.DisabledSafetyCheck.custom_call(triton)],
+                                            blocks=blocks, grid=grid, d=d)
+    assert module.count(f"@{triton}") == 1  # the reverse sweep
+    assert module.count("lasad_linear_2d_sweep") >= 1
+    assert module.count("mosaic_gpu") >= 4
+
+
+@pytest.mark.parametrize(("blocks", "grid", "dtype", "d", "interpret", "error"), [
+    (LinearBlocks(gpu_body="mosaic"), (4, 8), jnp.float32, 16, False, "bf16 or fp16"),
+    (LinearBlocks(gpu_body="mosaic"), (4, 65), jnp.bfloat16, 16, False, "up to 64 wide"),
+    (LinearBlocks(gpu_body="mosaic"), (4, 8), jnp.bfloat16, 96, False, "d <= 64"),
+    (LinearBlocks(gpu_body="mosaic", mosaic_rows=4), (4, 8), jnp.bfloat16, 16, False, "shared memory"),
+    (LinearBlocks(gpu_body="mosaic"), (4, 8), jnp.bfloat16, 16, True, "interpret mode"),
+])
+def test_mosaic_gpu_body_refuses_what_it_does_not_cover(blocks, grid, dtype, d, interpret, error):
+    case = Case("refuse", batch=1, grid=grid, heads=1, d=d, dv=d, prefix=0)
+    inputs = make_inputs(case, seed=0, dtype=dtype)
+    op = functools.partial(lasad_attention_linear, grid=grid, variant="2d", backend="gpu", blocks=blocks,
+                           interpret=interpret)
+    with pytest.raises(ValueError, match=error):
+        jax.eval_shape(lambda x: op(**x), inputs)
 
 
 def test_tpu_body_lowers_to_mosaic():
@@ -144,7 +175,66 @@ def test_other_variants_raise(variant):
         lasad_attention_linear(**inputs, grid=case.grid, variant=variant, backend="gpu", interpret=True)
 
 
-@pytest.mark.parametrize(("field", "value"), [("rows", 3), ("dv_block", 8), ("num_warps", 0), ("num_stages", 0)])
+@pytest.mark.parametrize(("field", "value"), [("rows", 3), ("dv_block", 8), ("num_warps", 0), ("num_stages", 0),
+                                               ("gpu_body", "cuda"), ("mosaic_rows", 3), ("mosaic_stages", 0)])
 def test_linear_blocks_validate_themselves(field, value):
     with pytest.raises(ValueError, match=f"LinearBlocks.{field}"):
         LinearBlocks(**{field: value})
+
+
+def _within_stand_in(q, k, v, log_decay_row, log_decay_col, *, rows):
+    """What linear_2d_mgpu's within-chunk kernel computes, in jnp on the same layouts."""
+    from lasadgen_jax.ops.lasad.kernels import linear_2d_mgpu
+
+    strict, full, row_power = linear_2d_mgpu.within_tables(log_decay_row, log_decay_col, rows)
+    batch, heads, length, _ = q.shape
+    slots = linear_2d_mgpu.SLOTS
+    tile = lambda x: x.astype(jnp.float32).reshape(batch, heads, length // (rows * slots), rows, slots, x.shape[-1])
+    q_t, k_t, v_t = tile(q), tile(k), tile(v)
+    out = jnp.zeros(v_t.shape, jnp.float32)
+    for i in range(rows):
+        for j in range(i + 1):
+            decay = strict if i == j else full * row_power[:, i - j, :, None]
+            scores = jnp.einsum("bhcqd,bhckd->bhcqk", q_t[:, :, :, i], k_t[:, :, :, j]) * decay[None, :, None]
+            out = out.at[:, :, :, i].add(jnp.einsum("bhcqk,bhcke->bhcqe", scores, v_t[:, :, :, j]))
+    return out.reshape(batch, heads, length, v.shape[-1])
+
+
+def _state_stand_in(q, weighted_k, values_t, log_decay_row, log_decay_col, *, rows, max_concurrent_steps):
+    """What linear_2d_mgpu's state kernel computes, in jnp on the same layouts."""
+    batch, heads, length, d = q.shape
+    slots = length // values_t.shape[2]
+    tiles, tile = values_t.shape[0] // (batch * heads), values_t.shape[1]
+    chunk = lambda x: x.astype(jnp.float32).reshape(batch, heads, -1, rows, slots, x.shape[-1])
+    q_c, k_c = chunk(q), chunk(weighted_k)
+    values = values_t.reshape(batch, heads, tiles * tile, -1, rows, slots)  # [B, H, dv, chunks, R, slots]
+    distance = jnp.abs(jnp.arange(slots)[:, None] - jnp.arange(slots)[None, :])
+    smoothing = jnp.exp(log_decay_col[:, None, None] * distance)
+    chunk_decay = jnp.exp(log_decay_row * rows)[None, :, None, None, None]
+    state = jnp.zeros((batch, heads, tiles * tile, slots, d), jnp.float32)
+    reads = []
+    for c in range(q_c.shape[2]):
+        reads.append(jnp.einsum("bhrsd,bhesd->bhers", q_c[:, :, c], state))
+        fold = jnp.einsum("bhrsd,bhers->bhesd", k_c[:, :, c], values[:, :, :, c])
+        state = chunk_decay * state + jnp.einsum("hst,bhetd->bhesd", smoothing, fold)
+    return jnp.stack(reads, axis=3).reshape(values_t.shape)
+
+
+@pytest.mark.parametrize(("grid", "rows", "dv"), [((5, 7), 2, 16), ((9, 64), 1, 20), ((6, 40), 4, 64)])
+def test_mosaic_gpu_forward_algorithm_matches_reference(monkeypatch, grid, rows, dv):
+    """linear_2d_mgpu.forward with jnp stand-ins for its two kernels (the same layouts, tables and
+    split): packing, key weights, the value-tile transposes and the sum of the two parts give the
+    reference. The kernels' own numerics need a GPU (benchmarks/linear_2d.py)."""
+    from lasadgen_jax.ops.lasad.kernels import linear_2d_mgpu
+
+    monkeypatch.setattr(linear_2d_mgpu, "within_chunks", _within_stand_in)
+    monkeypatch.setattr(linear_2d_mgpu, "state_reads", _state_stand_in)
+    monkeypatch.setattr(linear_2d_mgpu, "unsupported", lambda *args: "")  # 4-row chunks exceed shared memory
+    case = Case("stand_in", batch=2, grid=grid, heads=2, d=16, dv=dv, prefix=0)
+    inputs = make_inputs(case, seed=3, dtype=jnp.bfloat16)
+    out = linear_2d_mgpu.forward(inputs["q"], inputs["k"], inputs["v"], inputs["log_decay_row"],
+                                 inputs["log_decay_col"], grid=grid, rows=rows, max_concurrent_steps=1)
+    expected = lasad_attention(inputs["q"], inputs["k"], inputs["v"], grid=grid, variant="2d", impl="reference",
+                               log_decay_row=inputs["log_decay_row"], log_decay_col=inputs["log_decay_col"])
+    error = rel_error(out, expected)
+    assert error < TOLERANCE[jnp.bfloat16], f"relative error {error:.2e}"

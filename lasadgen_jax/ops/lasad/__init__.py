@@ -236,8 +236,9 @@ def lasad_attention_linear(
     blocks: LinearBlocks = LinearBlocks(),
 ) -> jax.Array:
     """`lasad_attention` through the linear-time `2d` kernel (kernels/linear_2d.py) of an explicit
-    backend ('gpu': Triton; 'tpu': Mosaic TPU), optionally in interpret mode (how the tests run it
-    on CPU). variant must be '2d'."""
+    backend ('gpu': Triton, or Mosaic GPU on a Hopper with `blocks.gpu_body="mosaic"`; 'tpu':
+    Mosaic TPU), optionally in interpret mode (how the tests run it on CPU; not the Mosaic GPU
+    body). variant must be '2d'."""
     cells = linear_2d.linear_cells(backend, bool(interpret), blocks)
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
 

@@ -12,8 +12,10 @@ backward; nothing N x N or N x d x dv goes to HBM.
 
 The chunk arithmetic (linear_2d_chunk.py) is shared by the two bodies: TPU (Mosaic TPU,
 linear_2d_tpu.py: states in VMEM scratch, the chunks as the "arbitrary" grid axis) and GPU
-(Triton lowering, linear_2d_gpu.py: states in a per-program HBM buffer). This module packs the
-inputs, picks the body and wires the `custom_vjp`.
+(Triton lowering, linear_2d_gpu.py: states in a per-program HBM buffer). On a Hopper GPU,
+`LinearBlocks(gpu_body="mosaic")` runs the forward and the backward's dq call through the Mosaic
+GPU kernels of linear_2d_mgpu.py instead (column states in shared memory; the reverse sweep stays
+Triton). This module packs the inputs, picks the body and wires the `custom_vjp`.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import jax.numpy as jnp
 
 from lasadgen_jax.ops.lasad.chunk_math import ChunkLayout, next_power_of_two
 from lasadgen_jax.ops.lasad.kernels import backend as kernel_backend
-from lasadgen_jax.ops.lasad.kernels import linear_2d_gpu, linear_2d_tpu
+from lasadgen_jax.ops.lasad.kernels import linear_2d_gpu, linear_2d_mgpu, linear_2d_tpu
 from lasadgen_jax.ops.lasad.kernels.linear_2d_chunk import ChunkGeometry
 
 # Rows per chunk when LinearBlocks.rows is 0: GPU 16 (Triton's matmuls need M >= 16 for the
 # per-column products), TPU 8 (one sublane tile of float32).
 DEFAULT_ROWS = {"gpu": 16, "tpu": 8}
 MIN_MATMUL_DIM = {"gpu": 16, "tpu": 1}  # Triton's dot needs every dim >= 16
+GPU_BODIES = ("triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,26 +44,38 @@ class LinearBlocks:
 
     rows: rows per chunk R, a power of two (0: DEFAULT_ROWS of the backend); at most the grid's
       height rounded up to a power of two is used.
-    dv_block: value columns per GPU program (a power of two >= 16); the program's column states
-      are w x d x dv_block float32. The TPU body always uses 128-lane value tiles.
+    dv_block: value columns per Triton program (a power of two >= 16); the program's column states
+      are w x d x dv_block float32. 64 by default: faster than 16 at every N measured (RESULTS.md,
+      "Linear-time 2d kernel — 2026-12-06"). The TPU body always uses 128-lane value tiles.
     num_warps, num_stages: Triton launch parameters (GPU only).
+    gpu_body: "triton" (the default) or "mosaic" (Hopper only: the forward and the backward's dq
+      call as the Mosaic GPU kernels of linear_2d_mgpu.py; bf16/fp16, grids up to 64 wide, d <= 64,
+      dv <= 64 with gradients (128 forward only); anything else raises; the reverse sweep stays Triton).
+    mosaic_rows, mosaic_stages: the Mosaic GPU body's rows per chunk and its state kernel's
+      pipeline stages (both bounded by shared memory: linear_2d_mgpu.unsupported).
     """
 
     rows: int = 0
-    dv_block: int = 16
+    dv_block: int = 64
     num_warps: int = 4
     num_stages: int = 1
+    gpu_body: str = "triton"
+    mosaic_rows: int = 2
+    mosaic_stages: int = 1
 
     def __post_init__(self):
-        for name in ("rows", "dv_block", "num_warps"):
+        for name in ("rows", "dv_block", "num_warps", "mosaic_rows"):
             value = getattr(self, name)
             allowed_zero = name == "rows" and value == 0
             if not isinstance(value, int) or (not allowed_zero and (value < 1 or value & (value - 1))):
                 raise ValueError(f"LinearBlocks.{name} must be a power of two >= 1, got {value!r}")
         if self.dv_block < 16:
             raise ValueError(f"LinearBlocks.dv_block must be >= 16 (matrix-unit tiles), got {self.dv_block}")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"LinearBlocks.num_stages must be an int >= 1, got {self.num_stages!r}")
+        for name in ("num_stages", "mosaic_stages"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"LinearBlocks.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.gpu_body not in GPU_BODIES:
+            raise ValueError(f"LinearBlocks.gpu_body must be one of {GPU_BODIES}, got {self.gpu_body!r}")
 
 
 def _layout(grid, backend: str, blocks: LinearBlocks) -> ChunkLayout:
@@ -77,6 +92,12 @@ def _padded_dims(backend: str, d: int, dv: int, blocks: LinearBlocks) -> tuple[i
 
 def _run_forward(q, k, v, decays, *, grid, backend, blocks, interpret, name=""):
     """Float32 [B, N, H, dv] from [B, N, H, *] inputs through the backend's forward kernel."""
+    if backend == "gpu" and blocks.gpu_body == "mosaic":
+        if interpret:
+            raise ValueError("LinearBlocks(gpu_body='mosaic') does not run in interpret mode (Mosaic GPU kernels need "
+                             "a Hopper GPU); use gpu_body='triton' to interpret")
+        return linear_2d_mgpu.forward(q, k, v, decays[:, 0], decays[:, 1], grid=grid, rows=blocks.mosaic_rows,
+                                      max_concurrent_steps=blocks.mosaic_stages)
     layout = _layout(grid, backend, blocks)
     geometry = ChunkGeometry(layout.rows_per_chunk, layout.row_slots, grid[1], MIN_MATMUL_DIM[backend])
     d, dv = _padded_dims(backend, q.shape[-1], v.shape[-1], blocks)
