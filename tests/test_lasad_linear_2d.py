@@ -21,6 +21,7 @@ import pytest
 from helpers import Case, make_inputs, rel_error
 
 from lasadgen_jax.ops.lasad import LinearBlocks, lasad_attention, lasad_attention_linear
+from lasadgen_jax.ops.lasad.kernels.linear_2d import triton_dv_block
 
 DIFF_ARGS = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")
 # (case, body, dtype, rows per chunk). Grids: rows and widths not powers of two, one row, one column,
@@ -238,3 +239,13 @@ def test_mosaic_gpu_forward_algorithm_matches_reference(monkeypatch, grid, rows,
                                log_decay_row=inputs["log_decay_row"], log_decay_col=inputs["log_decay_col"])
     error = rel_error(out, expected)
     assert error < TOLERANCE[jnp.bfloat16], f"relative error {error:.2e}"
+
+
+def test_triton_value_tile_is_the_widest_that_fills_the_gpu():
+    auto = LinearBlocks()
+    assert triton_dv_block(auto, batch=8, heads=16, dv=64) == 64       # 128 programs
+    assert triton_dv_block(auto, batch=2, heads=16, dv=64) == 16       # 64-wide: 32 programs, 32-wide: 64
+    assert triton_dv_block(auto, batch=4, heads=16, dv=64) == 32       # 32-wide: 128 programs
+    assert triton_dv_block(LinearBlocks(dv_block=16), batch=8, heads=16, dv=64) == 16
+    with pytest.raises(ValueError, match="dv_block"):
+        LinearBlocks(dv_block=8)

@@ -44,8 +44,10 @@ class LinearBlocks:
 
     rows: rows per chunk R, a power of two (0: DEFAULT_ROWS of the backend); at most the grid's
       height rounded up to a power of two is used.
-    dv_block: value columns per Triton program (a power of two >= 16); the program's column states
-      are w x d x dv_block float32. 64 by default: faster than 16 at every N measured (RESULTS.md,
+    dv_block: value columns per Triton program (a power of two >= 16, or 0); the program's column
+      states are w x d x dv_block float32. 0 (the default) takes the widest of 64, 32, 16 that still
+      launches MIN_PROGRAMS programs: 64-wide tiles were faster than 16 at N = 256..4096 (128-512
+      programs) and slower at N = 16384, where they left 32 programs for 132 SMs (RESULTS.md,
       "Linear-time 2d kernel — 2026-12-06"). The TPU body always uses 128-lane value tiles.
     num_warps, num_stages: Triton launch parameters (GPU only).
     gpu_body: "triton" (the default) or "mosaic" (Hopper only: the forward and the backward's dq
@@ -56,7 +58,7 @@ class LinearBlocks:
     """
 
     rows: int = 0
-    dv_block: int = 64
+    dv_block: int = 0
     num_warps: int = 4
     num_stages: int = 1
     gpu_body: str = "triton"
@@ -66,16 +68,30 @@ class LinearBlocks:
     def __post_init__(self):
         for name in ("rows", "dv_block", "num_warps", "mosaic_rows"):
             value = getattr(self, name)
-            allowed_zero = name == "rows" and value == 0
+            allowed_zero = name in ("rows", "dv_block") and value == 0
             if not isinstance(value, int) or (not allowed_zero and (value < 1 or value & (value - 1))):
                 raise ValueError(f"LinearBlocks.{name} must be a power of two >= 1, got {value!r}")
-        if self.dv_block < 16:
-            raise ValueError(f"LinearBlocks.dv_block must be >= 16 (matrix-unit tiles), got {self.dv_block}")
+        if 0 < self.dv_block < 16:
+            raise ValueError(f"LinearBlocks.dv_block must be 0 or >= 16 (matrix-unit tiles), got {self.dv_block}")
         for name in ("num_stages", "mosaic_stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"LinearBlocks.{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.gpu_body not in GPU_BODIES:
             raise ValueError(f"LinearBlocks.gpu_body must be one of {GPU_BODIES}, got {self.gpu_body!r}")
+
+
+MIN_PROGRAMS = 128   # about one program per SM of an H100 (132) or H200 (132)
+
+
+def triton_dv_block(blocks: LinearBlocks, batch: int, heads: int, dv: int) -> int:
+    """The Triton body's value tile: blocks.dv_block, or for 0 the widest of 64, 32, 16 with at least
+    MIN_PROGRAMS programs (batch x heads x value tiles), 16 when none has."""
+    if blocks.dv_block:
+        return blocks.dv_block
+    for tile in (64, 32):
+        if batch * heads * -(-dv // tile) >= MIN_PROGRAMS:
+            return tile
+    return 16
 
 
 def _layout(grid, backend: str, blocks: LinearBlocks) -> ChunkLayout:
@@ -84,10 +100,10 @@ def _layout(grid, backend: str, blocks: LinearBlocks) -> ChunkLayout:
     return ChunkLayout.make(grid, "2d", rows * slots, block_tokens_2d=rows * slots)
 
 
-def _padded_dims(backend: str, d: int, dv: int, blocks: LinearBlocks) -> tuple[int, int]:
+def _padded_dims(backend: str, d: int, dv: int, dv_block: int) -> tuple[int, int]:
     if backend == "tpu":
         return kernel_backend.padded_dim("tpu", d), kernel_backend.padded_dim("tpu", dv)
-    return next_power_of_two(max(16, d)), next_power_of_two(max(blocks.dv_block, dv))
+    return next_power_of_two(max(16, d)), next_power_of_two(max(dv_block, dv))
 
 
 def _run_forward(q, k, v, decays, *, grid, backend, blocks, interpret, name=""):
@@ -100,12 +116,13 @@ def _run_forward(q, k, v, decays, *, grid, backend, blocks, interpret, name=""):
                                       max_concurrent_steps=blocks.mosaic_stages)
     layout = _layout(grid, backend, blocks)
     geometry = ChunkGeometry(layout.rows_per_chunk, layout.row_slots, grid[1], MIN_MATMUL_DIM[backend])
-    d, dv = _padded_dims(backend, q.shape[-1], v.shape[-1], blocks)
+    dv_block = triton_dv_block(blocks, q.shape[0], q.shape[2], v.shape[-1])
+    d, dv = _padded_dims(backend, q.shape[-1], v.shape[-1], dv_block)
     pad = lambda x, dim: jnp.pad(x, ((0, 0),) * 3 + ((0, dim - x.shape[-1]),))
     q_p, k_p, v_p = (layout.pack(pad(x, dim)) for x, dim in ((q, d), (k, d), (v, dv)))
     if backend == "gpu":
         out = linear_2d_gpu.forward(q_p, k_p, v_p, decays, geometry=geometry, num_chunks=layout.num_chunks,
-                                    dv_block=blocks.dv_block, num_warps=blocks.num_warps,
+                                    dv_block=dv_block, num_warps=blocks.num_warps,
                                     num_stages=blocks.num_stages, interpret=interpret, name=name)
     else:
         heads_major = lambda x: x.transpose(0, 2, 1, 3)
@@ -119,12 +136,13 @@ def _run_sweep(q, k, v, d_out, decays, *, grid, backend, blocks, interpret):
     """(dk, dv) float32 [B, N, H, *] and the log-decay gradients [H, 2] from the reverse sweep."""
     layout = _layout(grid, backend, blocks)
     geometry = ChunkGeometry(layout.rows_per_chunk, layout.row_slots, grid[1], MIN_MATMUL_DIM[backend])
-    d, dv = _padded_dims(backend, q.shape[-1], v.shape[-1], blocks)
+    dv_block = triton_dv_block(blocks, q.shape[0], q.shape[2], v.shape[-1])
+    d, dv = _padded_dims(backend, q.shape[-1], v.shape[-1], dv_block)
     pad = lambda x, dim: jnp.pad(x, ((0, 0),) * 3 + ((0, dim - x.shape[-1]),))
     packed = [layout.pack(pad(x, dim)) for x, dim in ((q, d), (k, d), (v, dv), (d_out, dv))]
     if backend == "gpu":
         dk, d_v, d_decays = linear_2d_gpu.reverse_sweep(
-            *packed, decays, geometry=geometry, num_chunks=layout.num_chunks, dv_block=blocks.dv_block,
+            *packed, decays, geometry=geometry, num_chunks=layout.num_chunks, dv_block=dv_block,
             num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret)
     else:
         heads_major = lambda x: x.transpose(0, 2, 1, 3)
