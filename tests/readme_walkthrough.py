@@ -185,11 +185,11 @@ def walkthrough_steps(text: str) -> list[tuple[str, list[str], str]]:
 def clean_environment() -> dict:
     """The caller's environment without its virtualenv (PATH, VIRTUAL_ENV, PYTHONPATH, PYTHONHOME)."""
     env = dict(os.environ)
-    venv = env.pop("VIRTUAL_ENV", None)
+    venvs = {env.pop("VIRTUAL_ENV", None), sys.prefix if sys.prefix != sys.base_prefix else None} - {None}
     for key in ("PYTHONPATH", "PYTHONHOME"):
         env.pop(key, None)
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
-                                  if not (venv and p.startswith(venv)) and not p.startswith(sys.prefix))
+    env["PATH"] = os.pathsep.join(path for path in env.get("PATH", "").split(os.pathsep)
+                                  if not any(path.startswith(venv + os.sep) for venv in venvs))
     return env
 
 
