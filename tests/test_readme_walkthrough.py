@@ -68,3 +68,20 @@ def test_a_table_row_unknown_to_the_walkthrough_is_refused(readme):
     broken = readme.replace("| `lasadgen_jax.demo` |", extra_row + "| `lasadgen_jax.demo` |")
     with pytest.raises(ValueError, match="new_tool"):
         walkthrough.walkthrough_steps(broken)
+
+
+def flag_values(command: str) -> dict[str, str]:
+    return dict(part[2:].split("=", 1) for part in command.split() if part.startswith("--") and "=" in part)
+
+
+def test_each_table_example_reads_what_an_earlier_one_writes(readme):
+    """The table's examples chain: a newcomer runs them in TABLE_ORDER after the demo (workdirs/demo)."""
+    rows = {tool: flag_values(example) for tool, example in walkthrough.table_rows(readme).items() if example}
+    vq, extract, train = (rows[f"lasadgen_jax.{tool}"] for tool in ("tokenizer.train", "data.extract", "train"))
+    sample, evaluate = rows["lasadgen_jax.sample"], rows["lasadgen_jax.evaluate"]
+    assert extract["tokenizer"] == vq["workdir"] + "/tokenizer"
+    assert train["config.data.tokens_dir"] == extract["out"]
+    assert sample["ckpt"] == "workdirs/demo" and "tokenizer" in sample   # images.npz is written with --tokenizer only
+    assert evaluate["samples"] == sample["out"].rstrip("/") + "/images.npz"
+    inception = rows["lasadgen_jax.eval.convert_inception"]["out"]
+    assert "inception" not in evaluate and inception == "~/.cache/lasadgen_jax/inception"   # evaluate's default
