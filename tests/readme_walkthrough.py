@@ -4,6 +4,9 @@
     python3 tests/readme_walkthrough.py --keep           # keep the temporary clone (its path is printed)
     python3 tests/readme_walkthrough.py --dir=DIR --only=lasadgen_jax.sample   # one step in a kept clone
 
+A step reads what earlier steps wrote (TABLE_ORDER), so --only wants a kept clone (--dir) in which they
+ran; the tools refuse to overwrite their outputs, so remove the step's own outputs there first.
+
 The clone is `git clone` of this checkout's committed HEAD: uncommitted changes are not included.
 Commands come from README.md itself: the shell blocks of the Quickstart (each `a && b` split into
 steps), the example column of the "Command-line tools" table and the install commands in the note
