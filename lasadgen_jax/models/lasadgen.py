@@ -76,9 +76,9 @@ class ModelConfig:
                              f"{self.use_rope}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
-        if isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, (int, np.integer)) \
-                or self.loss_chunk_tokens < 0:
-            raise ValueError(f"loss_chunk_tokens must be an int >= 0 (0: the plain loss), got {self.loss_chunk_tokens!r}")
+        chunk = self.loss_chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
+            raise ValueError(f"loss_chunk_tokens must be an int >= 0 (0: the plain loss), got {chunk!r}")
         if not isinstance(self.scan_layers, (bool, np.bool_)):
             raise ValueError(f"scan_layers must be a bool, got {self.scan_layers!r}")
         object.__setattr__(self, "loss_chunk_tokens", int(self.loss_chunk_tokens))
