@@ -35,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model = model_config(knobs["size"], attention=knobs["attention"], grid=(16, 16), vocab_size=16384,
                          num_classes=1000, dtype="bfloat16", param_dtype="float32")
     config.model = ml_collections.ConfigDict({field: getattr(model, field) for field in model.__dataclass_fields__})
+    # Every ModelConfig field, so also the training-step levers at their defaults (off): remat='none',
+    # loss_chunk_tokens=0, scan_layers=False (docs/training.md, "Speed and memory levers").
 
     config.workdir = placeholder(str)         # or --workdir
     config.data = ml_collections.ConfigDict(dict(

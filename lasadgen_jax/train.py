@@ -63,7 +63,7 @@ from lasadgen_jax.train_config import (
     num_training_steps,
     resolve_workdir,
 )
-from lasadgen_jax.train_state import SkippedSteps, seeded_rng_state, setup_training
+from lasadgen_jax.train_state import SkippedSteps, describe_memory, seeded_rng_state, setup_training
 from lasadgen_jax.workdir import WorkdirLock, check_locations, claim_workdir, workdir_path, write_bytes_atomically
 
 RUN_KIND = "lasadgen_jax.train"
@@ -264,6 +264,12 @@ def train_loop(config, workdir: str, model_config: ModelConfig, mesh, setup, ite
         if jax.process_count() > 1 and not jax.distributed.is_initialized():
             print("warning: several processes but no jax.distributed.initialize (config.distributed.initialize="
                   "'no'?): without JAX's preemption service a SIGTERM ends the run without a checkpoint", flush=True)
+
+    # ---- the step, compiled once before step 1 (the loop runs this executable): compile time, XLA's memory
+    setup.compile_step(config.batch_size, model_config.num_tokens)
+    if is_main:
+        print(f"train step: compiled in {setup.train_step.compile_seconds:.1f} s", flush=True)
+        print(f"train step memory (XLA): {describe_memory(setup.train_step.memory_analysis())}", flush=True)
 
     # ---- the loop
     progress = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", disable=not is_main,

@@ -7,6 +7,7 @@ donated. The trainer's loop (train.py) and the training-step benchmarks build on
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import optax
 from flax import nnx
 
 from lasadgen_jax import sharding
+from lasadgen_jax.loss import next_token_loss
 from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
 from lasadgen_jax.optimizer import make_optimizer
 
@@ -102,8 +104,7 @@ def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_sh
 
     def loss_fn(params, tokens, labels, key):
         model = nnx.merge(graphdef, params, seeded_rng_state(rng_state_template, key))
-        logits = model(tokens, labels)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+        return next_token_loss(model, tokens, labels)
 
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -148,14 +149,68 @@ def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_sh
     replicated = sharding.replicated(mesh)
     jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, batch_sharding),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
+    return TrainStep(jitted, mesh)
 
-    def train_step_on_mesh(state, tokens, labels):
-        """The jitted step, traced with `mesh` as the current mesh: the model's Pallas kernels then run
-        per device under shard_map (models/lasad_attention.py) instead of on a gathered batch."""
-        with jax.set_mesh(mesh):
-            return jitted(state, tokens, labels)
 
-    return train_step_on_mesh
+class TrainStep:
+    """The jitted step, traced with `mesh` as the current mesh (the model's Pallas kernels then run per
+    device under shard_map, models/lasad_attention.py, instead of on a gathered batch).
+
+    `compile` compiles it ahead of time (from abstract or concrete arguments) and keeps the executable:
+    later calls run that executable, so the step the memory analysis describes is the one that runs and
+    is compiled once. Without `compile`, calls go through jax.jit (compiled on first use)."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+        self.compiled, self.compile_seconds = None, None
+
+    def compile(self, state, tokens, labels):
+        """Compiles for these argument shapes, dtypes and shardings; returns the executable."""
+        start = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            self.compiled = self.jitted.lower(state, tokens, labels).compile()
+        self.compile_seconds = time.perf_counter() - start
+        return self.compiled
+
+    def memory_analysis(self) -> dict | None:
+        """XLA's per-device sizes of the compiled step in bytes (None where the backend gives none)."""
+        if self.compiled is None:
+            raise ValueError("memory_analysis needs the step compiled first (TrainStep.compile)")
+        return compiled_memory(self.compiled)
+
+    def __call__(self, state, tokens, labels):
+        if self.compiled is not None:
+            return self.compiled(state, tokens, labels)
+        with jax.set_mesh(self.mesh):
+            return self.jitted(state, tokens, labels)
+
+
+def compiled_memory(compiled) -> dict | None:
+    """Per-device bytes of a compiled executable from XLA's memory analysis: argument, output, alias (donated
+    arguments, counted in both), temp and generated_code; peak_estimate = argument + output - alias + temp
+    + generated_code; xla_peak, XLA's own peak where the backend reports one (else None). None where
+    memory_analysis() is unavailable."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes"))
+             for name in ("argument", "output", "alias", "temp", "generated_code")}
+    sizes["peak_estimate"] = (sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
+                              + sizes["generated_code"])
+    sizes["xla_peak"] = int(getattr(analysis, "peak_memory_in_bytes", 0) or 0) or None
+    return sizes
+
+
+def describe_memory(sizes: dict | None) -> str:
+    """One line of compiled_memory's sizes, or 'unavailable'."""
+    if sizes is None:
+        return "unavailable (the backend gives no memory analysis)"
+    readable = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    xla_peak = f", XLA's peak {readable(sizes['xla_peak'])}" if sizes["xla_peak"] else ""
+    return (f"arguments {readable(sizes['argument'])}, outputs {readable(sizes['output'])} (donated "
+            f"{readable(sizes['alias'])}), temp {readable(sizes['temp'])}, generated code "
+            f"{readable(sizes['generated_code'])}; peak estimate {readable(sizes['peak_estimate'])} "
+            f"(arguments + outputs - donated + temp + code){xla_peak}; per device")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -202,7 +257,22 @@ class TrainingSetup:
     schedule: object
     abstract_state: dict
     state_shardings: dict
-    train_step: object
+    train_step: TrainStep
+    batch_sharding: object
+
+    def abstract_batch(self, batch_size: int, num_tokens: int):
+        """(tokens, labels) as ShapeDtypeStructs with the batch sharding: what the step compiles for."""
+        return (jax.ShapeDtypeStruct((batch_size, num_tokens), jnp.int32, sharding=self.batch_sharding),
+                jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.batch_sharding))
+
+    def abstract_state_on_mesh(self) -> dict:
+        """The train state as ShapeDtypeStructs with its shardings."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.abstract_state, self.state_shardings)
+
+    def compile_step(self, batch_size: int, num_tokens: int):
+        """Compiles the step ahead of time for this global batch (TrainStep.compile) from shapes alone."""
+        return self.train_step.compile(self.abstract_state_on_mesh(), *self.abstract_batch(batch_size, num_tokens))
 
     def initial_state(self, model_config: ModelConfig, seed: int) -> dict:
         return create_train_state(model_config, self.tx, seed, self.state_shardings)
@@ -215,4 +285,5 @@ def setup_training(config, model_config: ModelConfig, mesh, num_steps: int) -> T
     abstract_state = abstract_train_state(model_config, tx)
     state_shardings = train_state_shardings(abstract_state, tx, mesh, config.sharding_rules)
     train_step = make_train_step(graphdef, rng_state_template, tx, schedule, config, state_shardings, mesh)
-    return TrainingSetup(graphdef, rng_state_template, tx, schedule, abstract_state, state_shardings, train_step)
+    return TrainingSetup(graphdef, rng_state_template, tx, schedule, abstract_state, state_shardings, train_step,
+                         sharding.batch_sharding(mesh))

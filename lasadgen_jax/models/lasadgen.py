@@ -1,8 +1,9 @@
 """The LASADGen decoder (Flax NNX): class prefix, pre-norm blocks of LASAD (or softmax) attention and
 SwiGLU, and a zero-initialised head over the VQ codebook. LlamaGen is the reference framework.
 
-Training: `model(tokens, labels)` gives the logits of every cell, [batch, N, vocab] float32; the
-input is the class prefix followed by the tokens of cells 0..N-2 (alignment.py). Decoding:
+Training: `model(tokens, labels)` gives the logits of every cell, [batch, N, vocab] float32
+(`hidden_states` the head's input, for the chunked loss in loss.py); the input is the class prefix
+followed by the tokens of cells 0..N-2 (alignment.py). Decoding:
 `init_decode_state`, `prefill(labels)` (logits of cell 0), then `decode_step(token of cell-1, cell)`
 for cells 1..N-1; with LASAD the carried state has a fixed size, with softmax it is a KV cache.
 """
@@ -60,6 +61,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    # Training-step levers (docs/training.md, "Speed and memory levers"); neither changes the parameters.
+    loss_chunk_tokens: int = 0   # 0: loss from the full logits; C >= 1: chunked over C positions (loss.py)
+    scan_layers: bool = False    # run the blocks of the teacher-forced forward as one lax.scan
 
     def __post_init__(self):
         if self.attention not in ATTENTION_TYPES:
@@ -72,6 +76,13 @@ class ModelConfig:
                              f"{self.use_rope}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+        chunk = self.loss_chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
+            raise ValueError(f"loss_chunk_tokens must be an int >= 0 (0: the plain loss), got {chunk!r}")
+        if not isinstance(self.scan_layers, (bool, np.bool_)):
+            raise ValueError(f"scan_layers must be a bool, got {self.scan_layers!r}")
+        object.__setattr__(self, "loss_chunk_tokens", int(self.loss_chunk_tokens))
+        object.__setattr__(self, "scan_layers", bool(self.scan_layers))
         object.__setattr__(self, "grid", common.check_grid(self.grid))
         object.__setattr__(self, "decay_range", tuple(self.decay_range))
         for name in ("vocab_size", "num_classes", "dim", "depth", "num_heads", "num_prefix", "ffn_multiple_of"):
@@ -242,6 +253,11 @@ class LASADGen(nnx.Module):
 
     def __call__(self, tokens, labels):
         """tokens [batch, N], labels [batch] -> logits [batch, N, vocab] (float32) for cells 0..N-1."""
+        return self.head(self.hidden_states(tokens, labels)).astype(jnp.float32)
+
+    def hidden_states(self, tokens, labels):
+        """tokens [batch, N], labels [batch] -> the head's input for cells 0..N-1 [batch, N, dim]: the final
+        hidden states after the last norm (the chunked loss, loss.py, applies the head chunk by chunk)."""
         self.check_tokens(tokens)
         self.check_labels(labels)
         if tokens.shape[0] != labels.shape[0]:
@@ -249,13 +265,42 @@ class LASADGen(nnx.Module):
         prefix = self.class_embedder(labels)
         token_embeddings = self.token_dropout(self.token_embedding(tokens[:, :-1]))
         h = jnp.concatenate([prefix, token_embeddings.astype(prefix.dtype)], axis=1)
+        h = self._scanned_blocks(h) if self.config.scan_layers else self._looped_blocks(h)
+        return self.norm(h[:, self.config.num_prefix - 1 :])
+
+    def _run_block(self):
+        """block, h -> h of the teacher-forced forward, rematerialised by config.remat."""
         grid, num_prefix = self.config.grid, self.config.num_prefix
         run_block = lambda block, h: block(h, grid=grid, num_prefix=num_prefix)
         if self.config.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.config.remat])
+        return run_block
+
+    def _looped_blocks(self, h):
+        run_block = self._run_block()
         for block in self.blocks:
             h = run_block(block, h)
-        return self._logits(h[:, self.config.num_prefix - 1 :])
+        return h
+
+    def _scanned_blocks(self, h):
+        """The blocks as one lax.scan (one block traced and compiled, not depth of them): each block's
+        state (parameters and dropout streams) is stacked inside the call and scanned over, so the
+        parameters keep their per-block layout; the updated dropout streams are written back."""
+        graphdef = nnx.graphdef(self.blocks[0])
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(block) for block in self.blocks])
+        grid, num_prefix = self.config.grid, self.config.num_prefix
+
+        def one_block(h, block_state):
+            block = nnx.merge(graphdef, block_state)
+            h = block(h, grid=grid, num_prefix=num_prefix)
+            return h, nnx.state(block)
+
+        if self.config.remat != "none":
+            one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.config.remat])
+        h, new_states = jax.lax.scan(one_block, h, stacked)
+        for index, block in enumerate(self.blocks):
+            nnx.update(block, jax.tree.map(lambda leaf, index=index: leaf[index], new_states))
+        return h
 
     # ------------------------------------------------------------------ decoding
 

@@ -1,0 +1,171 @@
+"""Training-step levers against today's step: the chunked loss against the plain cross-entropy, the
+scanned blocks against the loop, every remat policy against none (loss and gradients), the ahead-of-time
+compiled step and its memory analysis, and the config checks."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from helpers import rel_error, teacher_forced_logits, tiny_model, write_synthetic_token_dir
+
+from lasadgen_jax import sharding, train, train_state
+from lasadgen_jax.loss import chunked_cross_entropy, head_logits, next_token_loss
+from lasadgen_jax.model_io import model_config_from
+from lasadgen_jax.models.lasadgen import REMAT_POLICIES, ModelConfig
+
+
+def plain_cross_entropy(features, kernel, targets, compute_dtype=None):
+    return optax.softmax_cross_entropy_with_integer_labels(head_logits(features, kernel, compute_dtype), targets).mean()
+
+
+@pytest.mark.parametrize("batch, n, chunk", [(2, 15, 4), (1, 16, 16), (3, 7, 100)],
+                         ids=["n15-chunk4", "n16-one-chunk", "chunk-over-n"])
+def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(batch, n, chunk):
+    keys = jax.random.split(jax.random.PRNGKey(n * 10 + chunk), 3)
+    features = jax.random.normal(keys[0], (batch, n, 32))
+    kernel = 0.5 * jax.random.normal(keys[1], (32, 96))
+    targets = jax.random.randint(keys[2], (batch, n), 0, 96)
+    plain_loss, plain_grads = jax.jit(jax.value_and_grad(plain_cross_entropy, argnums=(0, 1)))(
+        features, kernel, targets)
+    chunked = lambda f, k, t: chunked_cross_entropy(f, k, t, chunk)
+    loss, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(features, kernel, targets)
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-5, atol=0)
+    for grad, plain_grad in zip(grads, plain_grads):
+        chex.assert_trees_all_equal_shapes_and_dtypes(grad, plain_grad)
+        assert rel_error(grad, plain_grad) < 1e-5
+
+
+def test_chunked_cross_entropy_in_bfloat16_follows_the_bfloat16_head():
+    """bf16 matmul inputs: the same bf16-rounded logits as the head, float32 logsumexp; the gradients
+    differ from autodiff's only by where bf16 rounds (the chunked path accumulates in float32)."""
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    features = jax.random.normal(keys[0], (2, 15, 64))
+    kernel = 0.3 * jax.random.normal(keys[1], (64, 128))
+    targets = jax.random.randint(keys[2], (2, 15), 0, 128)
+    plain = jax.value_and_grad(lambda f, k: plain_cross_entropy(f, k, targets, jnp.bfloat16), argnums=(0, 1))
+    chunked = jax.value_and_grad(lambda f, k: chunked_cross_entropy(f, k, targets, 4, jnp.bfloat16), argnums=(0, 1))
+    (plain_loss, plain_grads), (loss, grads) = jax.jit(plain)(features, kernel), jax.jit(chunked)(features, kernel)
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-5, atol=0)
+    assert all(rel_error(g, p) < 2e-2 for g, p in zip(grads, plain_grads))
+
+
+def loss_and_grads(model, tokens, labels):
+    """(loss, parameter gradients) of next_token_loss in training mode (dropout on, streams from `key`)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, rest):
+        rest = jax.tree.map(jnp.asarray, rest)   # fresh RNG variables of this trace level, as in the trainer
+        model = nnx.merge(graphdef, params, rest)
+        model.train()
+        return next_token_loss(model, tokens, labels)
+
+    return jax.jit(jax.value_and_grad(loss_fn))(params, rest)
+
+
+def assert_same_loss_and_grads(actual, expected, tolerance=1e-4):
+    """Loss to 1e-5; each parameter's gradient to `tolerance` (norm-wise; float32 summation order moves the
+    two per-head decay gradients by ~1e-5)."""
+    (loss, grads), (expected_loss, expected_grads) = actual, expected
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=0)
+    leaves, expected_leaves = jax.tree.leaves(grads), jax.tree.leaves(expected_grads)
+    assert len(leaves) == len(expected_leaves)
+    for leaf, expected_leaf in zip(leaves, expected_leaves):
+        assert rel_error(leaf, expected_leaf) < tolerance
+
+
+def tiny_batch(model, batch=2, seed=3):
+    tokens = jax.random.randint(jax.random.PRNGKey(seed), (batch, model.config.num_tokens), 0, model.config.vocab_size)
+    return tokens, jnp.arange(batch, dtype=jnp.int32) % (model.config.num_classes + 1)
+
+
+# One small model in training mode (dropout on), a prefix of 2 and a 3x5 grid; the plain path as the baseline.
+OPTIONS = dict(grid=(3, 5), num_prefix=2, resid_dropout=0.2)
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    """(tokens, labels, (loss, gradients) of the plain path: blocks in a loop, no remat, full logits)."""
+    tokens, labels = tiny_batch(tiny_model("2d", **OPTIONS))
+    return tokens, labels, loss_and_grads(tiny_model("2d", **OPTIONS), tokens, labels)
+
+
+@pytest.mark.parametrize("levers", [dict(scan_layers=True), dict(remat="full"), dict(remat="dots"),
+                                    dict(loss_chunk_tokens=4), dict(scan_layers=True, remat="dots")],
+                         ids=lambda levers: ",".join(f"{k}={v}" for k, v in levers.items()))
+def test_levers_give_the_plain_loss_and_gradients(baseline, levers):
+    """Every remat policy of REMAT_POLICIES, scanned blocks (each scanned block uses its own dropout
+    stream, as in the loop) and the chunked loss (N=15 over chunks of 4) against the plain path."""
+    tokens, labels, expected = baseline
+    assert_same_loss_and_grads(loss_and_grads(tiny_model("2d", **OPTIONS, **levers), tokens, labels), expected)
+
+
+def test_remat_policies_are_all_tested():
+    assert set(REMAT_POLICIES) == {"none", "full", "dots"}, "add the new policy to the levers test above"
+
+
+def test_scanned_softmax_blocks_with_remat_and_chunked_loss_give_the_loop_loss_and_gradients():
+    tokens, labels = tiny_batch(tiny_model("softmax", **OPTIONS))
+    looped = loss_and_grads(tiny_model("softmax", **OPTIONS), tokens, labels)
+    levered = tiny_model("softmax", scan_layers=True, remat="full", loss_chunk_tokens=4, **OPTIONS)
+    assert_same_loss_and_grads(loss_and_grads(levered, tokens, labels), looped)
+
+
+def test_scanned_blocks_write_back_the_dropout_streams_and_leave_decoding_alone():
+    """Two training calls draw new dropout masks in both layouts alike; decoding (never scanned) still
+    gives the parallel logits."""
+    options = dict(grid=(3, 4), resid_dropout=0.3)
+    looped, scanned = tiny_model("2d", **options), tiny_model("2d", scan_layers=True, **options)
+    tokens, labels = tiny_batch(looped)
+    forward = nnx.jit(lambda model, tokens, labels: model(tokens, labels))
+    looped.train(), scanned.train()
+    first = forward(scanned, tokens, labels)
+    assert rel_error(first, forward(looped, tokens, labels)) < 1e-5
+    second = forward(scanned, tokens, labels)
+    assert rel_error(second, forward(looped, tokens, labels)) < 1e-5 and rel_error(second, first) > 1e-3
+    scanned.eval()
+    assert rel_error(teacher_forced_logits(scanned, tokens, labels), forward(scanned, tokens, labels)) < 1e-4
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(loss_chunk_tokens=-1), "loss_chunk_tokens must be an int >= 0"),
+    (dict(loss_chunk_tokens=2.5), "loss_chunk_tokens must be an int >= 0"),
+    (dict(loss_chunk_tokens=True), "loss_chunk_tokens must be an int >= 0"),
+    (dict(scan_layers="yes"), "scan_layers must be a bool"),
+])
+def test_bad_lever_config_raises(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(dim=32, num_heads=2, **overrides)
+
+
+def test_compiled_step_with_levers_matches_the_plain_step(tmp_path):
+    """The trainer's step compiled ahead of time (once, with XLA's memory analysis) runs; with chunked
+    loss, scanned blocks and remat it gives the plain step's loss, gradient norm and Adam moment."""
+    from train_runs import tiny_config
+
+    tokens_dir = write_synthetic_token_dir(str(tmp_path / "tokens"))
+    results = []
+    for levers in [{}, dict(loss_chunk_tokens=5, scan_layers=True, remat="dots")]:
+        config = tiny_config(tokens_dir, 2)
+        config.model.update(depth=1, **levers)   # compile time is most of this test
+        model_config = model_config_from(config)
+        mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
+        setup = train_state.setup_training(config, model_config, mesh, config.num_steps)
+        setup.compile_step(config.batch_size, model_config.num_tokens)
+        memory = setup.train_step.memory_analysis()
+        assert memory is None or memory["argument"] > 0 and memory["peak_estimate"] >= memory["temp"]
+        assert setup.train_step.compile_seconds > 0
+        example = next(train.open_data(config, tokens_dir, model_config))
+        tokens, labels = train.global_batch(example, mesh)
+        state = setup.initial_state(model_config, config.seed)
+        for _ in range(2):   # the head starts at zero: step 2's gradients reach every parameter
+            state, metrics = setup.train_step(state, tokens, labels)
+        results.append((metrics, state["opt_state"][1][0].mu))
+    (plain, plain_mu), (levered, levered_mu) = results
+    np.testing.assert_allclose(levered["loss"], plain["loss"], rtol=1e-5)
+    np.testing.assert_allclose(levered["grad_norm"], plain["grad_norm"], rtol=1e-4)
+    chex.assert_trees_all_close(levered_mu, plain_mu, rtol=1e-3, atol=1e-7)
