@@ -59,6 +59,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A step whose loss, gradient or updated state is not finite is skipped; this many in a row end the run.
     config.max_consecutive_skips = 5
     config.seed = 0
+    # Start a new run (never a resume) from another model's parameters: a params directory or a trainer
+    # workdir; a LASAD model from a softmax one copies all but the LASAD-only parameters
+    # (lasadgen_jax/linearize.py, docs/training.md). For the first freeze_non_attention_steps updates
+    # only the attention blocks' parameters move (lasadgen_jax/optimizer.py).
+    config.init_from = placeholder(str)
+    config.freeze_non_attention_steps = 0
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1: the remaining devices
     config.sharding_rules = DEFAULT_RULES

@@ -36,7 +36,7 @@ from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
-from lasadgen_jax import sharding
+from lasadgen_jax import linearize, sharding
 from lasadgen_jax.checkpoints import (
     PreemptionFlag,
     close_manager,
@@ -63,7 +63,7 @@ from lasadgen_jax.train_config import (
     num_training_steps,
     resolve_workdir,
 )
-from lasadgen_jax.train_state import SkippedSteps, describe_memory, seeded_rng_state, setup_training
+from lasadgen_jax.train_state import SkippedSteps, describe_memory, init_params, seeded_rng_state, setup_training
 from lasadgen_jax.workdir import WorkdirLock, check_locations, claim_workdir, workdir_path, write_bytes_atomically
 
 RUN_KIND = "lasadgen_jax.train"
@@ -91,6 +91,23 @@ def check_metrics_without_checkpoint(workdir: str, config: ml_collections.Config
         raise ValueError(f"{workdir}/checkpoints holds no checkpoint, but {path} logs steps up to {max(steps)}: "
                          f"the checkpoints were removed or lost; restore them, or move metrics.jsonl aside to "
                          f"train again from step 0")
+
+
+def holds_checkpoints(workdir: str) -> bool:
+    """Whether WORKDIR/checkpoints has a step directory (a run to resume rather than to start)."""
+    directory = epath.Path(workdir) / "checkpoints"
+    return directory.is_dir() and any(path.name.isdigit() for path in directory.iterdir())
+
+
+def initial_train_state(setup, config, model_config: ModelConfig, is_main: bool) -> dict:
+    """The state of a run that starts (nothing to resume): config.init_from's parameters where set
+    (linearize.py: copied where name and shape match, the LASAD-only ones fresh), else fresh ones."""
+    if config.init_from is None:
+        return setup.initial_state(model_config, config.seed)
+    params, transfer = linearize.params_from(config.init_from, init_params(model_config, config.seed), model_config)
+    if is_main:
+        print(transfer.summary(), flush=True)
+    return setup.state_from_params(params)
 
 
 # ============================================================================= data
@@ -205,6 +222,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None, *, devi
     num_steps = num_training_steps(config, manifest)
     iterator = open_data(config, config.data.tokens_dir, model_config)
     setup = setup_training(config, model_config, mesh, num_steps)
+    if config.init_from is not None and not holds_checkpoints(workdir):
+        linearize.check_source(config.init_from, model_config, setup.abstract_state["params"])
     claim_train_workdir(workdir, model_config, config)
     with WorkdirLock(workdir, RUN_KIND):
         return train_in_workdir(config, workdir, model_config, mesh, setup, iterator, num_steps)
@@ -231,7 +250,8 @@ def train_loop(config, workdir: str, model_config: ModelConfig, mesh, setup, ite
     abstract_state, state_shardings, train_step = setup.abstract_state, setup.state_shardings, setup.train_step
     tokenizer_dir = config.tokenizer_dir
 
-    # ---- checkpoint: the newest intact one, else (if nothing says there was one) scratch
+    # ---- resume order: the newest intact checkpoint, else (if nothing says there was one) a start from
+    # config.init_from, else from scratch. A resume never reads init_from again.
     restored = restore_latest_train_state(manager, abstract_state, state_shardings, iterator)
     if restored is not None:
         state, start_step = restored
@@ -242,7 +262,7 @@ def train_loop(config, workdir: str, model_config: ModelConfig, mesh, setup, ite
         check_metrics_without_checkpoint(workdir, config)
         start_step = 0
         writer.truncate_after(0)
-        state = setup.initial_state(model_config, config.seed)
+        state = initial_train_state(setup, config, model_config, is_main)
     if int(state["step"]) != start_step:
         raise ValueError(f"checkpoint {start_step} holds train-state step {int(state['step'])}")
 

@@ -24,6 +24,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
     check_optimizer_config(config.optimizer)
+    freeze = config.freeze_non_attention_steps
+    if isinstance(freeze, bool) or not isinstance(freeze, int) or freeze < 0:
+        raise ValueError(f"config.freeze_non_attention_steps must be an integer >= 0, got {freeze!r}")
     if config.max_consecutive_skips < 1:
         raise ValueError(f"config.max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}")
     if config.checkpoint.every_steps < 1 or config.checkpoint.keep < 1 or config.log_every < 1:

@@ -63,8 +63,12 @@ def abstract_train_state(model_config: ModelConfig, tx) -> dict:
 
 
 def create_train_state(model_config: ModelConfig, tx, seed: int, state_shardings: dict) -> dict:
-    """The initial train state, placed by state_shardings."""
-    params = init_params(model_config, seed)
+    """The initial train state from fresh parameters, placed by state_shardings."""
+    return train_state_from_params(init_params(model_config, seed), tx, state_shardings)
+
+
+def train_state_from_params(params: dict, tx, state_shardings: dict) -> dict:
+    """The initial train state around `params` (the same values in every process), placed by state_shardings."""
     if jax.process_count() > 1:   # every process computed the same values; each places its shards
         params = jax.tree.map(
             lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index, x=np.asarray(x): x[index]),
@@ -277,9 +281,13 @@ class TrainingSetup:
     def initial_state(self, model_config: ModelConfig, seed: int) -> dict:
         return create_train_state(model_config, self.tx, seed, self.state_shardings)
 
+    def state_from_params(self, params: dict) -> dict:
+        """The initial train state around given parameters (e.g. config.init_from's, linearize.py)."""
+        return train_state_from_params(params, self.tx, self.state_shardings)
+
 
 def setup_training(config, model_config: ModelConfig, mesh, num_steps: int) -> TrainingSetup:
-    tx, schedule = make_optimizer(config.optimizer, num_steps)
+    tx, schedule = make_optimizer(config.optimizer, num_steps, config.freeze_non_attention_steps)
     graphdef, _, rng_state_template = abstract_model(model_config)
     rng_state_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rng_state_template)
     abstract_state = abstract_train_state(model_config, tx)
