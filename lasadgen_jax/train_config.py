@@ -27,6 +27,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     freeze = config.freeze_non_attention_steps
     if isinstance(freeze, bool) or not isinstance(freeze, int) or freeze < 0:
         raise ValueError(f"config.freeze_non_attention_steps must be an integer >= 0, got {freeze!r}")
+    if freeze and config.init_from is None:
+        raise ValueError(f"config.freeze_non_attention_steps={freeze} holds trained parameters still while the "
+                         f"attention settles: set config.init_from (the model to start from)")
     if config.max_consecutive_skips < 1:
         raise ValueError(f"config.max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}")
     if config.checkpoint.every_steps < 1 or config.checkpoint.keep < 1 or config.log_every < 1:

@@ -172,3 +172,17 @@ def test_the_trainer_starts_from_init_from_and_a_resume_does_not_read_it_again(t
     with pytest.raises(ValueError, match="config.init_from .* is not a directory"):
         train.train(config, str(tmp_path / "other"))
     assert not os.path.exists(tmp_path / "other" / "run.json")
+
+
+def test_the_linearize_config_refuses_to_run_without_init_from():
+    from lasadgen_jax.config_files import load_config
+    from lasadgen_jax.train_config import check_config
+
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                      "linearize.py") + ":base=ablation,attention=1d")
+    config.data.tokens_dir = "tokens"
+    assert config.model.attention == "1d" and config.freeze_non_attention_steps > 0
+    with pytest.raises(ValueError, match=r"config.freeze_non_attention_steps=20 .* set config.init_from"):
+        check_config(config)
+    config.init_from = "softmax_params"
+    check_config(config)
