@@ -191,8 +191,11 @@ def batch_order(num_examples: int, batch_size: int, num_steps: int, seed: int) -
     return order[: num_steps * batch_size].reshape(num_steps, batch_size)
 
 
-def train_variant(config, data: Bundle, mesh, log) -> tuple[dict, object, dict]:
-    """(final params, graphdef + rng template, training stats) for one config."""
+def train_variant(config, data: Bundle, mesh, log, initial_params: dict | None = None,
+                  first_batch: int = 0) -> tuple[dict, object, dict]:
+    """(final params, graphdef + rng template, training stats) for one config. initial_params: start
+    from these (a pure dict) instead of a fresh initialisation; first_batch: skip that many batches of
+    the seed's order (a run that continues another one sees the batches that run would have seen next)."""
     import jax
 
     from lasadgen_jax import train, train_state
@@ -200,8 +203,12 @@ def train_variant(config, data: Bundle, mesh, log) -> tuple[dict, object, dict]:
 
     model_config = model_config_from(config)
     setup = train_state.setup_training(config, model_config, mesh, config.num_steps)
-    state = setup.initial_state(model_config, config.seed)
-    order = batch_order(len(data.train_tokens), config.batch_size, config.num_steps, config.seed)
+    if initial_params is None:
+        state = setup.initial_state(model_config, config.seed)
+    else:
+        state = setup.state_from_params(initial_params)
+    order = batch_order(len(data.train_tokens), config.batch_size, first_batch + config.num_steps,
+                        config.seed)[first_batch:]
     losses, started = [], time.perf_counter()
     pending = []
     for step in range(config.num_steps):
