@@ -515,3 +515,45 @@ def test_non_finite_statistics_are_refused_naming_the_side(tmp_path):
         metrics.frechet_distance_to_features(np.tile(samples.pool3, (300, 1)), mu, np.eye(2048))   # N > D
     with pytest.raises(ValueError, match=r"NaN or inf in the samples' logits"):
         metrics.inception_score(np.full((4, 10), np.nan))
+
+
+def write_npz_headers(path, arrays: dict) -> None:
+    """An npz whose members hold only the .npy headers of {name: (shape, dtype)}: what the structure check reads."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, (shape, dtype) in arrays.items():
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                          "fortran_order": False, "shape": shape})
+            archive.writestr(f"{name}.npy", header.getvalue())
+
+
+def adm_structure(images=(10000, 256, 256, 3)):
+    return {"arr_0": (images, np.uint8), "mu": ((2048,), np.float64), "sigma": ((2048, 2048), np.float64),
+            "mu_s": ((2023,), np.float64), "sigma_s": ((2023, 2023), np.float64)}
+
+
+def test_a_file_named_like_an_adm_reference_batch_must_have_its_structure(tmp_path):
+    from lasadgen_jax.eval.reference import check_reference_file
+
+    path = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+    write_npz_headers(path, {**adm_structure(), "arr_1": ((10000,), np.int64)})   # extra arrays are not looked at
+    assert "arr_0" in check_reference_file(path)
+
+    write_npz_headers(path, adm_structure(images=(5000, 256, 256, 3)))
+    with pytest.raises(ValueError, match=r"VIRTUAL_imagenet256_labeled.npz is not ADM's VIRTUAL_imagenet256_labeled"
+                                         r".npz reference batch: 'arr_0' \(5000, 256, 256, 3\) uint8, expected "
+                                         r"\(10000, 256, 256, 3\) uint8$"):
+        check_reference_file(path)
+    structure = adm_structure(images=(10000, 512, 512, 3))
+    del structure["mu_s"]
+    structure["sigma"] = ((2048, 2048), np.int32)
+    write_npz_headers(path, structure)
+    with pytest.raises(ValueError, match=r"'arr_0' \(10000, 512, 512, 3\) uint8, expected \(10000, 256, 256, 3\) "
+                                         r"uint8; 'sigma' \(2048, 2048\) int32, expected \(2048, 2048\) float; no "
+                                         r"'mu_s'$") as error:
+        check_reference_file(path)
+    assert "\n" not in str(error.value)
+
+    other = str(tmp_path / "my_reference.npz")   # any other name: an ADM-style file of any size
+    write_npz_headers(other, adm_structure(images=(5000, 64, 64, 3)))
+    check_reference_file(other)

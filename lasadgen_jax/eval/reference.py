@@ -15,6 +15,13 @@ Computed references are cached in `cache_dir` as ADM-compatible npz files (mu, s
 sigma_s) plus the pool3 features, their radii, the image size and the Inception weights' hash; a
 cache made with other weights, or of a changed file, is not used.
 
+A file named like one of ADM's published reference batches (ADM_REFERENCE_BATCHES, e.g.
+VIRTUAL_imagenet256_labeled.npz) must have that batch's structure, read from the npz headers alone:
+`arr_0` uint8 [10000, S, S, 3] (ADM: "pre-computed statistics over the whole dataset, as well as
+10,000 images for computing Precision and Recall") and float `mu` [2048], `sigma` [2048, 2048],
+`mu_s` [2023], `sigma_s` [2023, 2023] (the keys ADM's evaluator reads); other arrays are not looked
+at. No checksum is published with these files, so the structure is checked, not the content.
+
 Every reference records the (height, width) of its images; `load_reference(..., image_size=)`
 refuses samples of another size (an FID across image sizes measures the resize, not the model). An
 npz of statistics only knows no size, unless it stores `meta_image_size` ([height, width]): that is
@@ -29,6 +36,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -90,12 +98,63 @@ def _check_stats(path: str, arrays: dict) -> None:
                                  f"({dim}, {dim}) (TF-FID Inception statistics)")
 
 
+# ADM's reference batches (openai/guided-diffusion, evaluations/README.md) by file name: the image side.
+ADM_REFERENCE_BATCHES = {
+    "VIRTUAL_imagenet64_labeled.npz": 64, "VIRTUAL_imagenet128_labeled.npz": 128,
+    "VIRTUAL_imagenet256_labeled.npz": 256, "VIRTUAL_imagenet512.npz": 512,
+    "VIRTUAL_lsun_bedroom256.npz": 256, "VIRTUAL_lsun_cat256.npz": 256, "VIRTUAL_lsun_horse256.npz": 256,
+}
+ADM_REFERENCE_IMAGES = 10000
+
+
+def npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{name: (shape, dtype)} of every array in an npz, from the .npy headers (no data is read)."""
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    headers = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if not name.endswith(".npy"):
+                continue
+            with archive.open(name) as member:
+                version = np.lib.format.read_magic(member)
+                if version not in read_header:
+                    raise ValueError(f"{path}:{name[:-4]} uses npy format version {version}; expected 1.0 or 2.0")
+                shape, _, dtype = read_header[version](member)
+            headers[name[:-4]] = (tuple(shape), dtype)
+    return headers
+
+
+def check_adm_reference_batch(path: str) -> None:
+    """A file named like an ADM reference batch must have its arrays, shapes and dtypes (module docstring)."""
+    name = os.path.basename(path)
+    if name not in ADM_REFERENCE_BATCHES:
+        return
+    side = ADM_REFERENCE_BATCHES[name]
+    expected = {"arr_0": ((ADM_REFERENCE_IMAGES, side, side, 3), "uint8"), "mu": ((POOL_DIM,), "float"),
+                "sigma": ((POOL_DIM, POOL_DIM), "float"), "mu_s": ((SPATIAL_DIM,), "float"),
+                "sigma_s": ((SPATIAL_DIM, SPATIAL_DIM), "float")}
+    headers = npz_headers(path)
+    differences = []
+    for key, (shape, kind) in expected.items():
+        if key not in headers:
+            differences.append(f"no {key!r}")
+            continue
+        found_shape, dtype = headers[key]
+        dtype_fits = dtype == np.uint8 if kind == "uint8" else np.issubdtype(dtype, np.floating)
+        if found_shape != shape or not dtype_fits:
+            differences.append(f"{key!r} {found_shape} {dtype}, expected {shape} {kind}")
+    if differences:
+        raise ValueError(f"{path} is not ADM's {name} reference batch: " + "; ".join(differences))
+
+
 def check_reference_file(path: str) -> list[str]:
-    """The keys of an ADM-style reference npz, after checking it has images or statistics (fails fast)."""
+    """The keys of an ADM-style reference npz, after checking it has images or statistics and, for a file
+    named like one of ADM's reference batches, that batch's structure (fails fast)."""
     keys = npz_keys(path)
     if "arr_0" not in keys and "mu" not in keys:
         raise ValueError(f"{path}: a reference file needs 'arr_0' (uint8 images [N, H, W, 3]) or 'mu' and 'sigma' "
                          f"(precomputed Inception pool3 statistics); it has {keys}")
+    check_adm_reference_batch(path)
     return keys
 
 
