@@ -7,8 +7,9 @@
     # the Fashion-MNIST ablation's model (benchmarks/linearize.py runs this recipe in memory)
     --config=configs/linearize.py:base=ablation,attention=2d --config.init_from=SOFTMAX_WORKDIR
 
-`arg`: comma-separated key=value of base ('imagenet256', the default, or 'ablation': the model of
-configs/ablation.py), size (imagenet256 only; LlamaGen's B, L, XL, XXL, 3B: must be the source's),
+`arg`: comma-separated key=value of base ('imagenet256', the default; 'imagenet384' for LlamaGen's
+384 px GPTs, a 24x24 grid; or 'ablation': the model of configs/ablation.py), size (ImageNet bases
+only; LlamaGen's B, L, XL, XXL, 3B: must be the source's),
 and attention (the LASAD variant to start: 2d, 2d_row, 1d, none).
 
 config.init_from (a params directory, e.g. from lasadgen_jax.convert_llamagen, or a trainer workdir
@@ -48,8 +49,8 @@ def parse_arg(arg: str | None) -> dict:
         if not sep or key not in KNOBS:
             raise ValueError(f"config arg {part!r}: expected key=value with key in {sorted(KNOBS)}")
         knobs[key] = value
-    if knobs["base"] not in ("imagenet256", "ablation"):
-        raise ValueError(f"config arg base={knobs['base']!r}: expected 'imagenet256' or 'ablation'")
+    if knobs["base"] not in ("imagenet256", "imagenet384", "ablation"):
+        raise ValueError(f"config arg base={knobs['base']!r}: expected 'imagenet256', 'imagenet384' or 'ablation'")
     if knobs["attention"] not in LASAD_VARIANTS:
         raise ValueError(f"config arg attention={knobs['attention']!r}: linearization starts a LASAD variant, "
                          f"one of {LASAD_VARIANTS}")
@@ -67,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.freeze_non_attention_steps = 20
         return config
 
-    config = _load("imagenet256").get_config(f"size={knobs['size']},attention={knobs['attention']}")
+    config = _load(knobs["base"]).get_config(f"size={knobs['size']},attention={knobs['attention']}")
     # LlamaGen trains at a constant 1e-4 for 300 epochs (~1.5M steps of 256); 50k steps here, 2k of
     # them attention-only, warm-up 1k, cosine to a tenth.
     config.optimizer.update(learning_rate=1e-4, schedule="cosine", warmup_steps=1000, end_learning_rate_fraction=0.1)
