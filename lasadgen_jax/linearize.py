@@ -7,15 +7,17 @@ Every parameter whose name and shape match is copied: embeddings, the q/k/v/out 
 SwiGLU MLPs, the norms, the head and the class embeddings. The parameters a LASAD block has and a
 softmax block lacks (LASAD_ONLY) keep their fresh initialisation:
 
-- `gate_proj` (LeCun normal, variance 1/dim): the block's input is RMS-normalised (attention_norm),
-  so the gate starts with entries of about the norm's scale and SiLU(gate) of order one, a random
-  mix per channel rather than a learned one;
+- `gate_proj` (LeCun normal, variance 1/dim): the block's input is RMS-normalised (attention_norm,
+  copied), so each gate entry starts as about N(0, g^2) with g that norm's scale, and SiLU(gate) has
+  an RMS of about 0.6 g (0.597 for g = 1): a random, order-one mix per channel, not a learned one;
 - `out_norm_scale` (ones): the per-head RMSNorm of the linear-attention read-out fixes each head's
   output to RMS 1 whatever the number of keys summed and however q.k is scaled (unnormalised linear
-  attention grows with the keys it sums; softmax averages). So the attention branch that the copied
-  `out_proj` sees starts at a bounded, order-one scale, the scale of a softmax read-out of unit-RMS
-  values, and the residual stream is not swamped: the copied MLPs and head keep working, and the
-  loss of the linearized model starts between the softmax model's and a fresh model's;
+  attention grows with the keys it sums, where softmax averages values of RMS about g). So the
+  vector the copied `out_proj` sees starts at RMS ~0.6 g, the order of a softmax read-out, not at
+  a scale that grows with the sequence: the residual stream is not swamped and the copied MLPs and
+  head keep receiving inputs of their trained scale. The attention's content is new (linear, not
+  softmax, mixing), which the fine-tuning must learn; benchmarks/linearize.py records the test NLL
+  right after the copy, before any fine-tuning;
 - the decays `decay_row_theta` / `decay_col_theta` (per head, spread over config.model.decay_range).
 
 Nothing else may differ: a source parameter with another shape or a name the target lacks, or a target
