@@ -165,14 +165,26 @@ class Bundle:
     inception: str             # a float32 weights file
 
 
-def load_bundle(bundle: str, scratch: str) -> Bundle:
+def bundle_test_images(directory: str) -> tuple[np.ndarray, np.ndarray]:
+    """The test split the bundle carries, as fashion_mnist.load_fashion_mnist gives it (32x32 RGB uint8,
+    int32 labels), read from its two IDX files: the loader's data locations must hold all four files."""
     from lasadgen_jax.data import fashion_mnist
+
+    images_path, labels_path = fashion_mnist.split_paths("test", directory)
+    images = fashion_mnist.read_idx_uint8(images_path, ndim=3)
+    labels = fashion_mnist.read_idx_uint8(labels_path, ndim=1)
+    pad = (fashion_mnist.IMAGE_SIZE - images.shape[1]) // 2
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))
+    return np.repeat(padded[..., None], 3, axis=-1), labels.astype(np.int32)
+
+
+def load_bundle(bundle: str, scratch: str) -> Bundle:
     from lasadgen_jax.tokenizer.checkpoint import load_tokenizer
 
     with np.load(os.path.join(bundle, "tokens.npz"), allow_pickle=False) as npz:
         tokens = {name: npz[name] for name in npz.files}
     flat = lambda codes: codes.reshape(len(codes), -1).astype(np.int32)
-    test_images, test_labels = fashion_mnist.load_fashion_mnist("test", root=os.path.join(bundle, "fashion_mnist"))
+    test_images, test_labels = bundle_test_images(os.path.join(bundle, "fashion_mnist"))
     if not np.array_equal(test_labels, tokens["test_labels"]):
         raise ValueError(f"{bundle}: the test images' labels differ from the test tokens' labels")
     os.makedirs(scratch, exist_ok=True)
