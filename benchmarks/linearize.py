@@ -249,6 +249,8 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
 def run_state_precision(seed: int, args, data, mesh, scorer: Scorer, trained: TrainedParams, results, log) -> dict:
     """2d_scratch decoding with float32 vs bfloat16 states: greedy and temperature-1 samples of the same
     labels and keys; FID at CFG 1 of the bfloat16 samples next to the float32 ones'."""
+    import jax
+
     from lasadgen_jax.model_io import model_config_from
 
     config = arm_config("2d_scratch", args)
@@ -262,8 +264,6 @@ def run_state_precision(seed: int, args, data, mesh, scorer: Scorer, trained: Tr
 
     params = trained.get("2d_scratch", seed, float32_config, retrain)
     float32, bfloat16 = model_of(float32_config, params), model_of(bfloat16_config, params)
-    import jax
-
     greedy_key = jax.random.key(7)   # unused by greedy decoding; the same for both
     count = min(scorer.sample_batch, args.fid_samples)
     greedy = agreement(scorer.tokens(float32, count, greedy_key, temperature=0.0),
@@ -370,10 +370,10 @@ def render_tables(results: list) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in results if r["arm"] != "state_precision"),
                     key=lambda r: (ARMS.index(r["arm"]), r["seed"])):
-        total = r["arm_seconds"]
+        total = f"{r['arm_seconds']:.0f}"
         if r["arm"] == "linearized":
             source = by_key.get(("softmax", r["seed"]))
-            total = f"{total + source['arm_seconds']:.0f}" if source else "?"
+            total = f"{r['arm_seconds'] + source['arm_seconds']:.0f}" if source else "?"
         before = r.get("test_nll_before_finetuning")
         cfg2 = r.get("fid_cfg2")
         lines.append(f"| `{r['arm']}` | {r['seed']} | {r['steps']} ({r['frozen_steps']}) | "
