@@ -74,6 +74,9 @@ def header(args) -> dict:
         result["config"] = args.config
     elif device.platform == "gpu":
         result["cudnn_flash_for_grids"] = {g: cudnn_accepts(int(g) ** 2) for g in args.grids.split(",")}
+    from lasadgen_jax.models.softmax_attention import resolve_softmax_impl
+
+    result["softmax_impl"] = resolve_softmax_impl("auto", jax.numpy.bfloat16, 64)   # what the model's softmax runs
     return result
 
 

@@ -126,3 +126,39 @@ def test_bad_config_raises(overrides, match):
 def test_bad_model_input_raises(tokens, labels, match):
     with pytest.raises(ValueError, match=match):
         tiny_model("2d")(tokens, labels)
+
+
+def test_softmax_impl_resolution():
+    from lasadgen_jax.models.softmax_attention import resolve_softmax_impl
+
+    assert resolve_softmax_impl("auto", jnp.bfloat16, 64, backend="gpu") == "cudnn"
+    assert resolve_softmax_impl("auto", jnp.float16, 128, backend="gpu") == "cudnn"
+    assert resolve_softmax_impl("auto", jnp.float32, 64, backend="gpu") == "xla"     # cuDNN takes half types only
+    assert resolve_softmax_impl("auto", jnp.bfloat16, 12, backend="gpu") == "xla"    # head dim not a multiple of 8
+    assert resolve_softmax_impl("auto", jnp.bfloat16, 256, backend="gpu") == "xla"
+    assert resolve_softmax_impl("auto", jnp.bfloat16, 64, backend="cpu") == "xla"
+    assert resolve_softmax_impl("auto", jnp.bfloat16, 64, backend="tpu") == "xla"
+    assert resolve_softmax_impl("cudnn", jnp.float32, 64, backend="cpu") == "cudnn"  # asked for: jax refuses it
+    with pytest.raises(ValueError, match="softmax_impl"):
+        ModelConfig(attention="softmax", softmax_impl="flash")
+
+
+def test_softmax_training_forward_asks_for_cudnn_on_a_gpu(monkeypatch):
+    """The model names the implementation (jax's own default is XLA's even on a GPU): recorded here with the
+    backend reported as a GPU and the call carried out by XLA's implementation."""
+    asked = []
+    xla_attention = jax.nn.dot_product_attention
+
+    def recording(q, k, v, *, is_causal, implementation):
+        asked.append((q.dtype, implementation))
+        return xla_attention(q, k, v, is_causal=is_causal, implementation="xla")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for dtype, expected in (("bfloat16", "cudnn"), ("float32", "xla")):
+        config = ModelConfig(vocab_size=32, num_classes=4, grid=(2, 3), dim=32, depth=1, num_heads=2,
+                             attention="softmax", dtype=dtype)
+        model = LASADGen(config, rngs=nnx.Rngs(0))
+        model.eval()
+        model(jnp.zeros((1, 6), jnp.int32), jnp.zeros((1,), jnp.int32))
+        assert asked[-1] == (jnp.dtype(dtype), expected)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from lasadgen_jax.models.lasad_attention import LASADAttention
 from lasadgen_jax.models.rope import ROPE_LAYOUTS
-from lasadgen_jax.models.softmax_attention import SoftmaxAttention
+from lasadgen_jax.models.softmax_attention import SOFTMAX_IMPLS, SoftmaxAttention
 from lasadgen_jax.ops.lasad import common
 
 ATTENTION_TYPES = ("2d", "2d_row", "1d", "none", "softmax")
@@ -54,6 +54,7 @@ class ModelConfig:
     ffn_dropout: float = 0.1
     use_rope: bool = True
     lasad_impl: str = "auto"
+    softmax_impl: str = "auto"  # softmax only: 'auto', 'xla' or 'cudnn' (softmax_attention.resolve_softmax_impl)
     decode_impl: str = "auto"  # LASAD decode step: 'auto', 'xla' or 'pallas' (lasad.resolve_decode_impl)
     decode_state_dtype: str = "float32"  # LASAD decode state storage: 'float32' or 'bfloat16'
     decay_range: tuple[float, float] = (0.5, 0.985)
@@ -74,6 +75,8 @@ class ModelConfig:
             raise ValueError(f"rope_layout {self.rope_layout!r} (LlamaGen's RoPE, for its converted checkpoints) needs "
                              f"attention 'softmax' and use_rope True, got attention {self.attention!r}, use_rope "
                              f"{self.use_rope}")
+        if self.softmax_impl not in SOFTMAX_IMPLS:
+            raise ValueError(f"softmax_impl must be one of {SOFTMAX_IMPLS}, got {self.softmax_impl!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         chunk = self.loss_chunk_tokens
@@ -137,8 +140,8 @@ def make_attention(config: ModelConfig, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     if config.attention == "softmax":
         return SoftmaxAttention(
-            config.dim, config.num_heads, use_rope=config.use_rope, rope_layout=config.rope_layout, dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs,
+            config.dim, config.num_heads, use_rope=config.use_rope, rope_layout=config.rope_layout,
+            impl=config.softmax_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
     return LASADAttention(
         config.dim, config.num_heads, variant=config.attention, use_rope=config.use_rope,

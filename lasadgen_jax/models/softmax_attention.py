@@ -1,8 +1,9 @@
 """Causal softmax attention with 2D RoPE and a KV cache: the LlamaGen-style baseline (Flax NNX).
 
 Same interface and sequence convention (alignment.py) as LASADAttention, so a model swaps one for
-the other by config. Training goes through `jax.nn.dot_product_attention` (cuDNN flash attention
-on GPU for bf16/fp16; XLA elsewhere). Decoding keeps every key and value: a cache of
+the other by config. Training goes through `jax.nn.dot_product_attention` with the implementation
+`resolve_softmax_impl` picks (cuDNN flash attention on a GPU for bf16/fp16; XLA's elsewhere).
+Decoding keeps every key and value: a cache of
 [batch, P + N - 1, heads, head_dim] twice, which grows with the image, unlike the LASAD state.
 """
 
@@ -14,6 +15,27 @@ from flax import nnx
 
 from lasadgen_jax.models import alignment, rope
 from lasadgen_jax.ops.lasad import common
+
+SOFTMAX_IMPLS = ("auto", "xla", "cudnn")
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_softmax_impl(impl: str, dtype, head_dim: int, backend: str | None = None) -> str:
+    """The implementation of jax.nn.dot_product_attention for these inputs: 'xla' or 'cudnn'.
+
+    'auto' is cuDNN flash attention on a GPU for bf16/fp16 inputs with a head dim it takes (a multiple
+    of 8, at most 128), XLA's otherwise. It is named explicitly because the function's own default
+    (implementation=None) is XLA's, which keeps the float32 [batch, heads, N, N] scores for the
+    backward: at 64x64 tokens they outgrow any GPU (benchmarks/RESULTS.md, "Training step: the L
+    model on one H100 — 2026-12-06").
+    """
+    if impl not in SOFTMAX_IMPLS:
+        raise ValueError(f"softmax_impl must be one of {SOFTMAX_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend() if backend is None else backend
+    takes = jnp.dtype(dtype) in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if backend == "gpu" and takes else "xla"
 
 
 class SoftmaxAttention(nnx.Module):
@@ -31,6 +53,7 @@ class SoftmaxAttention(nnx.Module):
         use_rope: bool = True,
         rope_base: float = 10000.0,
         rope_layout: str = "target",
+        impl: str = "auto",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -44,7 +67,9 @@ class SoftmaxAttention(nnx.Module):
             raise ValueError(f"rope_layout must be one of {rope.ROPE_LAYOUTS}, got {rope_layout!r}")
         if rope_layout != "target" and not use_rope:
             raise ValueError(f"rope_layout {rope_layout!r} needs use_rope=True")
+        resolve_softmax_impl(impl, dtype, self.head_dim)   # checks the name
         self.use_rope, self.rope_base, self.rope_layout, self.dtype = use_rope, rope_base, rope_layout, dtype
+        self.impl = impl
         linear = lambda: nnx.Linear(dim, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (linear() for _ in range(4))
 
@@ -75,7 +100,12 @@ class SoftmaxAttention(nnx.Module):
         if self.rope_layout == "llamagen":
             q, k = self._zero_prefix(q, num_prefix), self._zero_prefix(k, num_prefix)
         v = self._heads(self.v_proj(x))
-        return self._merge_heads(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+        return self._merge_heads(self._attend(q, k, v))
+
+    def _attend(self, q, k, v):
+        """Causal attention of [batch, n, heads, head_dim] inputs by the resolved implementation."""
+        impl = resolve_softmax_impl(self.impl, q.dtype, self.head_dim)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
     # ------------------------------------------------------------------ decoding with a KV cache
 
@@ -94,7 +124,7 @@ class SoftmaxAttention(nnx.Module):
         length = x_prefix.shape[1]
         if self.rope_layout == "llamagen":
             q, k = self._zero_prefix(q, length), self._zero_prefix(k, length)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # "target": prefix positions unrotated
+        out = self._attend(q, k, v)  # "target": prefix positions unrotated
         state = {
             "k": state["k"].at[:, :length].set(k.astype(state["k"].dtype)),
             "v": state["v"].at[:, :length].set(v.astype(state["v"].dtype)),
