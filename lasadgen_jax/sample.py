@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lasadgen_jax.model_io import load_params, load_tokenizer_for, model_config_from, resolve_model
-from lasadgen_jax.models.lasadgen import LASADGen
+from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
 from lasadgen_jax.tokenizer.evaluation import to_uint8
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -295,6 +295,7 @@ def main(argv):
         raise ValueError("--random_init needs --config=... (the model to initialise)")
     else:
         params_dir, model_config = None, model_config_from(FLAGS.config)
+    model_config = with_decode_state_dtype(model_config, FLAGS.decode_state_dtype)
     sampling = SamplingConfig(
         cfg_scale=FLAGS.cfg_scale, cfg_schedule=FLAGS.cfg_schedule, temperature=FLAGS.temperature,
         top_k=FLAGS.top_k, top_p=FLAGS.top_p,
@@ -337,6 +338,11 @@ def main(argv):
           f"class in the pictures): {written}, and the settings to {out_dir}/sampling.json.")
 
 
+def with_decode_state_dtype(model_config: ModelConfig, dtype: str | None) -> ModelConfig:
+    """The model config with its LASAD decode-state storage replaced by `dtype` (None: unchanged)."""
+    return model_config if dtype is None else dataclasses.replace(model_config, decode_state_dtype=dtype)
+
+
 def define_flags():
     from absl import flags
     from ml_collections import config_flags
@@ -356,6 +362,8 @@ def define_flags():
     flags.DEFINE_float("temperature", 1.0, "Softmax temperature (0 = greedy).")
     flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
+    flags.DEFINE_enum("decode_state_dtype", None, ["float32", "bfloat16"], "LASAD decode state storage (default: "
+                      "the model's, float32 unless set); bfloat16 samples faster.")
     flags.DEFINE_string("tokenizer", None, "Tokenizer directory: also decode the samples into images.")
     flags.DEFINE_string("out", "samples", "Output directory.")
     flags.DEFINE_bool("overwrite", False, "Replace existing outputs in --out.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -242,8 +243,10 @@ def test_command_line_writes_token_grids_and_decoded_images(tmp_path):
         "--config=configs/imagenet256.py:size=B,attention=2d", "--config.model.depth=1",
         "--config.model.grid=(3,4)", f"--config.model.vocab_size={arch.codebook_size}", "--random_init",
         "--classes=3,5", "--num=2", "--batch_size=3", "--cfg_scale=2", f"--tokenizer={tokenizer_dir}", f"--out={out}",
+        "--decode_state_dtype=bfloat16",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "sampling.json").read_text())["model"]["decode_state_dtype"] == "bfloat16"
     data = np.load(out / "tokens.npz")
     assert data["tokens"].shape == (4, 3, 4) and data["labels"].tolist() == [3, 3, 5, 5]
     images = np.load(out / "images.npz")["arr_0"]
