@@ -8,27 +8,14 @@ The tokens come from the `configs/vq_small.py:grid16` tokenizer: 32x32 images ->
 1024, the token count of ImageNet 256 with VQ-16. Everything else is as configs/imagenet256.py.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from lasadgen_jax.config_files import config_beside, config_knobs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    attention = "2d"
-    for part in filter(None, (arg or "").split(",")):
-        key, sep, value = part.partition("=")
-        if key != "attention" or not sep:
-            raise ValueError(f"config arg {part!r}: expected attention=NAME")
-        attention = value
-    config = _load("imagenet256").get_config(f"size=B,attention={attention}")
+    attention = config_knobs(arg, {"attention": "2d"})["attention"]
+    config = config_beside(__file__, f"imagenet256:size=B,attention={attention}")
     # 8 layers of width 384 (6 heads of 64): 15.6M parameters with softmax attention.
     config.model.update(grid=(16, 16), vocab_size=1024, num_classes=10, dim=384, depth=8, num_heads=6,
                         class_dropout=0.1, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0,

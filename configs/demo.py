@@ -9,22 +9,14 @@ sample grids (one row per class, from the EMA parameters) to WORKDIR/samples/. A
 2 CPU cores (benchmarks/RESULTS.md). Everything else is as configs/imagenet256.py.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from lasadgen_jax.config_files import config_beside
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _load("imagenet256").get_config("size=B,attention=2d")
+    config = config_beside(__file__, "imagenet256:size=B,attention=2d")
     config.model.update(grid=(8, 8), vocab_size=1024, num_classes=10, dim=192, depth=4, num_heads=4,
                         ffn_multiple_of=64, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0,
                         dtype="float32")   # float32 compute: XLA:CPU has no fast bf16 matmuls
@@ -36,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     # extraction and a 'fashion_mnist:' FID reference: --config.prepare.fashion_mnist_root=DIR sets all three.
     fashion_mnist_root = placeholder(str)
     config.prepare = ml_collections.ConfigDict(dict(   # read by lasadgen_jax/demo.py, not the trainer
-        vq=_load("vq_small").get_config(),     # the tokenizer, trained first
+        vq=config_beside(__file__, "vq_small"),     # the tokenizer, trained first
         max_images=12000,                      # training images tokenized (x2 with flips)
         image_size=32, shard_size=10000, encode_batch_size=256,
         fashion_mnist_root=fashion_mnist_root,

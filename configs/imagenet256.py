@@ -11,6 +11,7 @@ with --config.field=value (the config is locked: a misspelt field is an error).
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from lasadgen_jax.config_files import config_knobs
 from lasadgen_jax.models.lasadgen import SIZES, model_config
 from lasadgen_jax.sharding import DEFAULT_RULES
 
@@ -18,12 +19,7 @@ KNOBS = {"size": "L", "attention": "2d"}
 
 
 def parse_arg(arg: str | None) -> dict:
-    knobs = dict(KNOBS)
-    for part in filter(None, (arg or "").split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or key not in KNOBS:
-            raise ValueError(f"config arg {part!r}: expected key=value with key in {sorted(KNOBS)}")
-        knobs[key] = value
+    knobs = config_knobs(arg, KNOBS)
     if knobs["size"] not in SIZES:
         raise ValueError(f"config arg size={knobs['size']!r}: expected one of {sorted(SIZES)}")
     return knobs

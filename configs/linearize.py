@@ -26,29 +26,16 @@ a short warm-up into a cosine decay at a lower peak learning rate than pretraini
 the network starts trained. The numbers are starting points, not tuned results.
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from lasadgen_jax.config_files import config_beside, config_knobs
 
 KNOBS = {"base": "imagenet256", "size": "B", "attention": "2d"}
 LASAD_VARIANTS = ("2d", "2d_row", "1d", "none")
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def parse_arg(arg: str | None) -> dict:
-    knobs = dict(KNOBS)
-    for part in filter(None, (arg or "").split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or key not in KNOBS:
-            raise ValueError(f"config arg {part!r}: expected key=value with key in {sorted(KNOBS)}")
-        knobs[key] = value
+    knobs = config_knobs(arg, KNOBS)
     if knobs["base"] not in ("imagenet256", "imagenet384", "ablation"):
         raise ValueError(f"config arg base={knobs['base']!r}: expected 'imagenet256', 'imagenet384' or 'ablation'")
     if knobs["attention"] not in LASAD_VARIANTS:
@@ -60,7 +47,7 @@ def parse_arg(arg: str | None) -> dict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     knobs = parse_arg(arg)
     if knobs["base"] == "ablation":
-        config = _load("ablation").get_config(f"attention={knobs['attention']}")
+        config = config_beside(__file__, f"ablation:attention={knobs['attention']}")
         # 100 steps of 256 sequences after the ablation's 600: 1/6 of its budget, the first 20 with
         # only attention learning; half its peak learning rate.
         config.optimizer.update(learning_rate=3e-4, schedule="cosine", warmup_steps=10, end_learning_rate_fraction=0.0)
@@ -68,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.freeze_non_attention_steps = 20
         return config
 
-    config = _load(knobs["base"]).get_config(f"size={knobs['size']},attention={knobs['attention']}")
+    config = config_beside(__file__, f"{knobs['base']}:size={knobs['size']},attention={knobs['attention']}")
     # LlamaGen trains at a constant 1e-4 for 300 epochs (~1.5M steps of 256); 50k steps here, 2k of
     # them attention-only, warm-up 1k, cosine to a tenth.
     config.optimizer.update(learning_rate=1e-4, schedule="cosine", warmup_steps=1000, end_learning_rate_fraction=0.1)
