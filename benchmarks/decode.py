@@ -128,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2, help="timed runs after a first one (0: time the first)")
     parser.add_argument("--softmax_check", action="store_true", help="time the softmax decode attention ways")
     parser.add_argument("--header", action="store_true", help="print the table header")
+    parser.add_argument("--profile", default=None, help="trace one more run per row into this directory and print "
+                        "the top device operations per step (benchmarks/device_profile.py)")
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
@@ -173,6 +175,13 @@ def main(argv=None):
             times.append(time.perf_counter() - start)
         seconds = min(times)
         steps = side * side
+        if args.profile:
+            from device_profile import format_summary, profile_device_ops
+
+            label = f"{attention}_{state_dtype}_{side}"
+            run = lambda c=compiled, p=params: c(p, labels, jax.random.PRNGKey(9), scale).block_until_ready()
+            profile = profile_device_ops(run, f"{args.profile}/{label}", per=steps)
+            print(format_summary(profile, f"{label}, per decode step"), flush=True)
         weights, state = step_bytes(model, rows)
         floor = (weights + state) / bandwidth  # bandwidth counts every byte moved, as the step does
         per_sequence = state_bytes(model.init_decode_state(1)) / 1e3

@@ -101,6 +101,8 @@ def build(args, spec: dict):
         config.batch_size = spec["batch"]
     config.model.update(remat=spec["remat"], loss_chunk_tokens=spec["loss_chunk_tokens"],
                         scan_layers=spec["scan_layers"], lasad_impl=args.lasad_impl)
+    if args.dropout is not None:   # class dropout (what guidance learns from) stays as configured
+        config.model.update(token_dropout=args.dropout, resid_dropout=args.dropout, ffn_dropout=args.dropout)
     config.num_steps = 1000
     model_config = model_config_from(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -130,6 +132,19 @@ def measure(args, spec: dict) -> dict:
         state, metrics = step(state, tokens, labels)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / args.steps
+    profile = None
+    if args.profile:
+        from device_profile import format_summary, profile_device_ops
+
+        def traced_steps():
+            nonlocal state, metrics
+            for _ in range(args.profile_steps):
+                state, metrics = step(state, tokens, labels)
+            jax.block_until_ready(metrics)
+
+        label = f"{spec.get('size')}_{model_config.attention}_{model_config.grid[0]}_b{batch}_{model_config.remat}"
+        profile = profile_device_ops(traced_steps, os.path.join(args.profile, label), per=args.profile_steps, top=25)
+        print(format_summary(profile, f"{label}, per step"), file=sys.stderr, flush=True)
     if not bool(metrics["finite"]):
         raise FloatingPointError(f"{model_config.attention} {model_config.grid}: non-finite loss "
                                  f"{float(metrics['loss'])}")
@@ -140,14 +155,15 @@ def measure(args, spec: dict) -> dict:
     grid = "x".join(map(str, model_config.grid))
     return {"size": spec.get("size"), "attention": model_config.attention, "grid": grid,
             "remat": model_config.remat, "loss_chunk_tokens": model_config.loss_chunk_tokens,
-            "scan_layers": model_config.scan_layers, "batch": batch,
+            "scan_layers": model_config.scan_layers, "batch": batch, "dropout": model_config.resid_dropout,
             "compile_s": setup.train_step.compile_seconds,
             "xla_argument_bytes": memory.get("argument"), "xla_output_bytes": memory.get("output"),
             "xla_temp_bytes": memory.get("temp"), "xla_peak_estimate_bytes": memory.get("peak_estimate"),
             "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
             "peak_scope": "process (cumulative)" if args.in_process else "measurement",
             "step_ms": 1e3 * seconds, "tokens_per_s": tokens_per_step / seconds, "mfu": flops / seconds / peak,
-            "model_tflops_per_s": flops / seconds / 1e12 / jax.device_count(), "loss": float(metrics["loss"])}
+            "model_tflops_per_s": flops / seconds / 1e12 / jax.device_count(), "loss": float(metrics["loss"]),
+            "prng_impl": str(jax.config.jax_default_prng_impl), "profile": profile}
 
 
 def is_out_of_memory(error: Exception | str) -> bool:
@@ -267,8 +283,13 @@ def main():
     parser.add_argument("--loss_chunk_tokens", default="0", help="chunked-loss chunk lengths (0: plain), e.g. 0,64")
     parser.add_argument("--scan_layers", default="false", help="e.g. false,true")
     parser.add_argument("--lasad_impl", default="auto")
+    parser.add_argument("--dropout", type=float, default=None, help="token, residual and FFN dropout (default: the "
+                        "config's, 0.1); e.g. 0 to see what the dropout masks cost")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="per-device dense bf16 peak (H200: 989)")
     parser.add_argument("--json_out", default=None)
+    parser.add_argument("--profile", default=None, help="trace --profile_steps more steps into this directory and "
+                        "print the top device operations (benchmarks/device_profile.py)")
+    parser.add_argument("--profile_steps", type=int, default=2)
     parser.add_argument("--in_process", action="store_true", help="all measurements in this process")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
