@@ -19,8 +19,10 @@ import json
 import os
 import re
 
-# Matrix-multiply kernels by name (cuBLAS, CUTLASS, XLA's Triton gemm fusions, cuDNN's).
-GEMM_NAME = re.compile(r"gemm|cublas|cutlass|xmma|sm\d+_|dot|matmul|wgmma", re.IGNORECASE)
+# Attention kernels by name (cuDNN's fused attention, this package's Pallas kernels), then the other
+# matrix-multiply kernels (cuBLAS, CUTLASS, XLA's Triton gemm fusions).
+ATTENTION_NAME = re.compile(r"sdpa|flash|fmha|dot_do_o|lasad_|attention", re.IGNORECASE)
+GEMM_NAME = re.compile(r"gemm|cublas|cutlass|xmma|nvjet|dot|matmul|wgmma", re.IGNORECASE)
 
 
 def profile_device_ops(run, log_dir: str, *, per: float = 1.0, top: int = 15) -> dict:
@@ -70,7 +72,8 @@ def busy_microseconds(events: list[dict]) -> float:
 
 
 def summarise_trace(trace: dict, *, per: float = 1.0, top: int = 15) -> dict:
-    """Device time by operation name (ms per `per`), the gemm share, and how busy the device was."""
+    """Device time by operation name (ms per `per`), the attention and other gemm totals, and how busy
+    the device was."""
     events = device_events(trace)
     if not events:
         return {"device_events": 0}
@@ -80,13 +83,15 @@ def summarise_trace(trace: dict, *, per: float = 1.0, top: int = 15) -> dict:
         by_name[e["name"]][1] += 1
     kernel_us = sum(total for total, _ in by_name.values())
     span_us = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
-    gemm_us = sum(total for name, (total, _) in by_name.items() if GEMM_NAME.search(name))
+    attention_us = sum(total for name, (total, _) in by_name.items() if ATTENTION_NAME.search(name))
+    gemm_us = sum(total for name, (total, _) in by_name.items()
+                  if GEMM_NAME.search(name) and not ATTENTION_NAME.search(name))
     ranked = sorted(by_name.items(), key=lambda item: -item[1][0])
     return {
         "device_events": len(events), "per": per,
         "span_ms": span_us / 1e3 / per, "kernel_ms": kernel_us / 1e3 / per,
         "busy_ms": busy_microseconds(events) / 1e3 / per,
-        "gemm_ms": gemm_us / 1e3 / per, "launches": len(events) / per,
+        "gemm_ms": gemm_us / 1e3 / per, "attention_ms": attention_us / 1e3 / per, "launches": len(events) / per,
         "top": [{"name": name, "ms": total / 1e3 / per, "count": count / per, "share": total / kernel_us}
                 for name, (total, count) in ranked[:top]],
     }
@@ -98,7 +103,8 @@ def format_summary(summary: dict, label: str = "") -> str:
         return f"profile {label}: no device operations in the trace (a CPU run has none)"
     lines = [f"profile {label}: per unit of {summary['per']:g}: span {summary['span_ms']:.3f} ms, device busy "
              f"{summary['busy_ms']:.3f} ms ({summary['busy_ms'] / summary['span_ms']:.0%}), kernel sum "
-             f"{summary['kernel_ms']:.3f} ms, gemm {summary['gemm_ms']:.3f} ms, {summary['launches']:.1f} launches",
+             f"{summary['kernel_ms']:.3f} ms, gemm {summary['gemm_ms']:.3f} ms, attention "
+             f"{summary['attention_ms']:.3f} ms, {summary['launches']:.1f} launches",
              "| ms | share | launches | operation |", "|---|---|---|---|"]
     lines += [f"| {op['ms']:.4f} | {op['share']:.1%} | {op['count']:.1f} | {op['name'][:110]} |"
               for op in summary["top"]]

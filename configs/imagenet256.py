@@ -28,11 +28,13 @@ def parse_arg(arg: str | None) -> dict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     knobs = parse_arg(arg)
     config = ml_collections.ConfigDict()
+    # The training-step levers that let LlamaGen's batch of 256 fit one 80 GB GPU: block remat keeping the
+    # matmul outputs and the chunked loss; the layers stay a Python loop, since the scan made the step
+    # 1.14-1.36x slower (benchmarks/RESULTS.md, "Training step: the L model on one GPU, profiled").
     model = model_config(knobs["size"], attention=knobs["attention"], grid=(16, 16), vocab_size=16384,
-                         num_classes=1000, dtype="bfloat16", param_dtype="float32")
+                         num_classes=1000, dtype="bfloat16", param_dtype="float32",
+                         remat="dots", loss_chunk_tokens=64, scan_layers=False)
     config.model = ml_collections.ConfigDict({field: getattr(model, field) for field in model.__dataclass_fields__})
-    # Every ModelConfig field, so also the training-step levers at their defaults (off): remat='none',
-    # loss_chunk_tokens=0, scan_layers=False (docs/training.md, "Speed and memory levers").
 
     config.workdir = placeholder(str)         # or --workdir
     config.data = ml_collections.ConfigDict(dict(

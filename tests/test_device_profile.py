@@ -22,19 +22,21 @@ def _trace():
         op(1, 5, "PjitFunction(step)", 0, 100),                 # host: not counted
         op(2, 13, "gemm_fusion_dot_1", 0, 10), op(2, 13, "loop_add_fusion", 10, 5),
         op(2, 13, "gemm_fusion_dot_1", 30, 10), op(2, 13, "loop_add_fusion", 35, 10),   # overlaps the gemm by 5
+        op(2, 13, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 45, 4), op(2, 13, "lasad_decode_2d", 49, 1),
         op(2, 99, "dot.1", 0, 10),                              # the same work on the grouped line: not counted
     ]}
 
 
 def test_summary_counts_stream_operations_once():
     summary = device_profile.summarise_trace(_trace(), per=2.0, top=5)
-    assert summary["device_events"] == 4
-    assert summary["span_ms"] == pytest.approx(45 / 1e3 / 2)
-    assert summary["kernel_ms"] == pytest.approx(35 / 1e3 / 2)
-    assert summary["busy_ms"] == pytest.approx(30 / 1e3 / 2)      # [0, 15) and [30, 45)
-    assert summary["gemm_ms"] == pytest.approx(20 / 1e3 / 2)
-    assert [op["name"] for op in summary["top"]] == ["gemm_fusion_dot_1", "loop_add_fusion"]
-    assert summary["top"][0]["count"] == 1.0 and summary["top"][1]["share"] == pytest.approx(15 / 35)
+    assert summary["device_events"] == 6
+    assert summary["span_ms"] == pytest.approx(50 / 1e3 / 2)
+    assert summary["kernel_ms"] == pytest.approx(40 / 1e3 / 2)
+    assert summary["busy_ms"] == pytest.approx(35 / 1e3 / 2)      # [0, 15) and [30, 50)
+    assert summary["gemm_ms"] == pytest.approx(20 / 1e3 / 2)      # cuDNN's attention is attention, not gemm
+    assert summary["attention_ms"] == pytest.approx(5 / 1e3 / 2)
+    assert [op["name"] for op in summary["top"][:2]] == ["gemm_fusion_dot_1", "loop_add_fusion"]
+    assert summary["top"][0]["count"] == 1.0 and summary["top"][1]["share"] == pytest.approx(15 / 40)
     assert "gemm_fusion_dot_1" in device_profile.format_summary(summary, "step")
 
 
