@@ -1,5 +1,5 @@
 """Process set-up of a multi-host run: jax.distributed.initialize from the config or the environment,
-and a barrier. Used by the trainer and by token extraction."""
+and a barrier. Used by the trainer, token extraction, sampling and evaluation."""
 
 from __future__ import annotations
 
@@ -67,6 +67,13 @@ def maybe_initialize_distributed(distributed: ml_collections.ConfigDict) -> None
                          f"coordinator_address, num_processes and process_id (or JAX_COORDINATOR_ADDRESS, "
                          f"JAX_NUM_PROCESSES, JAX_PROCESS_ID), or run under SLURM / Open MPI / a Cloud TPU "
                          f"VM") from None
+
+
+def initialize_from_environment(mode: str) -> None:
+    """A command-line tool's --distributed=auto|yes|no: as config.distributed.initialize, with the
+    coordinator, process count and index from the environment (distributed_arguments)."""
+    maybe_initialize_distributed(ml_collections.ConfigDict(dict(
+        initialize=mode, coordinator_address=None, num_processes=None, process_id=None)))
 
 
 def sync_processes(name: str) -> None:

@@ -13,7 +13,8 @@ LlamaGen's protocol for 384 px samples against the 256 px reference. `--ref` is 
 `python -m lasadgen_jax.eval.convert_inception --out=DIR` (--inception,
 default ~/.cache/lasadgen_jax/inception/inception_v3_fid.npz). The result is printed and, with
 --out, written as JSON. The library behind it is lasadgen_jax/eval/scores.py (`sample_and_evaluate`,
-also the trainer's periodic evals).
+also the trainer's periodic evals). Started on several hosts (jax.distributed, --distributed), every
+process samples a share of the batches and process 0 scores them and writes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lasadgen_jax.distributed import initialize_from_environment
 from lasadgen_jax.eval.features import FeatureExtractor, stream_npz_images
 from lasadgen_jax.eval.reference import (
     check_reference_file,
@@ -111,14 +113,19 @@ def main(argv):
         raise ValueError("give either --samples=S.npz or --ckpt/--tokenizer to sample")
     if FLAGS.eval_image_size is not None and FLAGS.eval_image_size < 1:
         raise ValueError(f"--eval_image_size must be >= 1, got {FLAGS.eval_image_size}")
-    for flag in ("out", "save_samples"):
-        check_output_file(flag, getattr(FLAGS, flag), FLAGS.overwrite)
-    if not is_dataset_spec(FLAGS.ref):
-        check_reference_file(FLAGS.ref)  # a bad reference fails before minutes of sampling
-    inception = os.path.expanduser(FLAGS.inception)
-    if os.path.isdir(inception):
-        inception = os.path.join(inception, "inception_v3_fid.npz")
-    extractor = FeatureExtractor(inception, batch_size=FLAGS.feature_batch_size, precision=FLAGS.precision)
+    initialize_from_environment(FLAGS.distributed)
+    scorer = jax.process_index() == 0   # with several processes, all sample and process 0 scores and writes
+    if FLAGS.samples is not None and not scorer:
+        return
+    if scorer:
+        for flag in ("out", "save_samples"):
+            check_output_file(flag, getattr(FLAGS, flag), FLAGS.overwrite)
+        if not is_dataset_spec(FLAGS.ref):
+            check_reference_file(FLAGS.ref)  # a bad reference fails before minutes of sampling
+        inception = os.path.expanduser(FLAGS.inception)
+        if os.path.isdir(inception):
+            inception = os.path.join(inception, "inception_v3_fid.npz")
+        extractor = FeatureExtractor(inception, batch_size=FLAGS.feature_batch_size, precision=FLAGS.precision)
     cache_dir = os.path.expanduser(FLAGS.cache_dir) if FLAGS.cache_dir else None
 
     started = time.time()
@@ -133,8 +140,11 @@ def main(argv):
         images, labels = sample_images(model, tokenizer, FLAGS.num_samples, jax.random.PRNGKey(FLAGS.seed),
                                        sampling, FLAGS.batch_size)
         seconds = time.time() - sampling_started
+        processes = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
         print(f"sampled and decoded {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.2f} images/s, "
-              f"compilation included) on {jax.local_device_count()} device(s)", file=sys.stderr)
+              f"compilation included) on {jax.device_count()} device(s){processes}", file=sys.stderr)
+        if not scorer:
+            return
         if FLAGS.save_samples:
             np.savez(FLAGS.save_samples, arr_0=images, labels=labels)
         total = len(images)
@@ -190,6 +200,9 @@ def define_flags():
     flags.DEFINE_integer("eval_image_size", None, "Resize the samples to N x N (PIL bicubic) before the Inception "
                          "features, e.g. 256 for LlamaGen's 384 px protocol (default: as they are).")
     flags.DEFINE_string("save_samples", None, "Also write the sampled images here (npz, arr_0 + labels).")
+    flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"], "jax.distributed.initialize, as the trainer's "
+                      "config.distributed.initialize; every process samples a share of the batches, process 0 "
+                      "scores them and writes.")
     flags.mark_flag_as_required("ref")
 
 

@@ -7,7 +7,9 @@ The decode state is the LASAD state of every block (fixed size; `2d` keeps w col
 KV cache for `softmax`. With guidance the conditional and the null-class batches run stacked as one
 batch of 2B (each label next to its null-class twin, so that a batch split over devices keeps both halves of a
 row on one device) and `logits = u + s * (c - u)`. `generate_in_batches` splits a request into batches of at most
---batch_size, each split over the local devices (a 1-D 'data' mesh; params replicated). Writes the token grids
+--batch_size, each split over the local devices (a 1-D 'data' mesh; params replicated); with several processes
+(jax.distributed: --distributed, as the trainer's) the batches are dealt out to the hosts and gathered, and
+process 0 writes the outputs. Writes the token grids
 (tokens.npz) and a PNG of them, one row per class; with --tokenizer also the decoded images: images.npz (arr_0, uint8
 [n, H, W, 3], the layout FID tools read) and samples.png.
 """
@@ -26,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lasadgen_jax.distributed import initialize_from_environment
 from lasadgen_jax.model_io import load_params, load_tokenizer_for, model_config_from, resolve_model
 from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
 from lasadgen_jax.tokenizer.evaluation import to_uint8
@@ -188,11 +191,44 @@ def generate(model: LASADGen, labels, key, config: SamplingConfig = SamplingConf
     return tokens.reshape(labels.shape[0], *model.config.grid)
 
 
+def batch_keys(key, num_batches: int) -> list:
+    """The key of each batch of generate_in_batches: batch i gets the i-th key split off `key` in turn."""
+    keys = []
+    for _ in range(num_batches):
+        key, batch_key = jax.random.split(key)
+        keys.append(batch_key)
+    return keys
+
+
+def host_batches(num_batches: int, process_index: int, process_count: int) -> range:
+    """The batches one process samples when several share a request: every process_count-th, from its index."""
+    return range(process_index, num_batches, process_count)
+
+
+def gather_host_batches(local: list[np.ndarray], lengths: list[int], batch_size: int, num_tokens: int) -> list:
+    """Every process's batches (host_batches) on every process, in request order: [length_i, num_tokens] each.
+
+    Each process sends a fixed-shape block (its batches padded to batch_size rows, and to as many batches
+    as the busiest process has), so that one process_allgather carries them all."""
+    from jax.experimental import multihost_utils
+
+    count = jax.process_count()
+    slots = -(-len(lengths) // count)
+    block = np.zeros((slots, batch_size, num_tokens), np.int32)
+    for slot, tokens in enumerate(local):
+        block[slot, : len(tokens)] = tokens
+    every = np.asarray(multihost_utils.process_allgather(block))   # [count, slots, batch_size, num_tokens]
+    return [every[index % count, index // count, :length] for index, length in enumerate(lengths)]
+
+
 def generate_in_batches(model: LASADGen, labels, key, config: SamplingConfig, batch_size: int,
                         progress: bool = False, desc: str = "sampling", devices=None) -> np.ndarray:
     """Token grids int32 [n, h, w] for int labels [n], sampled in batches of at most `batch_size` (the last one
     only as large as what is left), each split over `devices` (default: the local devices); batch i uses the i-th
-    split of `key`."""
+    split of `key` (batch_keys).
+
+    With several processes (jax.distributed), each samples every process_count-th batch on its own devices
+    and all of them return the whole request, the same tokens as one process sampling it alone."""
     from tqdm import tqdm
 
     labels = np.asarray(labels, np.int32)
@@ -202,14 +238,18 @@ def generate_in_batches(model: LASADGen, labels, key, config: SamplingConfig, ba
     model.check_labels(jnp.asarray(labels), allow_null=True)
     mesh = sampling_mesh(devices)
     graphdef, params = _replicated_split(model, mesh)
-    batches = []
-    with tqdm(total=len(labels), unit="img", desc=desc, disable=not progress) as bar:
-        for start in range(0, len(labels), batch_size):
-            batch_labels = labels[start : start + batch_size]
-            key, batch_key = jax.random.split(key)
-            batches.append(np.asarray(_sample_batch(graphdef, params, batch_labels, batch_key, config, mesh)))
-            bar.update(len(batch_labels))
-    return np.concatenate(batches).reshape(len(labels), *model.config.grid)
+    requested = [labels[start : start + batch_size] for start in range(0, len(labels), batch_size)]
+    keys = batch_keys(key, len(requested))
+    mine = host_batches(len(requested), jax.process_index(), jax.process_count())
+    local = []
+    with tqdm(total=sum(len(requested[i]) for i in mine), unit="img", desc=desc,
+              disable=not progress or jax.process_index() != 0) as bar:
+        for index in mine:
+            local.append(np.asarray(_sample_batch(graphdef, params, requested[index], keys[index], config, mesh)))
+            bar.update(len(requested[index]))
+    if jax.process_count() > 1:
+        local = gather_host_batches(local, [len(b) for b in requested], batch_size, model.config.num_tokens)
+    return np.concatenate(local).reshape(len(labels), *model.config.grid)
 
 
 # ----------------------------------------------------------------------------- pictures of tokens
@@ -287,6 +327,8 @@ def main(argv):
 
     FLAGS = flags.FLAGS
     out_dir = FLAGS.out
+    initialize_from_environment(FLAGS.distributed)
+    writer = jax.process_index() == 0   # with several processes, all sample and process 0 writes
     if (FLAGS.ckpt is None) == (not FLAGS.random_init):
         raise ValueError("give exactly one of --ckpt=DIR and --random_init")
     if FLAGS.ckpt is not None:
@@ -303,7 +345,8 @@ def main(argv):
     classes = parse_classes(FLAGS.classes, model_config.num_classes)
     if FLAGS.num < 1 or FLAGS.batch_size < 1:
         raise ValueError(f"--num and --batch_size must be >= 1, got {FLAGS.num} and {FLAGS.batch_size}")
-    prepare_output_directory(out_dir, FLAGS.overwrite)
+    if writer:
+        prepare_output_directory(out_dir, FLAGS.overwrite)
 
     tokenizer = None
     if FLAGS.tokenizer is not None:
@@ -318,6 +361,12 @@ def main(argv):
     tokens = generate_in_batches(model, labels, jax.random.PRNGKey(FLAGS.seed), sampling, FLAGS.batch_size,
                                  progress=True, desc=f"sampling {model_config.grid[0]}x{model_config.grid[1]} tokens")
     seconds = time.perf_counter() - started
+    devices = f"{jax.device_count()} device(s)" + (f" of {jax.process_count()} processes" if jax.process_count() > 1
+                                                   else "")
+    if not writer:
+        print(f"Process {jax.process_index()}: sampled its share of {len(tokens)} token grids in {seconds:.1f} s; "
+              f"process 0 writes them.")
+        return
 
     np.savez(os.path.join(out_dir, "tokens.npz"), tokens=tokens, labels=labels)
     picture = token_grid_picture(tokens, model_config.vocab_size, columns=FLAGS.num)
@@ -333,7 +382,7 @@ def main(argv):
                    "tokenizer": FLAGS.tokenizer,
                    "sampling": dataclasses.asdict(sampling), "model": dataclasses.asdict(model_config)}, f, indent=1)
     print(f"Sampled {len(tokens)} token grids in {seconds:.1f} s ({len(tokens) / seconds:.2f} images/s, compilation "
-          f"included) on {jax.local_device_count()} device(s).")
+          f"included) on {devices}.")
     print(f"Wrote {len(tokens)} samples ({model_config.grid[0]}x{model_config.grid[1]} tokens, one row per "
           f"class in the pictures): {written}, and the settings to {out_dir}/sampling.json.")
 
@@ -367,6 +416,9 @@ def define_flags():
     flags.DEFINE_string("tokenizer", None, "Tokenizer directory: also decode the samples into images.")
     flags.DEFINE_string("out", "samples", "Output directory.")
     flags.DEFINE_bool("overwrite", False, "Replace existing outputs in --out.")
+    flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"], "jax.distributed.initialize, as the trainer's "
+                      "config.distributed.initialize (auto: when the environment names a coordinator or several "
+                      "processes); every process samples a share of the batches, process 0 writes.")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,13 @@ class Case:
 
     def __str__(self):
         return self.name
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a jax.distributed coordinator of subprocesses)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def make_inputs(case: Case, seed: int, dtype=jnp.float32, log_decay_range=(-1.0, -0.05)):

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import time
 import ml_collections
 import numpy as np
 import pytest
-from helpers import write_synthetic_token_dir
+from helpers import free_port, write_synthetic_token_dir
 from train_runs import losses, multihost_config
 
 from lasadgen_jax import train, train_config
@@ -30,12 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "tests", "train_runs.py")
 NUM_STEPS = 20
 TIMEOUT = 240   # seconds for one run (about 35 s on two busy cores)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def start_hosts(workdir: str, tokens_dir: str, log_dir, num_processes: int = 2, devices_per_process: int = 4):

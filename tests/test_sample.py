@@ -296,3 +296,70 @@ def test_command_line_errors_are_one_line(tmp_path):
     result = run_cli("--random_init", f"--out={tmp_path}")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --random_init needs --config=... (the model to initialise)"
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def test_host_batches_deal_every_batch_once():
+    dealt = [list(sample.host_batches(7, index, 3)) for index in range(3)]
+    assert dealt == [[0, 3, 6], [1, 4], [2, 5]]
+    assert list(sample.host_batches(1, 1, 2)) == []
+
+
+def start_processes(command, out_dir, num_processes=2, devices_per_process=2):
+    """num_processes subprocesses of `command` joined by jax.distributed (environment as launch/gpu sets it)."""
+    from helpers import free_port
+
+    port = free_port()
+    processes = []
+    for index in range(num_processes):
+        environment = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+                           JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(num_processes),
+                           JAX_PROCESS_ID=str(index),
+                           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+        log = open(os.path.join(out_dir, f"log_{index}.txt"), "w")
+        processes.append(subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    logs = []
+    for index, process in enumerate(processes):
+        try:
+            process.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+        with open(os.path.join(out_dir, f"log_{index}.txt")) as f:
+            logs.append(f.read())
+        assert process.returncode == 0, f"process {index} exited {process.returncode}:\n{logs[-1][-3000:]}"
+    return logs
+
+
+def test_processes_share_a_request_and_each_returns_all_of_it(tmp_path):
+    """Two processes of two devices each sample every other batch; both return the whole request, equal to
+    one process sampling it alone, also when one process has no batch of its own."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import sample_hosts
+
+    start_processes([sys.executable, os.path.join(REPO, "tests", "sample_hosts.py"), str(tmp_path)], str(tmp_path))
+    alone = sample_hosts.sample_requests()
+    assert alone["four_batches_rows_sampled_here"].tolist() == [2, 2, 2, 1]
+    shared = [np.load(tmp_path / f"process_{index}.npz") for index in range(2)]
+    assert [s["four_batches_rows_sampled_here"].tolist() for s in shared] == [[2, 2], [2, 1]]   # batches 0, 2 | 1, 3
+    assert [s["one_batch_rows_sampled_here"].tolist() for s in shared] == [[2], []]
+    for index in range(2):
+        for name in sample_hosts.REQUESTS:
+            np.testing.assert_array_equal(shared[index][name], alone[name], err_msg=f"process {index}, {name}")
+
+
+def test_command_line_on_two_processes_writes_once_what_one_process_writes(tmp_path):
+    args = ["--config=configs/imagenet256.py:size=B,attention=2d_row", "--config.model.depth=1",
+            "--config.model.grid=(2,3)", "--config.model.vocab_size=64", "--random_init", "--classes=1,2,3",
+            "--num=3", "--batch_size=2", "--cfg_scale=2", "--seed=4"]
+    alone = run_cli(*args, f"--out={tmp_path / 'alone'}")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    shared = tmp_path / "shared"
+    logs = start_processes([sys.executable, "-m", "lasadgen_jax.sample", *args, f"--out={shared}"], str(tmp_path))
+    assert "of 2 processes" in logs[0] and "process 0 writes them" in logs[1]
+    assert sorted(os.listdir(shared)) == ["sampling.json", "tokens.npz", "tokens.png"]
+    np.testing.assert_array_equal(np.load(shared / "tokens.npz")["tokens"],
+                                  np.load(tmp_path / "alone" / "tokens.npz")["tokens"])

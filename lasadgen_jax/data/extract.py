@@ -27,7 +27,6 @@ import os
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -36,7 +35,7 @@ from lasadgen_jax.data import manifest as manifests
 from lasadgen_jax.data.records import code_bytes_for, encode_record
 from lasadgen_jax.data.sharded_encoder import ShardedEncoder
 from lasadgen_jax.data.sources import open_source
-from lasadgen_jax.distributed import maybe_initialize_distributed
+from lasadgen_jax.distributed import initialize_from_environment
 from lasadgen_jax.tokenizer.checkpoint import load_tokenizer, tokenizer_hash, trained_image_size
 
 MAX_LISTED_SKIPS = 20  # per shard, in its sidecar; the count is always complete
@@ -239,8 +238,7 @@ def main(argv) -> None:
     if (FLAGS.process_index is None) != (FLAGS.process_count is None):
         raise ValueError("--process_index and --process_count go together")
     if FLAGS.process_index is None:   # several hosts, each told its place by jax.distributed
-        maybe_initialize_distributed(ml_collections.ConfigDict(dict(
-            initialize=FLAGS.distributed, coordinator_address=None, num_processes=None, process_id=None)))
+        initialize_from_environment(FLAGS.distributed)
     summary = extract(FLAGS.tokenizer, FLAGS.source, FLAGS.out, split=FLAGS.split, image_size=FLAGS.image_size,
                       allow_other_image_size=FLAGS.allow_other_image_size, crops=FLAGS.crops,
                       shard_size=FLAGS.shard_size, batch_size=FLAGS.batch_size, workers=FLAGS.workers,
