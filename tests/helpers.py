@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def start_processes(command, log_dir, num_processes=2, devices_per_process=2, timeout=300) -> list[str]:
+    """Runs num_processes copies of `command` (from the repository root) joined by jax.distributed, configured
+    through the environment as launch/gpu sets it, each with devices_per_process CPU devices; waits for all
+    (killing all at the timeout), asserts each exited 0 and returns their outputs."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port = free_port()
+    processes = []
+    for index in range(num_processes):
+        environment = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu",
+                           JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(num_processes),
+                           JAX_PROCESS_ID=str(index),
+                           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+        with open(os.path.join(log_dir, f"process_{index}.log"), "w") as log:
+            processes.append(subprocess.Popen(command, cwd=repo, env=environment, stdout=log,
+                                              stderr=subprocess.STDOUT))
+    outputs = []
+    for index, process in enumerate(processes):
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            process.wait()
+        with open(os.path.join(log_dir, f"process_{index}.log")) as f:
+            outputs.append(f.read())
+        assert process.returncode == 0, f"process {index} exited {process.returncode}:\n{outputs[-1][-3000:]}"
+    return outputs
 
 
 def make_inputs(case: Case, seed: int, dtype=jnp.float32, log_decay_range=(-1.0, -0.05)):

@@ -557,3 +557,35 @@ def test_a_file_named_like_an_adm_reference_batch_must_have_its_structure(tmp_pa
     other = str(tmp_path / "my_reference.npz")   # any other name: an ADM-style file of any size
     write_npz_headers(other, adm_structure(images=(5000, 64, 64, 3)))
     check_reference_file(other)
+
+
+def test_command_line_on_two_processes_scores_once_what_one_process_scores(weights_path, tmp_path):
+    """Sampling from --ckpt on two processes of two devices: both sample, process 0 alone scores and writes, and
+    the metrics equal one process's (the same samples)."""
+    from flax import nnx
+    from helpers import start_processes
+
+    from lasadgen_jax.model_io import save_params
+    from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
+    from lasadgen_jax.tokenizer import save_tokenizer
+    from lasadgen_jax.tokenizer.model import create_vq_model
+
+    arch = tiny_vq_architecture()  # 16x16 images from 4x4 grids of 64 codes
+    save_tokenizer(create_vq_model(arch), str(tmp_path / "tokenizer"))
+    model = LASADGen(ModelConfig(vocab_size=arch.codebook_size, num_classes=3, grid=(4, 4), dim=32, depth=1,
+                                 num_heads=2, attention="1d"), rngs=nnx.Rngs(0))
+    save_params(model, str(tmp_path / "params"))
+    np.savez(tmp_path / "ref.npz", arr_0=structured_images(5, seed=9))
+    args = [f"--ckpt={tmp_path / 'params'}", f"--tokenizer={tmp_path / 'tokenizer'}", "--num_samples=7",
+            "--batch_size=2", "--cfg_scale=2", f"--ref={tmp_path / 'ref.npz'}", f"--inception={weights_path}",
+            "--cache_dir=", "--feature_batch_size=4", "--metrics=fid,sfid"]
+    alone = run_cli(*args, f"--out={tmp_path / 'alone.json'}")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    outputs = start_processes([sys.executable, "-m", "lasadgen_jax.evaluate", *args,
+                               f"--out={tmp_path / 'shared.json'}"], str(tmp_path))
+    assert "on 4 device(s) of 2 processes" in outputs[0] and "on 4 device(s) of 2 processes" in outputs[1]
+    assert '"fid"' in outputs[0] and '"fid"' not in outputs[1]   # only process 0 scores (and prints the result)
+    shared, one = json.loads((tmp_path / "shared.json").read_text()), json.loads((tmp_path / "alone.json").read_text())
+    assert shared["num_samples"] == one["num_samples"] == 7
+    for metric in ("fid", "sfid"):
+        assert shared[metric] == pytest.approx(one[metric], rel=1e-5), metric

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import tiny_model, tiny_vq_architecture
+from helpers import start_processes, tiny_model, tiny_vq_architecture
 
 from lasadgen_jax import model_io, sample
 from lasadgen_jax.models.lasadgen import LASADGen
@@ -305,33 +305,6 @@ def test_host_batches_deal_every_batch_once():
     dealt = [list(sample.host_batches(7, index, 3)) for index in range(3)]
     assert dealt == [[0, 3, 6], [1, 4], [2, 5]]
     assert list(sample.host_batches(1, 1, 2)) == []
-
-
-def start_processes(command, out_dir, num_processes=2, devices_per_process=2):
-    """num_processes subprocesses of `command` joined by jax.distributed (environment as launch/gpu sets it)."""
-    from helpers import free_port
-
-    port = free_port()
-    processes = []
-    for index in range(num_processes):
-        environment = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-                           JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(num_processes),
-                           JAX_PROCESS_ID=str(index),
-                           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-        log = open(os.path.join(out_dir, f"log_{index}.txt"), "w")
-        processes.append(subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT))
-        log.close()
-    logs = []
-    for index, process in enumerate(processes):
-        try:
-            process.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-        with open(os.path.join(out_dir, f"log_{index}.txt")) as f:
-            logs.append(f.read())
-        assert process.returncode == 0, f"process {index} exited {process.returncode}:\n{logs[-1][-3000:]}"
-    return logs
 
 
 def test_processes_share_a_request_and_each_returns_all_of_it(tmp_path):
