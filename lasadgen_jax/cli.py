@@ -4,7 +4,11 @@
         define_flags()
         cli.run(main)
 
-`run` adds `--debug`; library INFO logs (Orbax, absl) are silenced unless `--verbosity` is given;
+`run` adds `--debug` and `--compilation_cache_dir`: compiled programs are kept on disk (jax's
+persistent compilation cache, by default in ~/.cache/lasadgen_jax/compilation_cache, at most 8 GiB,
+least recently used first out), so a rerun, or a training run resumed after preemption, loads what it
+compiled before instead of compiling it again. Library INFO logs (Orbax, absl) are silenced unless
+`--verbosity` is given;
 a ValueError or FileNotFoundError (bad flags, config or input) prints `error: ...` on stderr and
 exits with status 2, a FloatingPointError (a diverged run: too many non-finite steps, or a
 non-finite state refused at a save) exits with status 3; the full traceback only under `--debug`
@@ -13,12 +17,32 @@ or `--verbosity>=1`.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
 from absl import app, flags, logging
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "lasadgen_jax", "compilation_cache")
+COMPILATION_CACHE_MAX_BYTES = 8 * 2**30
+
+
+def use_compilation_cache(directory: str) -> str | None:
+    """Keeps compiled programs in `directory` (jax's persistent compilation cache; only programs that took
+    jax_persistent_cache_min_compile_time_secs, 1 s by default, to compile). '' turns it off; a
+    JAX_COMPILATION_CACHE_DIR in the environment wins over `directory`. Returns the directory in use, or None."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if not directory:
+        jax.config.update("jax_compilation_cache_dir", None)
+        return None
+    path = os.path.expanduser(directory)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    return path
 
 
 def _wants_traceback() -> bool:
@@ -57,14 +81,20 @@ def _quiet_main(main):
     def wrapped(argv):
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+        use_compilation_cache(flags.FLAGS.compilation_cache_dir)
         main(argv)  # a returned value would become the exit status under app.run
     return wrapped
 
 
 def run(main) -> None:
-    """absl's app.run(main) with --debug, quiet logs and one-line user errors (exit status 2)."""
+    """absl's app.run(main) with --debug, --compilation_cache_dir, quiet logs and one-line user errors (exit
+    status 2)."""
     if "debug" not in flags.FLAGS:
         flags.DEFINE_bool("debug", False, "Show the full traceback of an error (as does --verbosity=1).")
+    if "compilation_cache_dir" not in flags.FLAGS:
+        flags.DEFINE_string("compilation_cache_dir", DEFAULT_COMPILATION_CACHE, "Keep compiled programs here, so "
+                            "that a rerun or a resumed run does not compile them again ('' = off; "
+                            "JAX_COMPILATION_CACHE_DIR, if set, wins).")
     try:
         app.run(_quiet_main(main))
     except USER_ERRORS as error:

@@ -288,7 +288,9 @@ def train_loop(config, workdir: str, model_config: ModelConfig, mesh, setup, ite
     # ---- the step, compiled once before step 1 (the loop runs this executable): compile time, XLA's memory
     setup.compile_step(config.batch_size, model_config.num_tokens)
     if is_main:
-        print(f"train step: compiled in {setup.train_step.compile_seconds:.1f} s", flush=True)
+        cache = jax.config.jax_compilation_cache_dir
+        print(f"train step: compiled in {setup.train_step.compile_seconds:.1f} s"
+              + (f" (compilation cache: {cache})" if cache else ""), flush=True)
         print(f"train step memory (XLA): {describe_memory(setup.train_step.memory_analysis())}", flush=True)
 
     # ---- the loop

@@ -336,3 +336,37 @@ def test_command_line_on_two_processes_writes_once_what_one_process_writes(tmp_p
     assert sorted(os.listdir(shared)) == ["sampling.json", "tokens.npz", "tokens.png"]
     np.testing.assert_array_equal(np.load(shared / "tokens.npz")["tokens"],
                                   np.load(tmp_path / "alone" / "tokens.npz")["tokens"])
+
+
+def test_a_rerun_loads_its_compiled_programs_from_the_compilation_cache(tmp_path):
+    """cli.run's --compilation_cache_dir: the first run writes every compiled program (all are kept here, whatever
+    their compile time), the rerun reads the sampler back and writes nothing new; '' leaves the cache alone."""
+    cache = tmp_path / "cache"
+    environment = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    environment.update(PYTHONPATH=REPO, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    args = ["--config=configs/imagenet256.py:size=B,attention=2d", "--config.model.depth=1",
+            "--config.model.grid=(2,3)", "--config.model.vocab_size=64", "--random_init", "--classes=1,2", "--num=2",
+            "--cfg_scale=2", f"--compilation_cache_dir={cache}"]
+
+    def run(out, *extra):
+        done = subprocess.run([sys.executable, "-m", "lasadgen_jax.sample", *args, *extra, f"--out={tmp_path / out}"],
+                              cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return np.load(tmp_path / out / "tokens.npz")["tokens"]
+
+    def sampler_access_times():   # the cache stamps an entry's -atime file when it writes or reads it
+        return {p.name: int.from_bytes(p.read_bytes(), "little") for p in cache.glob("jit__generate*-atime")}
+
+    def program_mtimes():   # a write (a miss, compiled again) would replace the file
+        return {p.name: p.stat().st_mtime_ns for p in cache.glob("*-cache")}
+
+    first = run("first")
+    programs = program_mtimes()
+    written = sampler_access_times()
+    assert len(written) == 1, sorted(programs)
+    np.testing.assert_array_equal(run("second"), first)
+    assert program_mtimes() == programs
+    read = sampler_access_times()
+    assert read.keys() == written.keys() and all(read[name] > written[name] for name in read)
+    np.testing.assert_array_equal(run("off", "--compilation_cache_dir="), first)
+    assert program_mtimes() == programs and sampler_access_times() == read
