@@ -175,9 +175,22 @@ def _sample_batch(graphdef, params, labels, key, config: SamplingConfig, mesh: M
     return tokens if rows == len(labels) else tokens[: len(labels)]
 
 
+def _host_local(leaf):
+    """A model state leaf as a value this process holds whole: the leaf itself when its devices are all local,
+    else (a multi-host array, e.g. the trainer's parameters) its local replica, or its shards gathered from every
+    process (a collective: every process maps the same leaves in the same order)."""
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+        return leaf
+    if leaf.sharding.is_fully_replicated:
+        return leaf.addressable_data(0)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(leaf, tiled=True)
+
+
 def _replicated_split(model: LASADGen, mesh: Mesh):
     graphdef, params = nnx.split(model)
-    return graphdef, jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    return graphdef, jax.device_put(jax.tree.map(_host_local, params), NamedSharding(mesh, PartitionSpec()))
 
 
 def generate(model: LASADGen, labels, key, config: SamplingConfig = SamplingConfig()):

@@ -2,7 +2,8 @@
 
 jax.distributed is initialised from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (as
 `sample --distributed=auto` does); the process samples REQUESTS with generate_in_batches and writes what it
-returns to OUT_DIR/process_<index>.npz, one array per request, and the batch sizes it sampled itself.
+returns to OUT_DIR/process_<index>.npz, one array per request, and the batch sizes it sampled itself; then the
+same with the model's parameters spread over both processes' devices first (keys prefixed spread_).
 """
 
 from __future__ import annotations
@@ -19,13 +20,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 REQUESTS = {"four_batches": ([4, 0, 1, 2, 3, 0, 1], 2, 5), "one_batch": ([3, 1], 4, 6)}
 
 
-def sample_requests() -> dict:
+def spread_over_processes(model) -> None:
+    """The model's parameters as arrays over every process's devices, as the trainer holds them: matrices split
+    along their first axis over all devices, the rest replicated (a tiny FSDP)."""
+    import jax
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(jax.devices()), ("devices",))
+
+    def spread(leaf):
+        value = np.asarray(leaf)
+        split = value.ndim == 2 and value.shape[0] % mesh.size == 0
+        sharding = NamedSharding(mesh, PartitionSpec("devices") if split else PartitionSpec())
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    nnx.update(model, jax.tree.map(spread, nnx.state(model, nnx.Param)))
+
+
+def sample_requests(spread: bool = False) -> dict:
     import jax
     from helpers import tiny_model
 
     from lasadgen_jax import sample
 
     model = tiny_model("2d", grid=(3, 5))
+    if spread:
+        spread_over_processes(model)
     config = sample.SamplingConfig(cfg_scale=2.0, top_k=16)
     sampled_rows, sample_batch = [], sample._sample_batch   # counts the rows this process samples itself
 
@@ -51,6 +72,7 @@ def main(out_dir: str) -> None:
 
     initialize_from_environment("yes")
     results = sample_requests()
+    results.update({f"spread_{name}": tokens for name, tokens in sample_requests(spread=True).items()})
     np.savez(os.path.join(out_dir, f"process_{jax.process_index()}.npz"), **results)
     print(f"process {jax.process_index()} of {jax.process_count()}: done", flush=True)
 

@@ -309,7 +309,8 @@ def test_host_batches_deal_every_batch_once():
 
 def test_processes_share_a_request_and_each_returns_all_of_it(tmp_path):
     """Two processes of two devices each sample every other batch; both return the whole request, equal to
-    one process sampling it alone, also when one process has no batch of its own."""
+    one process sampling it alone, also when one process has no batch of its own, and when the parameters are
+    arrays over both processes' devices (replicated or split, as the trainer's periodic evaluation passes them)."""
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import sample_hosts
 
@@ -322,6 +323,8 @@ def test_processes_share_a_request_and_each_returns_all_of_it(tmp_path):
     for index in range(2):
         for name in sample_hosts.REQUESTS:
             np.testing.assert_array_equal(shared[index][name], alone[name], err_msg=f"process {index}, {name}")
+            np.testing.assert_array_equal(shared[index][f"spread_{name}"], alone[name],   # trainer-held parameters
+                                          err_msg=f"process {index}, {name}, parameters over both processes")
 
 
 def test_command_line_on_two_processes_writes_once_what_one_process_writes(tmp_path):
