@@ -31,7 +31,8 @@ COMPILATION_CACHE_MAX_BYTES = 8 * 2**30
 def use_compilation_cache(directory: str) -> str | None:
     """Keeps compiled programs in `directory` (jax's persistent compilation cache; only programs that took
     jax_persistent_cache_min_compile_time_secs, 1 s by default, to compile). '' turns it off; a
-    JAX_COMPILATION_CACHE_DIR in the environment wins over `directory`. Returns the directory in use, or None."""
+    JAX_COMPILATION_CACHE_DIR in the environment wins over `directory`. A directory that cannot be written is
+    reported on stderr and the cache left off. Returns the directory in use, or None."""
     import jax
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -40,6 +41,15 @@ def use_compilation_cache(directory: str) -> str | None:
         jax.config.update("jax_compilation_cache_dir", None)
         return None
     path = os.path.expanduser(directory)
+    try:
+        os.makedirs(path, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:   # a cache is an optimisation: the command runs, compiling as it would without one
+        print(f"warning: compilation cache off: {path} cannot be written (--compilation_cache_dir)", file=sys.stderr)
+        jax.config.update("jax_compilation_cache_dir", None)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
     return path

@@ -373,3 +373,9 @@ def test_a_rerun_loads_its_compiled_programs_from_the_compilation_cache(tmp_path
     assert read.keys() == written.keys() and all(read[name] > written[name] for name in read)
     np.testing.assert_array_equal(run("off", "--compilation_cache_dir="), first)
     assert program_mtimes() == programs and sampler_access_times() == read
+    (tmp_path / "a_file").write_text("")
+    done = subprocess.run([sys.executable, "-m", "lasadgen_jax.sample", *args, f"--out={tmp_path / 'unwritable'}",
+                           f"--compilation_cache_dir={tmp_path / 'a_file' / 'cache'}"],
+                          cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "warning: compilation cache off:" in done.stderr, done.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "unwritable" / "tokens.npz")["tokens"], first)
