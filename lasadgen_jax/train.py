@@ -296,12 +296,14 @@ def train_loop(config, workdir: str, model_config: ModelConfig, mesh, setup, ite
     # ---- the loop
     progress = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", disable=not is_main,
                     dynamic_ncols=True, file=sys.stderr)
-    pending, interval_start, interval_steps = [], time.time(), 0
+    pending, interval_start, interval_steps, data_seconds = [], time.time(), 0, 0.0
     step, preempted, last_metrics = start_step, False, {}
     skipped = SkippedSteps(config.max_consecutive_skips)
     with PreemptionFlag(install=jax.process_count() == 1) as preemption:
         while step < num_steps:
+            data_start = time.perf_counter()   # the host waiting for input: what the pipeline fails to hide
             tokens, labels = global_batch(next(iterator), mesh)
+            data_seconds += time.perf_counter() - data_start
             state, metrics = train_step(state, tokens, labels)
             step += 1
             pending.append(metrics)
@@ -320,26 +322,28 @@ def train_loop(config, workdir: str, model_config: ModelConfig, mesh, setup, ite
                            "last_loss": float(losses[-1]), "grad_norm": float(values[-1]["grad_norm"]),
                            "learning_rate": float(values[-1]["learning_rate"]),
                            "skipped_steps": int(state["skipped_steps"]), "steps_per_second": interval_steps / elapsed,
-                           "tokens_per_second": tokens_per_second}
+                           "tokens_per_second": tokens_per_second, "data_wait_fraction": data_seconds / elapsed}
                 if peak is not None:
                     scalars["mfu"] = flops_per_step * interval_steps / elapsed / (peak * mesh.size)
                 writer.write_scalars(step, scalars)
                 progress.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}",
+                                     data_wait=f"{scalars['data_wait_fraction']:.0%}",
                                      skipped=scalars["skipped_steps"], refresh=False)
                 progress.update(step - progress.n)
                 last_metrics, pending, interval_start, interval_steps = scalars, [], time.time(), 0
+                data_seconds = 0.0
             if config.sample.every_steps and (step % config.sample.every_steps == 0 or step == num_steps):
                 picture = sample_grid(graphdef, rng_state_template, state["ema_params"], config, model_config,
                                       tokenizer, step)
                 write_sample_grid(picture, workdir, step, writer)
-                interval_start = time.time()   # sampling time is not training throughput
+                interval_start, data_seconds = time.time(), 0.0   # sampling time is not training throughput
             if evaluator is not None and (step % config.eval.every_steps == 0 or step == num_steps):
                 result = evaluate_ema(evaluator, graphdef, rng_state_template, state["ema_params"], tokenizer,
                                       config, step)
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if k in EVAL_SCALARS})
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {result[k]:.4g}" for k in EVAL_SCALARS if k in result)
                            + f" ({result['num_samples']} samples vs {result['reference']})")
-                interval_start = time.time()
+                interval_start, data_seconds = time.time(), 0.0
             stop = preemption.raised or (jax.process_count() > 1 and manager.reached_preemption(step))
             if stop and step < num_steps:
                 skipped.flush()

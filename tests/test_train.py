@@ -75,6 +75,9 @@ def checkpoint_steps(workdir):
 def test_loss_decreases_and_outputs_exist(uninterrupted):
     run_losses = losses(uninterrupted)
     assert len(run_losses) == NUM_STEPS and all(np.isfinite(run_losses))
+    with open(os.path.join(uninterrupted, "metrics.jsonl")) as f:
+        waits = [json.loads(line)["data_wait_fraction"] for line in f if line.strip()]
+    assert len(waits) == NUM_STEPS and all(0.0 <= wait < 1.0 for wait in waits), waits
     assert np.mean(run_losses[-4:]) < np.mean(run_losses[:4]) - 0.05, run_losses
     assert checkpoint_steps(uninterrupted)[-1] == NUM_STEPS
     assert os.path.isdir(os.path.join(uninterrupted, "params_ema"))
