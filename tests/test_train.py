@@ -422,6 +422,27 @@ def test_damaged_checkpoints_are_named_and_skipped(uninterrupted, tokens_dir, tm
     _, step = restore_from(workdir, tokens_dir)
     assert step == 12 and "checkpoint 16 at" in capsys.readouterr().err
 
+    workdir = str(tmp_path / "non_finite")   # intact files (checksums agree) that hold a NaN: not resumed from
+    shutil.copytree(uninterrupted, workdir)
+    step_dir = os.path.join(workdir, "checkpoints", "16")
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+    state["params"] = jax.tree.map(lambda leaf: np.full_like(leaf, np.nan) if np.ndim(leaf) == 2 else leaf,
+                                   state["params"])
+    shutil.rmtree(os.path.join(step_dir, "state"))
+    with ocp.StandardCheckpointer() as writer:
+        writer.save(os.path.join(step_dir, "state"), state)
+    sums = {name: digest for name, digest in checkpoints.file_digests(epath.Path(step_dir)).items()
+            if name != checkpoints.CHECKSUM_FILE}
+    with open(os.path.join(step_dir, checkpoints.CHECKSUM_FILE), "w") as f:
+        json.dump({"sha256": sums}, f)
+    _, step = restore_from(workdir, tokens_dir)
+    err = capsys.readouterr().err
+    assert step == 12 and "checkpoint 16 at" in err and "holds non-finite values in" in err, err
+    assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["16"]
+
     workdir = str(tmp_path / "emptied")
     shutil.copytree(uninterrupted, workdir)
     for name in os.listdir(os.path.join(workdir, "checkpoints")):
