@@ -6,6 +6,7 @@ import dataclasses
 import os
 import socket
 import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +39,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_processes(command, log_dir, num_processes=2, devices_per_process=2, timeout=300) -> list[str]:
-    """Runs num_processes copies of `command` (from the repository root) joined by jax.distributed, configured
-    through the environment as launch/gpu sets it, each with devices_per_process CPU devices; waits for all
-    (killing all at the timeout), asserts each exited 0 and returns their outputs."""
+def launch_processes(command, log_dir, num_processes=2, devices_per_process=2) -> list:
+    """Starts num_processes copies of `command` (from the repository root) joined by jax.distributed, configured
+    through the environment as launch/gpu sets it, each with devices_per_process CPU devices and its output in
+    log_dir/process_<index>.log; returns the running processes (finish_processes waits for them)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     port = free_port()
     processes = []
@@ -53,18 +54,34 @@ def start_processes(command, log_dir, num_processes=2, devices_per_process=2, ti
         with open(os.path.join(log_dir, f"process_{index}.log"), "w") as log:
             processes.append(subprocess.Popen(command, cwd=repo, env=environment, stdout=log,
                                               stderr=subprocess.STDOUT))
-    outputs = []
-    for index, process in enumerate(processes):
+    return processes
+
+
+def finish_processes(processes, log_dir, timeout: float = 300) -> list[str]:
+    """Waits for every process of launch_processes (killing all of them at the deadline), asserts each exited 0
+    and returns their outputs."""
+    deadline = time.time() + timeout
+    for process in processes:
         try:
-            process.wait(timeout=timeout)
+            process.wait(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             for other in processes:
                 other.kill()
-            process.wait()
+            for other in processes:
+                other.wait()
+            break
+    outputs = []
+    for index in range(len(processes)):
         with open(os.path.join(log_dir, f"process_{index}.log")) as f:
             outputs.append(f.read())
-        assert process.returncode == 0, f"process {index} exited {process.returncode}:\n{outputs[-1][-3000:]}"
+    for index, process in enumerate(processes):
+        assert process.returncode == 0, f"process {index} exited {process.returncode}:\n{outputs[index][-4000:]}"
     return outputs
+
+
+def start_processes(command, log_dir, num_processes=2, devices_per_process=2, timeout=300) -> list[str]:
+    """launch_processes, then finish_processes: the outputs of processes that all exited 0."""
+    return finish_processes(launch_processes(command, log_dir, num_processes, devices_per_process), log_dir, timeout)
 
 
 def make_inputs(case: Case, seed: int, dtype=jnp.float32, log_decay_range=(-1.0, -0.05)):

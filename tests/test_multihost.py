@@ -19,7 +19,7 @@ import time
 import ml_collections
 import numpy as np
 import pytest
-from helpers import free_port, write_synthetic_token_dir
+from helpers import finish_processes, launch_processes, write_synthetic_token_dir
 from train_runs import losses, multihost_config
 
 from lasadgen_jax import train, train_config
@@ -33,38 +33,13 @@ TIMEOUT = 240   # seconds for one run (about 35 s on two busy cores)
 
 def start_hosts(workdir: str, tokens_dir: str, log_dir, num_processes: int = 2, devices_per_process: int = 4):
     """num_processes processes of one run, configured through the environment as launch/gpu sets it."""
-    port = free_port()
-    processes = []
-    for index in range(num_processes):
-        environment = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                           JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(index),
-                           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-        log = open(os.path.join(log_dir, f"process_{index}.log"), "w")
-        processes.append(subprocess.Popen([sys.executable, RUNS, "host", workdir, tokens_dir, str(NUM_STEPS)],
-                                          stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environment))
-        log.close()
-    return processes
+    return launch_processes([sys.executable, RUNS, "host", workdir, tokens_dir, str(NUM_STEPS)], log_dir,
+                            num_processes, devices_per_process)
 
 
 def finish(processes, log_dir, timeout: float = TIMEOUT) -> list[str]:
     """Wait for every process (killing all of them at the deadline); their outputs."""
-    deadline = time.time() + timeout
-    for process in processes:
-        try:
-            process.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            for other in processes:
-                other.wait()
-            break
-    outputs = []
-    for index in range(len(processes)):
-        with open(os.path.join(log_dir, f"process_{index}.log")) as f:
-            outputs.append(f.read())
-    for index, process in enumerate(processes):
-        assert process.returncode == 0, f"process {index} exited {process.returncode}:\n{outputs[index][-4000:]}"
-    return outputs
+    return finish_processes(processes, log_dir, timeout)
 
 
 def result_of(output: str) -> dict:
@@ -185,19 +160,10 @@ def test_two_processes_extract_disjoint_shards_and_process_0_writes_the_manifest
             Image.fromarray(rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(
                 tmp_path / "images" / label / f"{number}.png")
     out = str(tmp_path / "tokens")
-    port = free_port()
-    processes = []
-    for index in range(2):
-        environment = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                           JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index),
-                           XLA_FLAGS="--xla_force_host_platform_device_count=2")
-        log = open(tmp_path / f"process_{index}.log", "w")
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "lasadgen_jax.data.extract", f"--tokenizer={tokenizer}",
-             f"--source=imagefolder:{tmp_path / 'images'}", "--image_size=16", "--crops=flip",
-             f"--out={out}", "--shard_size=2", "--batch_size=2", "--workers=1"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environment))
-        log.close()
+    processes = launch_processes(
+        [sys.executable, "-m", "lasadgen_jax.data.extract", f"--tokenizer={tokenizer}",
+         f"--source=imagefolder:{tmp_path / 'images'}", "--image_size=16", "--crops=flip",
+         f"--out={out}", "--shard_size=2", "--batch_size=2", "--workers=1"], str(tmp_path))
     outputs = finish(processes, str(tmp_path))
     # 6 images in shards of 2: process 0 writes shards 0 and 2, process 1 shard 1; process 0 waits for
     # process 1 (a barrier) and then lists all three in the manifest.
