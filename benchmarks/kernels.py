@@ -266,12 +266,14 @@ EXTRAS = [  # (variant, label, impl, configuration): other tilings after the tab
     ("2d", "parallel, 32-token tiles", "pallas_parallel", ParallelBlocks(block=32)),
     ("2d", "parallel, 128-token tiles, 8 warps", "pallas_parallel", ParallelBlocks(block=128, num_warps=8)),
     ("2d", "parallel, 64-token tiles, 3 stages", "pallas_parallel", ParallelBlocks(num_stages=3)),
+    ("2d", "parallel, 64-token tiles, 8 warps", "pallas_parallel", ParallelBlocks(num_warps=8)),
     ("none", "parallel, 128-token tiles, 8 warps", "pallas_parallel", ParallelBlocks(block=128, num_warps=8)),
 ]
 
 
 def extras(args, deadline):
-    """Each EXTRAS tiling at every size: forward and forward+backward ms (no checks)."""
+    """Each EXTRAS tiling of the --variants and --impls at every size: forward and forward+backward ms
+    (no checks)."""
     print("| N | variant | tiling | fwd ms | fwd+bwd ms |")
     print("|---|---|---|---|---|")
     for side in args.sizes:
@@ -279,6 +281,8 @@ def extras(args, deadline):
         inputs = random_inputs(max(1, args.tokens // n), grid, args.heads, args.dim, 0, jnp.bfloat16, seed=1)
         cotangent = jax.random.normal(jax.random.PRNGKey(2), inputs["v"].shape, jnp.float32).astype(jnp.bfloat16)
         for variant, label, impl, block in EXTRAS:
+            if variant not in args.variants or impl not in args.impls:
+                continue
             if time.monotonic() > deadline:
                 print("(time budget spent: remaining tilings not run)")
                 return

@@ -74,6 +74,8 @@ else:  # the model: LASADAttention(impl=kernel_impl) under the trainer's mesh vs
             return lasad.lasad_attention_parallel(q, k, v, interpret=True, **kwargs)
         if impl == "pallas_linear":
             return lasad.lasad_attention_linear(q, k, v, interpret=True, **kwargs)
+        if impl == "pallas_row_blocks":
+            return lasad.lasad_attention_row_blocks(q, k, v, interpret=True, **kwargs)
         return original(q, k, v, impl=impl, **kwargs)
 
     lasad.lasad_attention = with_interpret
@@ -81,9 +83,11 @@ else:  # the model: LASADAttention(impl=kernel_impl) under the trainer's mesh vs
     from lasadgen_jax.models.lasad_attention import LASADAttention
 
     make = lambda impl: LASADAttention(32, 4, variant=variant, impl=impl, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.PRNGKey(1), (4, 15, 32))
+    # pallas_row_blocks: 17 rows, two blocks of 16, so that its column sweeps run too
+    grid = (17, 2) if kernel_impl == "pallas_row_blocks" else (3, 5)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, grid[0] * grid[1], 32))
     def loss(model, x):
-        return jnp.sum(model(x, grid=(3, 5), num_prefix=1) ** 2)
+        return jnp.sum(model(x, grid=grid, num_prefix=1) ** 2)
     expected_loss, expected = nnx.value_and_grad(loss)(make("chunked"), x)
     model = make(kernel_impl)
     step = nnx.jit(nnx.value_and_grad(loss))
@@ -120,7 +124,8 @@ def test_kernel_per_device_on_a_2x2x2_mesh_matches_the_reference(variant, kernel
     assert values["forward"] < 1e-4 and values["grads"] < 1e-4 and values["refused"], values
 
 
-@pytest.mark.parametrize("variant, kernel_impl", [("1d", "pallas"), ("2d", "pallas_parallel"), ("2d", "pallas_linear")])
+@pytest.mark.parametrize("variant, kernel_impl", [("1d", "pallas"), ("2d", "pallas_parallel"), ("2d", "pallas_linear"),
+                                                  ("2d", "pallas_row_blocks")])
 def test_model_runs_its_kernel_per_device_under_the_trainers_mesh(variant, kernel_impl):
     values = run("model", variant, kernel_impl)
     assert values["loss"] < 1e-4 and values["grads"] < 1e-4 and values["ok"], values

@@ -98,8 +98,9 @@ AUTO_EXPECTED = {
            for variant in ("2d_row", "1d", "none")},
     },
     "gpu": {
-        "2d": {1: "pallas_parallel", 256: "pallas_parallel", 576: "pallas_parallel", 4096: "pallas_parallel",
-               16384: "pallas_parallel", 16385: "chunked"},
+        "2d": {1: "pallas_parallel", 256: "pallas_parallel", 576: "pallas_parallel", 1024: "pallas_parallel",
+               2303: "pallas_parallel", 2304: "pallas_row_blocks", 4096: "pallas_row_blocks",
+               16384: "pallas_row_blocks", 65536: "pallas_row_blocks"},
         **{variant: {1: "pallas", 256: "pallas", 576: "pallas", 16384: "pallas", 65536: "pallas"}
            for variant in ("1d", "2d_row", "none")},
     },

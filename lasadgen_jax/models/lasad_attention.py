@@ -122,7 +122,7 @@ class LASADAttention(nnx.Module):
         op = functools.partial(lasad.lasad_attention, grid=grid, variant=self.variant, impl=self.impl)
         mesh = jax.sharding.get_abstract_mesh()
         impl = lasad.resolve_impl(self.impl, self.variant, tokens=grid[0] * grid[1])
-        kernel = impl in ("pallas", "pallas_parallel", "pallas_linear")
+        kernel = impl in lasad.KERNEL_IMPLS
         if mesh.empty or mesh.size == 1 or not kernel:
             return op
 

@@ -16,22 +16,25 @@ import jax
 from lasadgen_jax.ops.lasad import autodiff, chunked, common, parallel, recurrent, reference, scan
 from lasadgen_jax.ops.lasad.common import VARIANTS
 from lasadgen_jax.ops.lasad.kernels import backend as kernel_backend
-from lasadgen_jax.ops.lasad.kernels import chunk, linear_2d, parallel_form
+from lasadgen_jax.ops.lasad.kernels import chunk, linear_2d, parallel_form, row_blocks
 from lasadgen_jax.ops.lasad.kernels import decode as decode_kernels
 from lasadgen_jax.ops.lasad.kernels.chunk import BlockSizes, ChunkOptions
 from lasadgen_jax.ops.lasad.kernels.linear_2d import LinearBlocks
 from lasadgen_jax.ops.lasad.kernels.parallel_form import ParallelBlocks
+from lasadgen_jax.ops.lasad.kernels.row_blocks import RowBlocks
 from lasadgen_jax.ops.lasad.recurrent import STATE_DTYPES, decode_step, fold_prefix, init_state
 
 __all__ = [
     "AUTO_IMPL",
     "DECODE_IMPLS",
     "IMPLS",
+    "KERNEL_IMPLS",
     "VARIANTS",
     "BlockSizes",
     "ChunkOptions",
     "LinearBlocks",
     "ParallelBlocks",
+    "RowBlocks",
     "STATE_DTYPES",
     "auto_impl",
     "decode",
@@ -42,11 +45,14 @@ __all__ = [
     "lasad_attention_linear",
     "lasad_attention_pallas",
     "lasad_attention_parallel",
+    "lasad_attention_row_blocks",
     "resolve_decode_impl",
     "resolve_impl",
 ]
 
-IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "parallel", "pallas", "pallas_parallel", "pallas_linear")
+IMPLS = ("auto", "reference", "recurrent", "scan", "chunked", "parallel", "pallas", "pallas_parallel", "pallas_linear",
+         "pallas_row_blocks")
+KERNEL_IMPLS = ("pallas", "pallas_parallel", "pallas_linear", "pallas_row_blocks")  # Pallas kernels: not on CPU
 
 # What impl="auto" runs, by backend, variant and sequence length N = h*w: a fixed table. Each entry:
 # (largest N, algorithm) steps, the first that holds wins, None = any N. A step's bound is the
@@ -68,10 +74,11 @@ AUTO_IMPL = {
     # (RESULTS.md, "The generic kernel with its chunk backward" and "Mosaic GPU bodies of the
     # generic kernel").
     **{("gpu", variant): ((None, "pallas"),) for variant in ("1d", "2d_row", "none")},
-    # GPU, `2d`: the parallel-form kernel, far faster than `chunked` and the `2d` chunk kernel up to
-    # the largest N measured (RESULTS.md, "The fused parallel-form kernel"); its quadratic work grows
-    # 4x per doubling of the side, chunked's linearly: `chunked` above (not measured there).
-    ("gpu", "2d"): ((16384, "pallas_parallel"), (None, "chunked")),
+    # GPU, `2d`: the parallel-form kernel while it was measured fastest (N <= 1024), then the
+    # parallel form inside 16-row blocks with column sweeps across them, faster forward+backward
+    # from the next measured size on: 1.3x at N = 2304, 1.5x at 4096, 2.9x at 16384 (RESULTS.md,
+    # "`2d` over blocks of rows").
+    ("gpu", "2d"): ((2303, "pallas_parallel"), (None, "pallas_row_blocks")),
     # TPU: nothing has been timed on a TPU, and the Mosaic TPU kernels have only run in interpret
     # mode, so a default must not rest on them (impl="pallas" / "pallas_parallel" ask for them). The
     # CPU's choices between the XLA algorithms: a TPU's matrix units make the quadratic form's
@@ -109,7 +116,7 @@ def resolve_impl(impl: str, variant: str | None = None, backend: str | None = No
 
     Any impl but 'auto' is returned as given (the kernels raise later, on CPU). 'auto' becomes
     `auto_impl(backend, variant, tokens)`, backend defaulting to jax's default backend: on the GPU
-    a Pallas kernel (which one depends on the variant), `chunked` for `2d` at long N; on CPU and
+    a Pallas kernel (which one depends on the variant and N); on CPU and
     TPU `parallel` at short N, else `chunked` (AUTO_IMPL). Without a variant only `impl` is checked
     and returned unchanged (how callers validate a config before the variant matters); with one,
     tokens is required.
@@ -153,7 +160,9 @@ def lasad_attention(
         XLA: O(N^2 d), fast at short sequences), 'pallas' (the chunked GPU or TPU
         kernel of jax's default backend; an error on CPU) or 'pallas_parallel' (the fused
         parallel-form GPU kernel, O(N^2 d): fastest at short sequences) or 'pallas_linear' (the
-        linear-time exact kernel, '2d' only: docs/lasad.md §8). 'auto' is a fixed choice by
+        linear-time exact kernel, '2d' only: docs/lasad.md §8) or 'pallas_row_blocks' (GPU, '2d' only:
+        the parallel-form kernel inside blocks of rows, column sweeps across them: docs/lasad.md §9).
+        'auto' is a fixed choice by
         backend, variant and N (AUTO_IMPL): a kernel on GPU; on CPU and TPU 'parallel' at short N,
         else 'chunked'.
 
@@ -169,6 +178,8 @@ def lasad_attention(
                                                   ParallelBlocks())
     elif impl == "pallas_linear":
         cells = linear_2d.linear_cells(kernel_backend.default_backend("pallas_linear"), False, LinearBlocks())
+    elif impl == "pallas_row_blocks":
+        cells = row_blocks.row_block_cells(kernel_backend.default_backend("pallas_row_blocks"), False, RowBlocks())
     else:
         cells = None if impl == "reference" else _CELL_ALGORITHMS[impl]
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
@@ -240,6 +251,27 @@ def lasad_attention_linear(
     Mosaic TPU), optionally in interpret mode (how the tests run it on CPU; not the Mosaic GPU
     body). variant must be '2d'."""
     cells = linear_2d.linear_cells(backend, bool(interpret), blocks)
+    return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
+
+
+def lasad_attention_row_blocks(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    grid: tuple[int, int],
+    variant: str,
+    log_decay_row: jax.Array | None = None,
+    log_decay_col: jax.Array | None = None,
+    prefix_k: jax.Array | None = None,
+    prefix_v: jax.Array | None = None,
+    backend: str = "gpu",
+    interpret: bool = False,
+    blocks: RowBlocks = RowBlocks(),
+) -> jax.Array:
+    """`lasad_attention` through `impl="pallas_row_blocks"` (kernels/row_blocks.py) with explicit
+    tiles, on the GPU or in interpret mode (how the tests run it on CPU). variant must be '2d'."""
+    cells = row_blocks.row_block_cells(backend, bool(interpret), blocks)
     return _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, prefix_v, cells)
 
 

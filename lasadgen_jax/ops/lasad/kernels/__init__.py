@@ -9,6 +9,8 @@ parallel_form.py  the fused parallel-form kernel behind impl="pallas_parallel"
 linear_2d.py    the linear-time exact `2d` kernel behind impl="pallas_linear": tiles, custom_vjp,
                 entry (linear_2d_chunk.py the arithmetic of one row chunk; bodies:
                 linear_2d_gpu.py Triton, linear_2d_tpu.py Mosaic TPU)
+row_blocks.py   `2d` over blocks of rows behind impl="pallas_row_blocks": the parallel form inside
+                a block, the Triton column sweeps across blocks, their custom_vjp (GPU)
 decode.py       the fused decode step behind decode_impl="pallas" (Triton and Mosaic TPU bodies)
 
 This package imports none of them: import the module you need.

@@ -18,6 +18,7 @@ _INTERPRET_ENTRIES = {
     "pallas": "lasad_attention_pallas(..., backend=..., interpret=True) to run the kernels",
     "pallas_parallel": "lasad_attention_parallel(..., interpret=True) to run the kernel",
     "pallas_linear": "lasad_attention_linear(..., interpret=True) to run the kernel",
+    "pallas_row_blocks": "lasad_attention_row_blocks(..., interpret=True) to run the kernels",
 }
 
 
@@ -34,8 +35,8 @@ def check_backend(backend: str) -> None:
 
 
 def default_backend(impl: str = "pallas") -> str:
-    """The kernel backend of jax's default device for `impl` ('pallas', 'pallas_parallel' or 'pallas_linear');
-    raises on CPU (no silent fallback)."""
+    """The kernel backend of jax's default device for a kernel `impl` (lasad.KERNEL_IMPLS); raises on
+    CPU (no silent fallback)."""
     platform = jax.default_backend()
     if platform in PLATFORMS and backend_name(platform) in BACKENDS:
         return backend_name(platform)
