@@ -65,11 +65,12 @@ def decay_scale(grid, inputs, cotangent, impl):
     return both(args)[1]
 
 
-def compare(grid, inputs, cotangent, expected_impl, tolerance, blocks=None):
-    """(forward error, {gradient: error}, all finite) of pallas_linear against expected_impl."""
+def compare(grid, inputs, cotangent, expected_impl, op):
+    """(forward error, {gradient: error}, all finite) of `op` (a `2d` op of the inputs dict) against
+    expected_impl; bf16 log-decay gradients against the sum of their terms' magnitudes."""
     fwd, both, args = compiled_pair(reference_op(grid, expected_impl), inputs, cotangent)
     expected = (fwd(args), both(args)[1])
-    fwd, both, args = compiled_pair(linear_op(grid, blocks), inputs, cotangent)
+    fwd, both, args = compiled_pair(op, inputs, cotangent)
     actual = (fwd(args), both(args)[1])
     finite = all(bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32)))) for x in (actual[0], *actual[1].values()))
     scale = decay_scale(grid, inputs, cotangent, expected_impl) if inputs["q"].dtype == jnp.bfloat16 else None
@@ -83,33 +84,39 @@ def compare(grid, inputs, cotangent, expected_impl, tolerance, blocks=None):
     return rel_error(actual[0], expected[0]), errors, finite
 
 
+CHECK_HEADER = ("| kernel | against | grid | batch | dtype | forward | dq | dk | dv | d log g_row | d log g_col "
+                "| finite | ok |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def check_row(label, op_of, impl, grid, batch, dtype, tolerance, prefix, heads, d) -> bool:
+    """One row of the checks table: the `2d` op op_of(grid) against impl on fresh inputs (reference
+    runs with 2 heads); prints the errors; False if a check fails or the op raises."""
+    head = f"| {label} | {impl} | {grid[0]}x{grid[1]} | {batch} | {jnp.dtype(dtype).name}"
+    try:
+        inputs = random_inputs(batch, grid, heads if impl != "reference" else 2, d, prefix, dtype, seed=grid[1])
+        cotangent = jax.random.normal(jax.random.PRNGKey(5), inputs["v"].shape, jnp.float32).astype(dtype)
+        out_error, errors, finite = compare(grid, inputs, cotangent, impl, op_of(grid))
+    except Exception as error:  # noqa: BLE001 - reported, counted as a failed check, the run goes on
+        print(f"{head} | {error_line(error)} | | | | | | | NO |", flush=True)
+        return False
+    good = finite and out_error < tolerance and max(errors.values()) < tolerance
+    cells = " | ".join(f"{errors[name]:.1e}" for name in ("q", "k", "v", "log_decay_row", "log_decay_col"))
+    print(f"{head} | {out_error:.1e} | {cells} | {finite} | {'yes' if good else 'NO'} |", flush=True)
+    return good
+
+
 def checks(sizes, tokens, heads, d, bodies, float32: bool) -> bool:
-    ok = True
-    print("| body | against | grid | batch | dtype | forward | dq | dk | dv | d log g_row | d log g_col | finite "
-          "| ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(CHECK_HEADER)
     runs = [("reference", (5, 7), 2, jnp.bfloat16, 2e-2, 2), ("reference", (20, 24), 1, jnp.bfloat16, 2e-2, 2)]
     if float32:
         runs = [("reference", (5, 7), 2, jnp.float32, 1e-4, 2), ("reference", (20, 24), 1, jnp.float32, 1e-4, 2)] + runs
     runs += [("pallas_parallel", (side, side), max(1, tokens // side**2), jnp.bfloat16, 2e-2, 0) for side in sizes]
+    ok = True
     for body in bodies:
-        for impl, grid, batch, dtype, tolerance, prefix in runs:
-            if body == "mosaic" and dtype == jnp.float32:
+        for run in runs:
+            if body == "mosaic" and run[3] == jnp.float32:
                 continue  # bf16/fp16 only (wgmma)
-            head = f"| {body} | {impl} | {grid[0]}x{grid[1]} | {batch} | {jnp.dtype(dtype).name}"
-            try:
-                inputs = random_inputs(batch, grid, heads if impl != "reference" else 2, d, prefix, dtype,
-                                       seed=grid[1])
-                cotangent = jax.random.normal(jax.random.PRNGKey(5), inputs["v"].shape, jnp.float32).astype(dtype)
-                out_error, errors, finite = compare(grid, inputs, cotangent, impl, tolerance, BODIES[body])
-            except Exception as error:  # noqa: BLE001 - reported, counted as a failed check, the run goes on
-                print(f"{head} | {error_line(error)} | | | | | | | NO |", flush=True)
-                ok = False
-                continue
-            good = finite and out_error < tolerance and max(errors.values()) < tolerance
-            ok &= good
-            cells = " | ".join(f"{errors[name]:.1e}" for name in ("q", "k", "v", "log_decay_row", "log_decay_col"))
-            print(f"{head} | {out_error:.1e} | {cells} | {finite} | {'yes' if good else 'NO'} |", flush=True)
+            ok &= check_row(body, lambda grid: linear_op(grid, BODIES[body]), *run, heads, d)
     return ok
 
 
@@ -135,10 +142,11 @@ def sweep(tokens, heads, d, repeats, budget):
     return min(results, key=lambda r: r[0])[1] if results else None
 
 
-def table(sizes, tokens, heads, d, repeats, linear_runs, budget):
-    """linear_runs: (label, LinearBlocks) rows of pallas_linear after flash and pallas_parallel."""
-    print("| N | grid | batch | impl | fwd ms | fwd+bwd ms | flash / fwd | flash / fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|")
+def table(sizes, tokens, heads, d, repeats, kernel_runs, budget):
+    """kernel_runs(grid) -> [(label, op)]: the rows after cuDNN flash and pallas_parallel, each timed
+    forward and forward+backward and given as ratios to both (benchmarks/row_blocks.py uses it too)."""
+    print("| N | grid | batch | impl | fwd ms | fwd+bwd ms | flash / fwd | flash / fwd+bwd | parallel / fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for side in sizes:
         grid, n = (side, side), side * side
         batch = max(1, tokens // n)
@@ -146,20 +154,21 @@ def table(sizes, tokens, heads, d, repeats, linear_runs, budget):
         cotangent = jax.random.normal(jax.random.PRNGKey(side + 1), inputs["v"].shape, jnp.float32).astype(jnp.bfloat16)
         plain = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"]}
         runs = [("cudnn flash", flash, plain), ("pallas_parallel", reference_op(grid, "pallas_parallel"), inputs)]
-        runs += [(f"pallas_linear {label}", linear_op(grid, blocks), inputs) for label, blocks in linear_runs]
-        flash_ms = None
+        runs += [(label, op, inputs) for label, op in kernel_runs(grid)]
+        measured = {}
         for label, forward, args in runs:
             if time.perf_counter() - START > budget:
-                print(f"| {n} | (budget of {budget} s spent: table stopped) | | | | | | |", flush=True)
+                print(f"| {n} | (budget of {budget} s spent: table stopped) | | | | | | | |", flush=True)
                 return
             try:
                 ms = timed(forward, args, cotangent, repeats)
-            except Exception as error:  # noqa: BLE001 - one body's failure must not lose the other rows
-                print(f"| {n} | {side}x{side} | {batch} | {label} | {error_line(error)} | | | |", flush=True)
+            except Exception as error:  # noqa: BLE001 - one kernel's failure must not lose the other rows
+                print(f"| {n} | {side}x{side} | {batch} | {label} | {error_line(error)} | | | | |", flush=True)
                 continue
-            flash_ms = flash_ms or ms
+            measured[label] = ms
+            flash_ms, parallel_ms = measured.get("cudnn flash", ms), measured.get("pallas_parallel", ms)
             print(f"| {n} | {side}x{side} | {batch} | {label} | {ms[0]:.3f} | {ms[1]:.3f} | {flash_ms[0] / ms[0]:.2f} "
-                  f"| {flash_ms[1] / ms[1]:.2f} |", flush=True)
+                  f"| {flash_ms[1] / ms[1]:.2f} | {parallel_ms[1] / ms[1]:.2f} |", flush=True)
 
 
 def main(argv=None):
@@ -195,7 +204,8 @@ def main(argv=None):
             linear_runs.append((f"triton {best}", best))
     for rows in (int(r) for r in args.mosaic_rows.split(",") if r):
         linear_runs.append((f"mosaic rows {rows}", LinearBlocks(gpu_body="mosaic", mosaic_rows=rows)))
-    table(sizes, args.tokens, args.heads, args.dim, args.repeats, linear_runs, args.budget)
+    kernel_runs = lambda grid: [(f"pallas_linear {label}", linear_op(grid, blocks)) for label, blocks in linear_runs]
+    table(sizes, args.tokens, args.heads, args.dim, args.repeats, kernel_runs, args.budget)
     print(f"done in {time.perf_counter() - START:.0f} s", flush=True)
     return 0 if ok else 1
 

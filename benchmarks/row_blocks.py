@@ -24,11 +24,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels import compiled_pair, flash, random_inputs, rel_error, time_ms
-from linear_2d import decay_scale, error_line
+from linear_2d import CHECK_HEADER, check_row, table
 
 from lasadgen_jax.ops import lasad
 from lasadgen_jax.ops.lasad import RowBlocks
@@ -40,88 +38,23 @@ def row_blocks_op(grid, tiles: RowBlocks):
     return lambda x: lasad.lasad_attention_row_blocks(**x, grid=grid, variant="2d", blocks=tiles)
 
 
-def impl_op(grid, impl):
-    return lambda x: lasad.lasad_attention(**x, grid=grid, variant="2d", impl=impl)
-
-
 def parse_tiling(text: str) -> RowBlocks:
     rows, dv_block, warps, stages = (int(part) for part in text.split(":"))
     return RowBlocks(rows=rows, dv_block=dv_block, num_warps=warps, num_stages=stages)
 
 
-def compare(grid, inputs, cotangent, expected_impl, tiles):
-    """(forward error, {gradient: error}, all finite) of pallas_row_blocks against expected_impl."""
-    fwd, both, args = compiled_pair(impl_op(grid, expected_impl), inputs, cotangent)
-    expected = (fwd(args), both(args)[1])
-    fwd, both, args = compiled_pair(row_blocks_op(grid, tiles), inputs, cotangent)
-    actual = (fwd(args), both(args)[1])
-    finite = all(bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32)))) for x in (actual[0], *actual[1].values()))
-    scale = decay_scale(grid, inputs, cotangent, expected_impl) if inputs["q"].dtype == jnp.bfloat16 else None
-    errors = {}
-    for name in expected[1]:
-        if scale is not None and name.startswith("log_"):
-            diff = np.linalg.norm(np.asarray(actual[1][name], np.float64) - np.asarray(expected[1][name], np.float64))
-            errors[name] = float(diff / np.linalg.norm(np.asarray(scale[name], np.float64)))
-        else:
-            errors[name] = rel_error(actual[1][name], expected[1][name])
-    return rel_error(actual[0], expected[0]), errors, finite
-
-
 def checks(check_sizes, tokens, heads, d, tilings) -> bool:
-    ok = True
-    print("| tiling | against | grid | batch | dtype | forward | dq | dk | dv | d log g_row | d log g_col | finite "
-          "| ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(CHECK_HEADER)
     runs = [("reference", (40, 24), 1, jnp.float32, 1e-4, 2), ("reference", (33, 20), 2, jnp.bfloat16, 2e-2, 2),
             ("reference", (40, 24), 1, jnp.bfloat16, 2e-2, 0)]
     runs += [("pallas_parallel", (side, side), max(1, tokens // side**2), jnp.bfloat16, 2e-2, 0)
              for side in check_sizes]
+    ok = True
     for tiles in tilings:
-        for impl, grid, batch, dtype, tolerance, prefix in runs:
-            head = f"| {tiles.rows}:{tiles.dv_block}:{tiles.num_warps}:{tiles.num_stages} | {impl} | " \
-                   f"{grid[0]}x{grid[1]} | {batch} | {jnp.dtype(dtype).name}"
-            try:
-                inputs = random_inputs(batch, grid, heads if impl != "reference" else 2, d, prefix, dtype, seed=grid[1])
-                cotangent = jax.random.normal(jax.random.PRNGKey(5), inputs["v"].shape, jnp.float32).astype(dtype)
-                out_error, errors, finite = compare(grid, inputs, cotangent, impl, tiles)
-            except Exception as error:  # noqa: BLE001 - reported, counted as a failed check, the run goes on
-                print(f"{head} | {error_line(error)} | | | | | | | NO |", flush=True)
-                ok = False
-                continue
-            good = finite and out_error < tolerance and max(errors.values()) < tolerance
-            ok &= good
-            cells = " | ".join(f"{errors[name]:.1e}" for name in ("q", "k", "v", "log_decay_row", "log_decay_col"))
-            print(f"{head} | {out_error:.1e} | {cells} | {finite} | {'yes' if good else 'NO'} |", flush=True)
+        label = f"{tiles.rows}:{tiles.dv_block}:{tiles.num_warps}:{tiles.num_stages}"
+        for run in runs:
+            ok &= check_row(label, lambda grid: row_blocks_op(grid, tiles), *run, heads, d)
     return ok
-
-
-def table(sizes, tokens, heads, d, repeats, tilings, budget):
-    print("| N | grid | batch | impl | fwd ms | fwd+bwd ms | flash / fwd | flash / fwd+bwd | parallel / fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for side in sizes:
-        grid, n = (side, side), side * side
-        batch = max(1, tokens // n)
-        inputs = random_inputs(batch, grid, heads, d, 0, jnp.bfloat16, seed=side)
-        cotangent = jax.random.normal(jax.random.PRNGKey(side + 1), inputs["v"].shape, jnp.float32).astype(jnp.bfloat16)
-        plain = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"]}
-        runs = [("cudnn flash", flash, plain), ("pallas_parallel", impl_op(grid, "pallas_parallel"), inputs)]
-        runs += [(f"pallas_row_blocks {t.rows}:{t.dv_block}:{t.num_warps}:{t.num_stages}", row_blocks_op(grid, t),
-                  inputs) for t in tilings]
-        measured = {}
-        for label, forward, args in runs:
-            if time.perf_counter() - START > budget:
-                print(f"| {n} | (budget of {budget} s spent: table stopped) | | | | | | | |", flush=True)
-                return
-            try:
-                fwd, both, compiled_args = compiled_pair(forward, args, cotangent)
-                ms = (time_ms(fwd, compiled_args, repeats), time_ms(both, compiled_args, repeats))
-            except Exception as error:  # noqa: BLE001 - one tiling's failure must not lose the other rows
-                print(f"| {n} | {side}x{side} | {batch} | {label} | {error_line(error)} | | | | |", flush=True)
-                continue
-            measured[label] = ms
-            flash_ms, parallel_ms = measured.get("cudnn flash", ms), measured.get("pallas_parallel", ms)
-            print(f"| {n} | {side}x{side} | {batch} | {label} | {ms[0]:.3f} | {ms[1]:.3f} | {flash_ms[0] / ms[0]:.2f} "
-                  f"| {flash_ms[1] / ms[1]:.2f} | {parallel_ms[1] / ms[1]:.2f} |", flush=True)
 
 
 def main(argv=None):
@@ -147,7 +80,9 @@ def main(argv=None):
     ok = True if args.skip_check else checks(check_sizes, args.tokens, args.heads, args.dim, tilings[:1])
     print(f"checks {'passed' if ok else 'FAILED'} ({time.perf_counter() - START:.0f} s)", flush=True)
     sizes = [int(s) for s in args.sizes.split(",")]
-    table(sizes, args.tokens, args.heads, args.dim, args.repeats, tilings, args.budget)
+    kernel_runs = lambda grid: [(f"pallas_row_blocks {t.rows}:{t.dv_block}:{t.num_warps}:{t.num_stages}",
+                                 row_blocks_op(grid, t)) for t in tilings]
+    table(sizes, args.tokens, args.heads, args.dim, args.repeats, kernel_runs, args.budget)
     print(f"done in {time.perf_counter() - START:.0f} s", flush=True)
     return 0 if ok else 1
 

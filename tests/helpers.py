@@ -1,4 +1,5 @@
-"""Shared test helpers: random LASAD inputs, a norm-wise relative error, a tiny LASADGen."""
+"""Shared test helpers: random LASAD inputs, a norm-wise relative error and the gradient check of
+the LASAD kernels, a tiny LASADGen, launchers of jax.distributed subprocesses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +116,43 @@ def rel_error(actual, expected) -> float:
     scale = np.linalg.norm(expected)
     diff = np.linalg.norm(actual - expected)
     return float(diff / scale) if scale > 0 else float(diff)
+
+
+DIFF_ARGS = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")  # lasad_attention's
+
+
+def magnitude_inputs(inputs: dict) -> dict:
+    """lasad_attention kwargs with every array but the log decays by magnitude: the reference's
+    gradients there (with the cotangent by magnitude too) bound the sum of the terms' magnitudes."""
+    absolute = {name: None if x is None or name.startswith("log_") else jnp.abs(x) for name, x in inputs.items()}
+    absolute.update(log_decay_row=inputs["log_decay_row"], log_decay_col=inputs["log_decay_col"])
+    return absolute
+
+
+def assert_gradients_close(actual: dict, expected: dict, inputs: dict, tolerance: float, decay_scale=None,
+                           unused=()):
+    """Every gradient of the DIFF_ARGS present in `inputs`: the input's shape and dtype, and a
+    norm-wise relative error against `expected` below tolerance. Names in `unused` must be exactly 0.
+
+    decay_scale (bf16 checks): the reference's gradients at magnitude_inputs with the cotangent by
+    magnitude. Each log-decay gradient is one sum over all pairs of terms of both signs, and in bf16
+    its error scales with the terms, not with the (possibly much smaller) sum: it is measured
+    against decay_scale's gradient instead.
+    """
+    for name in DIFF_ARGS:
+        if inputs[name] is None:
+            continue
+        chex.assert_equal_shape([actual[name], inputs[name]])
+        chex.assert_type(actual[name], inputs[name].dtype)
+        if name in unused:
+            np.testing.assert_array_equal(actual[name], 0.0, err_msg=f"{name} is unused")
+            continue
+        if decay_scale is not None and name.startswith("log_"):
+            diff = np.linalg.norm(np.asarray(actual[name], np.float64) - np.asarray(expected[name], np.float64))
+            error = diff / np.linalg.norm(np.asarray(decay_scale[name], np.float64))
+        else:
+            error = rel_error(actual[name], expected[name])
+        assert error < tolerance, f"d{name}: relative error {error:.2e} >= {tolerance}"
 
 
 def tiny_model(attention, grid=(4, 4), num_prefix=1, seed=0, **overrides):

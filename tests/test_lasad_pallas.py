@@ -15,9 +15,8 @@ import zlib
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from helpers import Case, make_inputs, rel_error
+from helpers import Case, assert_gradients_close, magnitude_inputs, make_inputs, rel_error
 
 from lasadgen_jax.ops import lasad
 from lasadgen_jax.ops.lasad import (
@@ -45,7 +44,6 @@ CASES = {
         Case("row1x9_prefix1", batch=1, grid=(1, 9), heads=3, d=4, dv=4, prefix=1),
     ]
 }
-DIFF_ARGS = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")
 # Small tiles so that the test grids span several chunks and tiles.
 SMALL_BLOCKS = BlockSizes(block_tokens=32, dv_block=16, block_tokens_2d=32, d_block_2d=16, dv_block_2d=16)
 
@@ -90,13 +88,8 @@ def check_forward(case, variant, backend, dtype, tolerance, block=BlockSizes(), 
 
 def check_grads(case, variant, backend, dtype, tolerance, block=BlockSizes(), log_decay_range=(-1.0, -0.05),
                 options=ChunkOptions()):
-    """Every gradient against the reference's, norm-wise relative error < tolerance.
-
-    Except in bf16 for the log decays: each is one sum over all pairs (a, m) of terms of both signs,
-    and in bf16 its error scales with the terms, not with the (possibly much smaller) sum. There
-    the error is measured against the same gradient taken with every input and the cotangent
-    replaced by its absolute value, an upper bound of the sum of the terms' magnitudes.
-    """
+    """Every gradient against the reference's (helpers.assert_gradients_close; in bf16 the log
+    decays against the sum of their terms' magnitudes); decays the variant does not use must be 0."""
     seed = seed_of("grads", case, variant, backend, dtype)
     inputs = make_inputs(case, seed=seed, dtype=dtype, log_decay_range=log_decay_range)
     cotangent = jax.random.normal(jax.random.PRNGKey(seed + 1), inputs["v"].shape).astype(dtype)
@@ -104,24 +97,10 @@ def check_grads(case, variant, backend, dtype, tolerance, block=BlockSizes(), lo
     actual = jitted_grads(case.grid, variant, backend, block, options)(inputs, cotangent)
     decay_scale = None
     if jnp.dtype(dtype).itemsize < 4:
-        absolute = {name: None if x is None or name.startswith("log_") else jnp.abs(x) for name, x in inputs.items()}
-        absolute.update(log_decay_row=inputs["log_decay_row"], log_decay_col=inputs["log_decay_col"])
-        decay_scale = jitted_grads(case.grid, variant, "reference")(absolute, jnp.abs(cotangent))
+        decay_scale = jitted_grads(case.grid, variant, "reference")(magnitude_inputs(inputs), jnp.abs(cotangent))
     used_row, used_col = lasad.common.USES_DECAY[variant]
-    for name in DIFF_ARGS:
-        if inputs[name] is None:
-            continue
-        chex.assert_equal_shape([actual[name], inputs[name]])
-        chex.assert_type(actual[name], inputs[name].dtype)
-        if (name == "log_decay_row" and not used_row) or (name == "log_decay_col" and not used_col):
-            np.testing.assert_array_equal(actual[name], 0.0, err_msg=f"{name} is unused by {variant}")
-            continue
-        if decay_scale is not None and name.startswith("log_"):
-            diff = np.linalg.norm(np.asarray(actual[name], np.float64) - np.asarray(expected[name], np.float64))
-            error = diff / np.linalg.norm(np.asarray(decay_scale[name], np.float64))
-        else:
-            error = rel_error(actual[name], expected[name])
-        assert error < tolerance, f"d{name}: relative error {error:.2e} >= {tolerance}"
+    unused = [name for name, used in (("log_decay_row", used_row), ("log_decay_col", used_col)) if not used]
+    assert_gradients_close(actual, expected, inputs, tolerance, decay_scale, unused)
 
 
 # ----------------------------------------------------------------------------- forward

@@ -13,9 +13,8 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from helpers import Case, make_inputs, rel_error
+from helpers import Case, assert_gradients_close, magnitude_inputs, make_inputs, rel_error
 
 from lasadgen_jax.ops import lasad
 from lasadgen_jax.ops.lasad import ParallelBlocks, RowBlocks, lasad_attention, lasad_attention_row_blocks
@@ -23,7 +22,6 @@ from lasadgen_jax.ops.lasad.kernels import row_blocks
 
 # 16-token tiles in the parallel form, so that a block of 16 rows spans several of its tiles.
 TILES = RowBlocks(parallel=ParallelBlocks(block=16))
-DIFF_ARGS = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")
 CASES = {
     case.name: case
     for case in [
@@ -50,9 +48,8 @@ def gradients(op, inputs, cotangent):
 
 
 def check(case, dtype, tolerance, seed):
-    """Forward and every gradient against the reference. In bf16 the log-decay gradients are
-    measured against the same gradient with every input and the cotangent by magnitude (the sum of
-    their terms' magnitudes), as tests/test_lasad_pallas.py does."""
+    """Forward and every gradient against the reference (helpers.assert_gradients_close; in bf16 the
+    log decays against the sum of their terms' magnitudes)."""
     inputs = make_inputs(case, seed=seed, dtype=dtype)
     reference, kernel = ops(case.grid)
     out = jax.jit(lambda x: kernel(**x))(inputs)
@@ -65,20 +62,8 @@ def check(case, dtype, tolerance, seed):
     expected, actual = gradients(reference, inputs, cotangent), gradients(kernel, inputs, cotangent)
     scale = None
     if jnp.dtype(dtype).itemsize < 4:
-        absolute = {name: None if x is None or name.startswith("log_") else jnp.abs(x) for name, x in inputs.items()}
-        absolute.update(log_decay_row=inputs["log_decay_row"], log_decay_col=inputs["log_decay_col"])
-        scale = gradients(reference, absolute, jnp.abs(cotangent))
-    for name in DIFF_ARGS:
-        if inputs[name] is None:
-            continue
-        chex.assert_equal_shape([actual[name], inputs[name]])
-        chex.assert_type(actual[name], inputs[name].dtype)
-        if scale is not None and name.startswith("log_"):
-            diff = np.linalg.norm(np.asarray(actual[name], np.float64) - np.asarray(expected[name], np.float64))
-            error = diff / np.linalg.norm(np.asarray(scale[name], np.float64))
-        else:
-            error = rel_error(actual[name], expected[name])
-        assert error < tolerance, f"d{name}: relative error {error:.2e} >= {tolerance}"
+        scale = gradients(reference, magnitude_inputs(inputs), jnp.abs(cotangent))
+    assert_gradients_close(actual, expected, inputs, tolerance, scale)
 
 
 @pytest.mark.parametrize("case_name", ["grid33x5_prefix1", "grid17x16_d36_dv20", "grid32x3_prefix2", "column40x1",
