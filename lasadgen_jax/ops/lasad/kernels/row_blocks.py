@@ -23,10 +23,11 @@ walk: nothing of size N x d x dv goes to HBM. Work per token about 4 d dv (plus 
 R w (d + dv) / 2 inside its block), so the cost grows as R w, not N.
 
 Backward: the across-block part is linear in each of q, k, v, so each gradient is the same sweep
-on other operands: dq = sweeps(do, v, k); dk and dv = sweeps on the reversed token order (keys
-become the later tokens; |c_a - c_m| is symmetric) of (v, do, q) and (k, q, do). The log-decay
-gradients come from the per-side sums these give: with X(a, m) = D (q_a.k_m)(v_m.do_a),
-sum_m X = q_a.dq_a and sum_a X = v_m.dv_m, so
+on other operands: dq = sweeps(do, v, k); dk and dv = the mirrored sweeps (Side: receivers in the
+earlier blocks, row weights flipped, the column walk and its inclusion swapped so that each splits
+the pairs as the forward's two do) of (v, do, q) and (k, q, do). The log-decay gradients come from
+the per-side sums these give: with X(a, m) = D (q_a.k_m)(v_m.do_a), sum_m X = q_a.dq_a and
+sum_a X = v_m.dv_m, so
 
     d log g_row = sum_a r_a q_a.dq_a - sum_m r_m v_m.dv_m,
     d log g_col = sum_a c_a q_a.(dq_left - dq_right)_a - sum_m c_m v_m.(dv_left - dv_right)_m
