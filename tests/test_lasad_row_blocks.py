@@ -13,6 +13,7 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import Case, assert_gradients_close, magnitude_inputs, make_inputs, rel_error
 
@@ -127,3 +128,23 @@ def test_other_variants_and_backends_are_refused():
         lasad_attention_row_blocks(**inputs, grid=case.grid, variant="2d", backend="tpu", interpret=True)
     with pytest.raises(ValueError, match="pallas_row_blocks' needs a GPU or TPU"):
         lasad.lasad_attention(**inputs, grid=case.grid, variant="2d", impl="pallas_row_blocks")
+
+
+def test_lowers_to_triton_under_the_trainers_shard_map():
+    """Inside per_device_heads' shard_map (how the trainer's step runs a kernel on a mesh), forward
+    and backward still lower to the eleven Triton kernels for CUDA."""
+    from jax.sharding import Mesh
+
+    from lasadgen_jax import sharding
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    op = functools.partial(lasad_attention_row_blocks, grid=(64, 32), variant="2d")
+    case = Case("grid64x32", batch=2, grid=(64, 32), heads=4, d=64, dv=64, prefix=0)
+    inputs = {name: x for name, x in make_inputs(case, seed=0, dtype=jnp.bfloat16).items() if x is not None}
+    per_device = sharding.per_device_heads(op, mesh, batch=2, heads=4)
+    both = jax.jit(jax.value_and_grad(lambda x: jnp.sum(per_device(**x).astype(jnp.float32))))
+    triton = "__gpu$xla.gpu.triton"
+    module = jax.export.export(both, platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call(triton)])(inputs).mlir_module()
+    assert "shard_map" in str(jax.make_jaxpr(both)(inputs))
+    assert module.count(f"@{triton}") == 3 + 8

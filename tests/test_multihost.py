@@ -19,11 +19,14 @@ import time
 import ml_collections
 import numpy as np
 import pytest
-from helpers import finish_processes, launch_processes, write_synthetic_token_dir
+from helpers import fake_devices_flags, finish_processes, launch_processes, write_synthetic_token_dir
 from train_runs import losses, multihost_config
 
 from lasadgen_jax import train, train_config
 from lasadgen_jax.distributed import distributed_arguments
+
+# One xdist worker runs every test of 8 fake devices, one at a time (tests/run.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("fake_devices")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "tests", "train_runs.py")
@@ -61,7 +64,7 @@ def tokens_dir(tmp_path_factory):
 def one_process(tokens_dir, tmp_path_factory):
     """The reference: one process, 8 devices, each global batch what the two processes read together."""
     workdir = str(tmp_path_factory.mktemp("one_process"))
-    environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=fake_devices_flags(8))
     result = subprocess.run([sys.executable, RUNS, "hosts_in_one", workdir, tokens_dir, str(NUM_STEPS), "2"],
                             capture_output=True, text=True, cwd=REPO, env=environment, timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -128,7 +131,7 @@ def test_resuming_with_another_process_count_is_refused_naming_it(preempted_host
 
 def test_checkpoint_of_mesh_8x1x1_resumes_on_2x2x2_and_on_one_device(tokens_dir, tmp_path):
     """Orbax reshards the train state onto the new mesh; the losses continue as if uninterrupted."""
-    environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=fake_devices_flags(8))
     result = subprocess.run([sys.executable, RUNS, "reshard", str(tmp_path), tokens_dir], capture_output=True,
                             text=True, cwd=REPO, env=environment, timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import start_processes, tiny_model, tiny_vq_architecture
+from helpers import fake_devices_flags, start_processes, tiny_model, tiny_vq_architecture
 
 from lasadgen_jax import model_io, sample
 from lasadgen_jax.models.lasadgen import LASADGen
@@ -215,8 +215,9 @@ print("ok")
 """
 
 
+@pytest.mark.xdist_group("fake_devices")  # tests/run.sh: --dist loadgroup
 def test_sampling_split_over_8_devices_gives_the_tokens_of_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=fake_devices_flags(8), JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, os.path.join(REPO, "tests")], env=env,
                             capture_output=True, text=True, timeout=600)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import write_synthetic_token_dir
+from helpers import fake_devices_flags, write_synthetic_token_dir
 from train_runs import losses, tiny_config
 
 from lasadgen_jax import checkpoints, sharding, train, train_state
@@ -111,8 +111,9 @@ def test_preempt_then_kill_then_resume_gives_the_uninterrupted_losses(uninterrup
     np.testing.assert_allclose(losses(workdir), losses(uninterrupted), rtol=1e-6, atol=0)
 
 
+@pytest.mark.xdist_group("fake_devices")  # tests/run.sh: --dist loadgroup
 def test_meshes_of_8_fake_devices_match_one_device(tokens_dir, tmp_path):
-    environment = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    environment = dict(os.environ, XLA_FLAGS=fake_devices_flags(8), JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, RUNS, "meshes", str(tmp_path), tokens_dir], capture_output=True,
                             text=True, cwd=REPO, env=environment, timeout=600)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
