@@ -201,10 +201,11 @@ def _centred(size: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _across_blocks(rows: int, tiles: RowBlocks, interpret: bool):
+def _across_blocks(tiles: RowBlocks, interpret: bool):
     """across(q, k, v, log_row, log_col, grid) -> float32 [B, N, H, dv]: the pairs whose key lies in
-    an earlier block, with the sweep backward of the module docstring. grid: (h, w), h a multiple of rows."""
-    options = dict(rows=rows, tiles=tiles, interpret=interpret)
+    an earlier block, with the sweep backward of the module docstring. grid: (h, w), h a multiple of
+    tiles.rows."""
+    options = dict(rows=tiles.rows, tiles=tiles, interpret=interpret)
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
     def across(q, k, v, log_row, log_col, grid):
@@ -246,7 +247,7 @@ def row_block_cells(backend: str, interpret: bool, tiles: RowBlocks):
     if backend != "gpu":
         raise ValueError(f"impl='pallas_row_blocks' has a GPU (Triton) body only, got backend {backend!r}")
     within = parallel_form.parallel_form_cells(backend, interpret, tiles.parallel)
-    across = _across_blocks(tiles.rows, tiles, interpret)
+    across = _across_blocks(tiles, interpret)
 
     def cells(q, k, v, log_decay_row, log_decay_col, grid, variant):
         if variant != "2d":
