@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -142,9 +143,11 @@ def sweep(tokens, heads, d, repeats, budget):
     return min(results, key=lambda r: r[0])[1] if results else None
 
 
-def table(sizes, tokens, heads, d, repeats, kernel_runs, budget):
+def table(sizes, tokens, heads, d, repeats, kernel_runs, budget, profile_dir=None):
     """kernel_runs(grid) -> [(label, op)]: the rows after cuDNN flash and pallas_parallel, each timed
-    forward and forward+backward and given as ratios to both (benchmarks/row_blocks.py uses it too)."""
+    forward and forward+backward and given as ratios to both (benchmarks/row_blocks.py uses it too).
+    profile_dir: trace one more forward+backward call per row there and print its top device
+    operations (benchmarks/device_profile.py)."""
     print("| N | grid | batch | impl | fwd ms | fwd+bwd ms | flash / fwd | flash / fwd+bwd | parallel / fwd+bwd |")
     print("|---|---|---|---|---|---|---|---|---|")
     for side in sizes:
@@ -161,7 +164,8 @@ def table(sizes, tokens, heads, d, repeats, kernel_runs, budget):
                 print(f"| {n} | (budget of {budget} s spent: table stopped) | | | | | | | |", flush=True)
                 return
             try:
-                ms = timed(forward, args, cotangent, repeats)
+                fwd, both, compiled_args = compiled_pair(forward, args, cotangent)
+                ms = time_ms(fwd, compiled_args, repeats), time_ms(both, compiled_args, repeats)
             except Exception as error:  # noqa: BLE001 - one kernel's failure must not lose the other rows
                 print(f"| {n} | {side}x{side} | {batch} | {label} | {error_line(error)} | | | | |", flush=True)
                 continue
@@ -169,6 +173,13 @@ def table(sizes, tokens, heads, d, repeats, kernel_runs, budget):
             flash_ms, parallel_ms = measured.get("cudnn flash", ms), measured.get("pallas_parallel", ms)
             print(f"| {n} | {side}x{side} | {batch} | {label} | {ms[0]:.3f} | {ms[1]:.3f} | {flash_ms[0] / ms[0]:.2f} "
                   f"| {flash_ms[1] / ms[1]:.2f} | {parallel_ms[1] / ms[1]:.2f} |", flush=True)
+            if profile_dir:
+                from device_profile import format_summary, profile_device_ops
+
+                run = lambda: jax.block_until_ready(both(compiled_args))
+                directory = os.path.join(profile_dir, f"{n}_{re.sub(r'[^A-Za-z0-9]+', '_', label)}")
+                print(format_summary(profile_device_ops(run, directory), f"N = {n}, {label}, forward+backward"),
+                      flush=True)
 
 
 def main(argv=None):
@@ -182,6 +193,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget", type=float, default=200.0, help="seconds after which timing stops")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--profile", default=None, help="trace one more forward+backward call per table row into "
+                        "this directory and print its top device operations (benchmarks/device_profile.py)")
     parser.add_argument("--float32-checks", action="store_true", help="also the float32 checks (Triton body)")
     parser.add_argument("--sweep", action="store_true", help="the Triton tiling sweep at N = 4096 first")
     parser.add_argument("--mosaic-rows", default="", help="more Mosaic GPU rows per chunk in the table, e.g. 1")
@@ -205,7 +218,7 @@ def main(argv=None):
     for rows in (int(r) for r in args.mosaic_rows.split(",") if r):
         linear_runs.append((f"mosaic rows {rows}", LinearBlocks(gpu_body="mosaic", mosaic_rows=rows)))
     kernel_runs = lambda grid: [(f"pallas_linear {label}", linear_op(grid, blocks)) for label, blocks in linear_runs]
-    table(sizes, args.tokens, args.heads, args.dim, args.repeats, kernel_runs, args.budget)
+    table(sizes, args.tokens, args.heads, args.dim, args.repeats, kernel_runs, args.budget, args.profile)
     print(f"done in {time.perf_counter() - START:.0f} s", flush=True)
     return 0 if ok else 1
 

@@ -4,6 +4,7 @@ them; docs/lasad.md §9) on a GPU: checks, then time against cuDNN flash attenti
 
     python benchmarks/row_blocks.py 2>&1 | tee row_blocks.txt
     python benchmarks/row_blocks.py --sizes 64,128 --tilings 16:0:4:2,16:64:4:2,32:32:4:2 --skip-check
+    python benchmarks/row_blocks.py --sizes 64 --skip-check --profile /tmp/row_blocks_trace   # + top device ops
 
 1. Checks: forward and every gradient (q, k, v, both log decays, prefix) against the quadratic
    reference on small grids of several blocks (bf16 < 2e-2; float32 < 1e-4), then at
@@ -69,6 +70,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget", type=float, default=300.0, help="seconds after which timing stops")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--profile", default=None, help="trace one more forward+backward call per table row into "
+                        "this directory and print its top device operations (benchmarks/device_profile.py)")
     args = parser.parse_args(argv)
     try:
         tilings = [parse_tiling(text) for text in args.tilings.split(",") if text]
@@ -82,7 +85,7 @@ def main(argv=None):
     sizes = [int(s) for s in args.sizes.split(",")]
     kernel_runs = lambda grid: [(f"pallas_row_blocks {t.rows}:{t.dv_block}:{t.num_warps}:{t.num_stages}",
                                  row_blocks_op(grid, t)) for t in tilings]
-    table(sizes, args.tokens, args.heads, args.dim, args.repeats, kernel_runs, args.budget)
+    table(sizes, args.tokens, args.heads, args.dim, args.repeats, kernel_runs, args.budget, args.profile)
     print(f"done in {time.perf_counter() - START:.0f} s", flush=True)
     return 0 if ok else 1
 
