@@ -41,6 +41,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# How long XLA:CPU lets a collective wait for its fake-device threads before it aborts the process
+# (XLA's default: 40 s). Two test workers on two cores can starve one fake device's thread that long.
+COLLECTIVE_TIMEOUT_SECONDS = 600
+
+
+def fake_devices_flags(count: int) -> str:
+    """XLA_FLAGS for a subprocess of `count` fake CPU devices, with the patient collective timeout."""
+    return (f"--xla_force_host_platform_device_count={count} "
+            f"--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_SECONDS}")
+
+
 def launch_processes(command, log_dir, num_processes=2, devices_per_process=2) -> list:
     """Starts num_processes copies of `command` (from the repository root) joined by jax.distributed, configured
     through the environment as launch/gpu sets it, each with devices_per_process CPU devices and its output in
@@ -116,17 +127,6 @@ def rel_error(actual, expected) -> float:
     scale = np.linalg.norm(expected)
     diff = np.linalg.norm(actual - expected)
     return float(diff / scale) if scale > 0 else float(diff)
-
-
-# How long XLA:CPU lets a collective wait for its fake-device threads before it aborts the process
-# (XLA's default: 40 s). Two test workers on two cores can starve one fake device's thread that long.
-COLLECTIVE_TIMEOUT_SECONDS = 600
-
-
-def fake_devices_flags(count: int) -> str:
-    """XLA_FLAGS for a subprocess of `count` fake CPU devices, with the patient collective timeout."""
-    return (f"--xla_force_host_platform_device_count={count} "
-            f"--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_SECONDS}")
 
 
 DIFF_ARGS = ("q", "k", "v", "log_decay_row", "log_decay_col", "prefix_k", "prefix_v")  # lasad_attention's
