@@ -291,7 +291,7 @@ def _attention(q, k, v, grid, variant, log_decay_row, log_decay_col, prefix_k, p
     else:
         out = cells(q, k, v, log_decay_row, log_decay_col, grid, variant)
         if prefix_k is not None:
-            out = out + common.mm("bnhd,bhde->bnhe", q, common.prefix_state(prefix_k, prefix_v), q.dtype)
+            out = out + common.prefix_term(q, prefix_k, prefix_v)
     return out.astype(q.dtype)
 
 

@@ -215,6 +215,19 @@ def two_sided_smooth(x, log_decay, axis: int, head_axis: int):
     return jnp.einsum(spec, weights.astype(x.dtype), x, precision=jax.lax.Precision.HIGHEST)
 
 
+def prefix_term(q, prefix_k, prefix_v):
+    """sum_p (q_a . k_p) v_p: the undecayed prefix part of every output, [batch, N, heads, dv] float32.
+
+    Broadcasts and sums over the few prefix positions, not a matmul with the [d, dv] prefix state:
+    XLA fuses them into the elementwise work around the op, where the state form is a batched matmul
+    with a transpose on either side, forward and backward (benchmarks/RESULTS.md, "Training step:
+    the LASAD block's own work").
+    """
+    f32 = jnp.float32
+    scores = jnp.sum(q.astype(f32)[:, :, None] * prefix_k.astype(f32)[:, None], axis=-1)  # [B, N, P, H]
+    return jnp.sum(scores[..., None] * prefix_v.astype(f32)[:, None], axis=2)
+
+
 def prefix_state(prefix_k, prefix_v):
     """sum_p k_p v_p^T per batch and head: [batch, heads, d, dv] in float32 (prefix keys are not decayed)."""
     return mm("bphd,bphe->bhde", prefix_k, prefix_v, prefix_k.dtype)
