@@ -280,7 +280,8 @@ def _backward_gpu(q_p, k_p, v_p, do_p, decays, *, length, grid, variant, blocks,
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     dk, dv_, d_row, d_col = pl.pallas_call(
         functools.partial(_key_grads_kernel, variant=variant, width=grid[1], block=block, num_tiles=tiles),
-        out_shape=[f32(batch, length, heads, d), f32(batch, length, heads, dv), f32(batch, heads, 1, length),
+        out_shape=[jax.ShapeDtypeStruct((batch, length, heads, d), k_p.dtype),
+                   jax.ShapeDtypeStruct((batch, length, heads, dv), v_p.dtype), f32(batch, heads, 1, length),
                    f32(batch, heads, 1, length)],
         grid=(batch, heads, tiles),
         in_specs=[decay_spec, whole(d), tile(d), tile(dv), whole(dv)],
@@ -302,7 +303,8 @@ def _backward_tpu(q_p, k_p, v_p, do_p, decays, *, length, grid, variant, interpr
     per_key = pl.BlockSpec((None, None, 1, TPU_BLOCK), lambda b, h, own, walked: (b, h, 0, own))
     dk, dv_, d_row, d_col = pl.pallas_call(
         functools.partial(_tpu_key_grads_kernel, variant=variant, width=grid[1]),
-        out_shape=[f32(batch, heads, length, d), f32(batch, heads, length, dv), f32(batch, heads, 1, length),
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, length, d), k_p.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, length, dv), v_p.dtype), f32(batch, heads, 1, length),
                    f32(batch, heads, 1, length)],
         grid=(batch, heads, tiles, tiles),
         in_specs=[smem, _tile_of("max", d), _tile_of("own", d), _tile_of("own", dv), _tile_of("max", dv)],
@@ -317,7 +319,8 @@ def _backward_tpu(q_p, k_p, v_p, do_p, decays, *, length, grid, variant, interpr
 
 
 def backward(q, k, v, decays, d_out, *, grid, variant, blocks: ParallelBlocks, interpret: bool, backend: str = "gpu"):
-    """(dq, dk, dv, d log_decay_row, d log_decay_col): dq, dk, dv in float32, decays [H] float32."""
+    """(dq, dk, dv, d log_decay_row, d log_decay_col): dq, dk, dv in the dtypes of q, k, v (accumulated in
+    float32 and written once), decays [H] float32."""
     check_backend(backend)
     n, heads = q.shape[1], q.shape[2]
     block = blocks.block if backend == "gpu" else TPU_BLOCK
@@ -329,7 +332,7 @@ def backward(q, k, v, decays, d_out, *, grid, variant, blocks: ParallelBlocks, i
     else:
         dk, dv, d_row, d_col = _backward_tpu(*padded, decays, **kwargs)
     dq = forward(d_out, v, k, decays, grid=grid, variant=variant, blocks=blocks, interpret=interpret,
-                 backend=backend, out_dtype=jnp.float32, name="_dq")
+                 backend=backend, out_dtype=q.dtype, name="_dq")
     cut = lambda x, dim: x[:, :n, :, :dim]
     uses_row, uses_col = common.USES_DECAY[variant]
     decay_grad = lambda x, used: jnp.sum(x, axis=(0, 2, 3)) if used else jnp.zeros((heads,), jnp.float32)
