@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lasadgen_jax.models import alignment, rope
-from lasadgen_jax.models.projection import project
 from lasadgen_jax.ops.lasad import common
 
 SOFTMAX_IMPLS = ("auto", "xla", "cudnn")
@@ -77,10 +76,6 @@ class SoftmaxAttention(nnx.Module):
     def _heads(self, x):
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
-    def _project(self, x):
-        """q, k, v as [batch, seq, heads, head_dim] (one matmul: projection.py)."""
-        return [self._heads(y) for y in project(x, (self.q_proj, self.k_proj, self.v_proj), self.dtype)]
-
     def _rotate(self, x, rows, cols):
         if not self.use_rope:
             return x
@@ -100,10 +95,11 @@ class SoftmaxAttention(nnx.Module):
         query_rows, query_cols, key_rows, key_cols = alignment.sequence_cells((h, w), num_prefix)
         if self.rope_layout == "llamagen":
             query_rows, query_cols = key_rows, key_cols
-        q, k, v = self._project(x)
-        q, k = self._rotate(q, query_rows, query_cols), self._rotate(k, key_rows, key_cols)
+        q = self._rotate(self._heads(self.q_proj(x)), query_rows, query_cols)
+        k = self._rotate(self._heads(self.k_proj(x)), key_rows, key_cols)
         if self.rope_layout == "llamagen":
             q, k = self._zero_prefix(q, num_prefix), self._zero_prefix(k, num_prefix)
+        v = self._heads(self.v_proj(x))
         return self._merge_heads(self._attend(q, k, v))
 
     def _attend(self, q, k, v):
@@ -124,7 +120,7 @@ class SoftmaxAttention(nnx.Module):
         common.check_grid(grid)
         if x_prefix.ndim != 3 or x_prefix.shape[-1] != self.dim:
             raise ValueError(f"x_prefix must be [batch, P, dim={self.dim}], got shape {x_prefix.shape}")
-        q, k, v = self._project(x_prefix)
+        q, k, v = (self._heads(proj(x_prefix)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         length = x_prefix.shape[1]
         if self.rope_layout == "llamagen":
             q, k = self._zero_prefix(q, length), self._zero_prefix(k, length)
@@ -151,8 +147,9 @@ class SoftmaxAttention(nnx.Module):
         if self.rope_layout == "llamagen":
             query_row, query_col = key_row, key_col
         x = x[:, None]
-        q, k, v = self._project(x)
-        q, k = self._rotate(q, query_row, query_col), self._rotate(k, key_row, key_col)
+        q = self._rotate(self._heads(self.q_proj(x)), query_row, query_col)
+        k = self._rotate(self._heads(self.k_proj(x)), key_row, key_col)
+        v = self._heads(self.v_proj(x))
         state = {
             "k": jax.lax.dynamic_update_slice_in_dim(state["k"], k.astype(state["k"].dtype), position, axis=1),
             "v": jax.lax.dynamic_update_slice_in_dim(state["v"], v.astype(state["v"].dtype), position, axis=1),
