@@ -19,7 +19,6 @@ from flax import nnx
 
 from lasadgen_jax import sharding
 from lasadgen_jax.models import alignment, rope
-from lasadgen_jax.models.projection import project
 from lasadgen_jax.ops import lasad
 
 
@@ -29,46 +28,6 @@ def initial_decays(num_heads: int, decay_range: tuple[float, float]) -> np.ndarr
     if not 0.0 < low <= high < 1.0:
         raise ValueError(f"decay_range must satisfy 0 < low <= high < 1, got {decay_range}")
     return 1.0 - np.exp(np.linspace(np.log1p(-low), np.log1p(-high), num_heads))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gated_rms_norm(attended, gate, scale, eps: float):
-    """RMSNorm over each head's features, times scale, times SiLU(gate), in float32.
-
-    attended [..., heads, head_dim], gate [..., heads * head_dim], scale [heads, head_dim] ->
-    [..., heads * head_dim] in gate's dtype. Its backward recomputes the norm from the three inputs
-    and writes each gradient in one elementwise pass (plus the sum for scale's), where autodiff's
-    backward leaves float32 intermediates in HBM between its fusions (benchmarks/RESULTS.md,
-    "Training step: the LASAD block's own work").
-    """
-    a = attended.astype(jnp.float32)
-    normed = a * jax.lax.rsqrt(jnp.mean(a * a, axis=-1, keepdims=True) + eps)
-    g = gate.astype(jnp.float32).reshape(a.shape)
-    return (normed * scale.astype(jnp.float32) * jax.nn.silu(g)).reshape(gate.shape).astype(gate.dtype)
-
-
-def _gated_rms_norm_forward(attended, gate, scale, eps):
-    return gated_rms_norm(attended, gate, scale, eps), (attended, gate, scale)
-
-
-def _gated_rms_norm_backward(eps, residuals, d_out):
-    attended, gate, scale = residuals
-    a = attended.astype(jnp.float32)
-    rms_inv = jax.lax.rsqrt(jnp.mean(a * a, axis=-1, keepdims=True) + eps)
-    normed = a * rms_inv
-    g = gate.astype(jnp.float32).reshape(a.shape)
-    s = scale.astype(jnp.float32)
-    d_out = d_out.astype(jnp.float32).reshape(a.shape)
-    sig = jax.nn.sigmoid(g)
-    d_scaled = d_out * g * sig                      # gradient of normed * scale
-    d_gate = d_out * normed * s * sig * (1.0 + g * (1.0 - sig))
-    d_scale = jnp.sum(d_scaled * normed, axis=tuple(range(a.ndim - 2)))
-    u = d_scaled * s                                # gradient of normed
-    d_a = rms_inv * (u - normed * jnp.mean(u * normed, axis=-1, keepdims=True))
-    return d_a.astype(attended.dtype), d_gate.reshape(gate.shape).astype(gate.dtype), d_scale.astype(scale.dtype)
-
-
-gated_rms_norm.defvjp(_gated_rms_norm_forward, _gated_rms_norm_backward)
 
 
 class LASADAttention(nnx.Module):
@@ -130,9 +89,8 @@ class LASADAttention(nnx.Module):
 
     def _project(self, x):
         """q (scaled by head_dim^-1/2), k, v as [batch, seq, heads, head_dim], and the gate."""
-        q, k, v, gate = project(x, (self.q_proj, self.k_proj, self.v_proj, self.gate_proj), self.dtype)
-        q = self._heads(q) * jnp.asarray(self.head_dim**-0.5, self.dtype)
-        return q, self._heads(k), self._heads(v), gate
+        q = self._heads(self.q_proj(x)) * jnp.asarray(self.head_dim**-0.5, self.dtype)
+        return q, self._heads(self.k_proj(x)), self._heads(self.v_proj(x)), self.gate_proj(x)
 
     def _rotate(self, x, rows, cols):
         if not self.use_rope:
@@ -141,8 +99,11 @@ class LASADAttention(nnx.Module):
 
     def _output(self, attended, gate):
         """Per-head RMSNorm (float32), SiLU gate, output projection. attended: [..., heads, head_dim]."""
-        gated = gated_rms_norm(attended, gate.astype(self.dtype), self.out_norm_scale[...], self.norm_eps)
-        return self.out_proj(gated)
+        attended = attended.astype(jnp.float32)
+        normed = attended * jax.lax.rsqrt(jnp.mean(attended**2, axis=-1, keepdims=True) + self.norm_eps)
+        normed = normed * self.out_norm_scale[...].astype(jnp.float32)
+        gated = normed.reshape(*normed.shape[:-2], self.dim) * jax.nn.silu(gate.astype(jnp.float32))
+        return self.out_proj(gated.astype(self.dtype))
 
     @staticmethod
     def _prefix_causal(q, k, v):
@@ -187,7 +148,7 @@ class LASADAttention(nnx.Module):
         )
         before_last = slice(None, num_prefix - 1)
         prefix_out = self._prefix_causal(q[:, before_last], prefix_k[:, before_last], prefix_v[:, before_last])
-        attended = jnp.concatenate([prefix_out.astype(cell_out.dtype), cell_out], axis=1)
+        attended = jnp.concatenate([prefix_out, cell_out.astype(jnp.float32)], axis=1)
         return self._output(attended, gate)
 
     # ------------------------------------------------------------------ decoding
