@@ -60,10 +60,10 @@ def train_checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) ->
 
 
 def non_finite_leaves(state) -> list[str]:
-    """The paths of the floating-point leaves of `state` holding a NaN/inf (one device check when none)."""
-    from lasadgen_jax.train_state import all_finite
+    """The paths of the floating-point leaves of `state` holding a NaN/inf (one compiled check when none)."""
+    from lasadgen_jax.train_state import jitted_all_finite
 
-    if bool(all_finite(state)):
+    if bool(jitted_all_finite(state)):
         return []
     return [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
             if jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact) and not bool(jax.numpy.isfinite(leaf).all())]

@@ -99,6 +99,13 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
+# all_finite as one compiled program, for a state outside the step (the check before a checkpoint
+# save and after a restore): one dispatch and one set of collectives for the whole sharded state.
+# Eager jnp calls would run one small program per leaf, each with its own collectives; on XLA:CPU's
+# fake devices of a 2x2x2 mesh those could leave the devices waiting on each other's rendezvous.
+jitted_all_finite = jax.jit(all_finite)
+
+
 def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_shardings, mesh):
     """One jitted step: forward/backward (over grad_accum_steps micro-batches), AdamW, EMA, and a NaN/inf
     guard that keeps the old state (and counts the step as skipped) unless the loss, the gradient norm
