@@ -8,10 +8,22 @@ profiler writes (`plugins/profile/<time>/*.trace.json.gz`) and sums the device o
 by name. `per` divides every time (e.g. by the number of decode steps in one traced call). `busy` is
 the union of the operations' intervals over the span from the first to the last: what is not busy is
 launch gaps and host waits. Only device processes (`/device:...`) count; on the CPU there are none.
+
+What each operation is in the model's source comes from XLA's optimized HLO of the same program
+(`XLA_FLAGS="--xla_dump_to=D --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*"` writes
+`D/*after_optimizations.txt`): a fusion kernel carries its fusion instruction's name (`loop_add_fusion.2`
+is profiled as `loop_add_fusion_2`), a Pallas kernel the name its custom call was given; cuBLAS and cuDNN
+kernels are named by their library and find no HLO instruction.
+
+    python3 benchmarks/device_profile.py --ops OPS.json --hlo HLO.txt[.gz] [--key TAG] [--top 30]
+    python3 benchmarks/device_profile.py --ops OPS.json --diff TAG_A TAG_B [--hlo HLO_A --hlo_b HLO_B]
+
+OPS.json holds one summary (as `summarise_trace` returns it) or a dict of tag -> summary.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import glob
 import gzip
@@ -109,3 +121,269 @@ def format_summary(summary: dict, label: str = "") -> str:
     lines += [f"| {op['ms']:.4f} | {op['share']:.1%} | {op['count']:.1f} | {op['name'][:110]} |"
               for op in summary["top"]]
     return "\n".join(lines)
+
+
+# --- what each operation is in the source, from the optimized HLO text ---
+
+INSTRUCTION = re.compile(r"\s+(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)")
+TABLE_ENTRY = re.compile(r"(\d+) (.*)")
+STACK_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+# The kernel name of a Pallas custom call: Triton's backend config holds it as `name`; Mosaic GPU's serialized
+# module names its host function `<kernel>_mosaic_gpu`.
+KERNEL_NAME = re.compile(r'\bname = "([\w.\-]+)"|\\?"name\\?":\s*\\?"([\w.\-]+)|\\00([A-Za-z_]\w*)_mosaic_gpu\\00')
+UNCOUNTED_OPS = {"parameter", "constant"}
+
+
+def quoted(text: str, key: str) -> str | None:
+    """The value of key="..." in text (escaped quotes allowed), or None."""
+    match = re.search(rf'\b{key}="((?:[^"\\]|\\.)*)"', text)
+    return match[1] if match else None
+
+
+def braced(text: str, start: int) -> str:
+    """text[start:] up to its '{...}' block's closing brace (braces inside quotes do not count)."""
+    depth, in_quote, i = 0, False, start
+    while i < len(text):
+        char = text[i]
+        if in_quote:
+            i += char == "\\"
+            in_quote = char != '"'
+        elif char == '"':
+            in_quote = True
+        elif char in "{}":
+            depth += 1 if char == "{" else -1
+            if depth == 0:
+                return text[start:i + 1]
+        i += 1
+    return text[start:]
+
+
+def split_shape(rest: str) -> tuple[str, str]:
+    """'f32[8,16]{1,0} fusion(...)...' -> the shape without layouts, and what follows it; tuples too."""
+    end = len(re.match(r"\S*", rest)[0])
+    if rest.startswith("("):
+        depth = 0
+        for end, char in enumerate(rest, start=1):
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            if depth == 0:
+                break
+    return re.sub(r"\{[^{}]*\}", "", rest[:end]), rest[end:].lstrip()
+
+
+def stack_frame_locations(tables: dict[str, dict[int, str]]) -> dict[int, str]:
+    """stack_frame_id -> 'file:line' of the frame itself (the innermost user frame of the op)."""
+    def field(entry: str, key: str) -> int | None:
+        match = re.search(rf"\b{key}=(\d+)", entry)
+        return int(match[1]) if match else None
+
+    locations = {}
+    for frame_id, frame in tables.get("StackFrames", {}).items():
+        location = tables.get("FileLocations", {}).get(field(frame, "file_location_id"), "")
+        file_name = tables.get("FileNames", {}).get(field(location, "file_name_id"), "").strip('"')
+        if file_name:
+            locations[frame_id] = f"{file_name}:{field(location, 'line')}"
+    return locations
+
+
+def parse_instruction(name: str, rest: str, frames: dict[int, str]) -> dict:
+    """One instruction from what follows its '%name = ': shape, opcode, fusion kind or custom-call target,
+    called fused computations, Pallas kernel name, op_name and source location."""
+    shape, rest = split_shape(rest)
+    opcode = re.match(r"[\w\-]+", rest)[0]
+    attributes = re.split(r", (?:metadata|backend_config)=", rest, maxsplit=1)[0]
+    metadata_at = rest.find("metadata={")
+    metadata = braced(rest, metadata_at) if metadata_at >= 0 else ""
+    source_file, source_line = quoted(metadata, "source_file"), re.search(r"\bsource_line=(\d+)", metadata)
+    frame = re.search(r"\bstack_frame_id=(\d+)", metadata)
+    location = (f"{source_file}:{source_line[1]}" if source_file and source_line
+                else frames.get(int(frame[1])) if frame else None)
+    backend_config = rest[rest.find("backend_config="):] if "backend_config=" in rest else ""
+    kernel = KERNEL_NAME.search(backend_config)
+    kind = re.search(r"\bkind=(\w+)", attributes)
+    return {"name": name, "shape": shape, "opcode": opcode,
+            "kind": kind[1] if kind else quoted(attributes, "custom_call_target"),
+            "calls": re.findall(r"\bcalls=%?([\w.\-]+)", attributes) if opcode == "fusion" else [],
+            "kernel": next(group for group in kernel.groups() if group) if kernel else None,
+            "op_name": quoted(metadata, "op_name"), "location": location}
+
+
+def parse_hlo_computations(text: str) -> dict[str, list[dict]]:
+    """Computation name -> its instructions, from an HLO module's text (stack frame tables resolved)."""
+    tables, table, computation = {}, None, None
+    computations: dict[str, list[dict]] = {}
+    for line in text.splitlines():
+        if line in STACK_TABLES:
+            table = tables.setdefault(line, {})
+        elif table is not None and (entry := TABLE_ENTRY.fullmatch(line)):
+            table[int(entry[1])] = entry[2]
+        else:
+            table = None
+    frames = stack_frame_locations(tables)
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{") and not line.startswith("HloModule"):
+            computation = computations.setdefault(line.removeprefix("ENTRY ").split()[0].lstrip("%"), [])
+        elif line.startswith("}"):
+            computation = None
+        elif computation is not None and (instruction := INSTRUCTION.match(line)):
+            computation.append(parse_instruction(instruction["name"], instruction["rest"], frames))
+    return computations
+
+
+def short_op_name(op_name: str, parts: int = 3) -> str:
+    return "/".join(op_name.split("/")[-parts:])
+
+
+def short_location(location: str | None, parts: int = 2) -> str:
+    return "/".join(location.split("/")[-parts:]) if location else "?"
+
+
+def parse_hlo_fusions(text: str) -> dict[str, dict]:
+    """Each fusion and custom call outside fused computations (the kernels a profile names), by HLO name:
+    its shape, kind (fusion kind or custom-call target), Pallas kernel name, the fused computation's op
+    counts (nested fusions included; parameters and constants not), and `sources`: the distinct
+    [op_name (last components), 'dir/file.py:line', count] of its instructions, most frequent first."""
+    computations = parse_hlo_computations(text)
+    if not computations:
+        raise ValueError("no HLO computation in the text (expected an HLO module, e.g. *after_optimizations.txt)")
+    fused = {called for body in computations.values() for inst in body for called in inst["calls"]}
+
+    def fused_instructions(names: list[str]) -> list[dict]:
+        body = [inst for name in names for inst in computations.get(name, [])]
+        return [leaf for inst in body for leaf in (fused_instructions(inst["calls"]) if inst["calls"] else [inst])]
+
+    fusions = {}
+    for name, body in computations.items():
+        if name in fused:
+            continue
+        for inst in body:
+            if inst["opcode"] not in ("fusion", "custom-call"):
+                continue
+            inner = fused_instructions(inst["calls"]) or [inst]
+            sources = collections.Counter((short_op_name(i["op_name"]), short_location(i["location"]))
+                                          for i in inner if i["op_name"] and i["opcode"] not in UNCOUNTED_OPS)
+            if not sources and inst["op_name"]:   # fused instructions without metadata: the fusion's own
+                sources[short_op_name(inst["op_name"]), short_location(inst["location"])] = 1
+            fusions[inst["name"]] = {
+                "name": inst["name"], "shape": inst["shape"], "opcode": inst["opcode"], "kind": inst["kind"],
+                "kernel": inst["kernel"], "in_computation": name,
+                "op_counts": dict(collections.Counter(i["opcode"] for i in inner if i["opcode"] not in UNCOUNTED_OPS)
+                                  .most_common()) if inst["calls"] else {},
+                "sources": [[op, location, count] for (op, location), count in sources.most_common()],
+            }
+    return fusions
+
+
+def normal_name(name: str) -> str:
+    return re.sub(r"[.\-]", "_", name)
+
+
+def find_instructions(fusions: dict[str, dict], op_name: str) -> list[dict]:
+    """The HLO instructions a profiled kernel name stands for: the fusion or custom call of that name ('.'
+    and '-' written '_'), else the custom calls of the Pallas kernel whose name is the longest prefix of
+    it (or that it is a prefix of); [] where none (cuBLAS and cuDNN kernels are named by the library)."""
+    key = normal_name(op_name)
+    exact = [info for info in fusions.values() if normal_name(info["name"]) == key]
+    if exact:
+        return exact
+    kernels = {normal_name(info["kernel"]) for info in fusions.values() if info["kernel"]}
+    matching = [kernel for kernel in kernels if key.startswith(kernel) or kernel.startswith(key)]
+    if not matching:
+        return []
+    best = max(matching, key=lambda kernel: (len(os.path.commonprefix([kernel, key])), -len(kernel)))
+    return [info for info in fusions.values() if info["kernel"] and normal_name(info["kernel"]) == best]
+
+
+def describe_instructions(infos: list[dict], sources: int = 3, indent: str = "      ") -> list[str]:
+    """Lines for the HLO instructions of one profiled name: what it is, then its top source locations."""
+    if not infos:
+        return [f"{indent}(no fusion or custom call of this name in the HLO)"]
+    first = infos[0]
+    sites = f" (and {len(infos) - 1} more call sites)" if len(infos) > 1 else ""
+    kernel = f" kernel {first['kernel']}" if first["kernel"] else ""
+    counts = ", ".join(f"{op} {count}" for op, count in list(first["op_counts"].items())[:8])
+    lines = [f"{indent}= {first['name']}{sites}: {first['opcode']} {first['kind']}{kernel} -> {first['shape']}"
+             + (f"; {counts}" if counts else "")]
+    merged = collections.Counter()
+    for info in infos:
+        merged.update({(op, location): count for op, location, count in info["sources"]})
+    lines += [f"{indent}  {location}  {op} (x{count})" for (op, location), count in merged.most_common(sources)]
+    return lines
+
+
+def describe_top(summary: dict, fusions: dict[str, dict], top: int = 30) -> str:
+    """The summary's top operations (ms and launches per unit of `per`), each with what it is in the HLO."""
+    if not summary.get("device_events"):
+        return "no device operations in the summary"
+    lines = [f"top device operations per unit of {summary['per']:g} (kernel sum {summary['kernel_ms']:.3f} ms)",
+             f"{'ms':>9} {'launches':>8}  operation"]
+    for op in summary["top"][:top]:
+        lines.append(f"{op['ms']:9.3f} {op['count']:8.1f}  {op['name'][:110]}")
+        lines += describe_instructions(find_instructions(fusions, op["name"]))
+    return "\n".join(lines)
+
+
+def describe_diff(summary_a: dict, summary_b: dict, fusions_a: dict | None = None, fusions_b: dict | None = None,
+                  top: int = 30, labels: tuple[str, str] = ("A", "B")) -> str:
+    """Operations of two summaries side by side by name, largest |B - A| first. An operation outside one
+    summary's top list is shown as '-' there and counts as 0 ms in B - A."""
+    ms_a = {op["name"]: op["ms"] for op in summary_a.get("top", [])}
+    ms_b = {op["name"]: op["ms"] for op in summary_b.get("top", [])}
+    names = sorted(ms_a.keys() | ms_b.keys(),
+                   key=lambda name: (-abs(ms_b.get(name, 0.0) - ms_a.get(name, 0.0)), name))
+    lines = [f"{labels[0]:>9} {labels[1]:>9} {'B - A':>9}  operation (ms per unit)"]
+    for name in names[:top]:
+        a, b = ms_a.get(name), ms_b.get(name)
+        cells = [f"{ms:9.3f}" if ms is not None else f"{'-':>9}" for ms in (a, b)]
+        lines.append(f"{cells[0]} {cells[1]} {(b or 0.0) - (a or 0.0):+9.3f}  {name[:110]}")
+        for label, fusions in ((labels[0], fusions_a), (labels[1], fusions_b)):
+            if fusions is not None:
+                lines += describe_instructions(find_instructions(fusions, name), indent=f"      {label}: ")
+    return "\n".join(lines)
+
+
+def read_hlo(path: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read()
+    return (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode()
+
+
+def select_summary(ops: dict, key: str | None) -> dict:
+    """One summary from OPS.json's content: the file itself, or its entry `key` in a dict of tag -> summary."""
+    if "device_events" in ops:
+        if key is not None:
+            raise ValueError(f"summary {key!r} asked for, but the ops file holds one summary, not tag -> summary")
+        return ops
+    if key not in ops:
+        raise ValueError(f"summary {key!r} is not in the ops file; its summaries: {sorted(ops)}")
+    return ops[key]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", required=True, help="a summary, or a dict of tag -> summary (JSON)")
+    parser.add_argument("--hlo", default=None, help="optimized HLO text (.txt or .txt.gz) of the (first) summary")
+    parser.add_argument("--hlo_b", default=None, help="with --diff: the optimized HLO of the second summary")
+    parser.add_argument("--key", default=None, help="the summary's tag, where --ops holds several")
+    parser.add_argument("--diff", nargs=2, metavar=("KEY_A", "KEY_B"), default=None, help="compare two summaries")
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args(argv)
+    with open(args.ops) as f:
+        ops = json.load(f)
+    try:
+        fusions = parse_hlo_fusions(read_hlo(args.hlo)) if args.hlo else None
+        if args.diff:
+            if args.key is not None:
+                raise ValueError("--key and --diff: --diff names both summaries")
+            fusions_b = parse_hlo_fusions(read_hlo(args.hlo_b)) if args.hlo_b else None
+            summaries = [select_summary(ops, key) for key in args.diff]
+            print(describe_diff(*summaries, fusions, fusions_b, top=args.top, labels=tuple(args.diff)))
+        elif args.hlo_b or not args.hlo:
+            raise ValueError("without --diff, give --hlo (and no --hlo_b): one summary and its HLO")
+        else:
+            print(describe_top(select_summary(ops, args.key), fusions, top=args.top))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    main()
