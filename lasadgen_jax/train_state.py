@@ -109,7 +109,7 @@ jitted_all_finite = jax.jit(all_finite)
 def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_shardings, mesh):
     """One jitted step: forward/backward (over grad_accum_steps micro-batches), AdamW, EMA, and a NaN/inf
     guard that keeps the old state (and counts the step as skipped) unless the loss, the gradient norm
-    and the updated params, optimizer state and EMA are all finite. The state is donated."""
+    and the learning rate are all finite. The state is donated."""
     accum, ema_decay, seed = config.grad_accum_steps, config.ema_decay, config.seed
     batch_sharding = sharding.batch_sharding(mesh)
 
@@ -146,15 +146,21 @@ def make_train_step(graphdef, rng_state_template, tx, schedule, config, state_sh
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema_params"], params)
-        # The guard looks at what would be kept, not only at the loss: a finite loss with a non-finite
-        # (or overflowing) learning rate still writes NaN parameters.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((params, opt_state, ema))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         applied_updates = state["step"] - state["skipped_steps"]   # the optimizer's own step count
+        learning_rate = schedule(applied_updates)
+        # The guard decides from the scalars the update is made of: with a finite loss, a finite gradient
+        # norm (no gradient element or square overflows) and a finite learning rate, Adam's moments, the
+        # clipped AdamW update of finite parameters and the EMA are finite, unless the learning rate is
+        # large enough to carry a parameter past float32's range. Known before the update, the decision
+        # fuses into the update's own pass over the state; checking the updated state instead took a
+        # reduction per leaf and a second pass (RESULTS.md, "Training step: the NaN/inf guard from
+        # scalars"). A state that still turns non-finite is never saved (checkpoints.py).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(learning_rate)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
                      "opt_state": keep(opt_state, state["opt_state"]), "ema_params": keep(ema, state["ema_params"]),
                      "skipped_steps": state["skipped_steps"] + (~finite).astype(jnp.int32)}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "learning_rate": schedule(applied_updates)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "learning_rate": learning_rate}
         return new_state, metrics
 
     replicated = sharding.replicated(mesh)
