@@ -74,6 +74,28 @@ def test_training_mode_changes_outputs_and_eval_is_deterministic():
     np.testing.assert_array_equal(model(tokens, labels), model(tokens, labels))
 
 
+def test_dropout_sits_where_llamagen_has_it():
+    """ffn_dropout drops the FFN's output (exact zeros there, the kept entries scaled by 1/(1-p)), not
+    its hidden units; resid_dropout acts on the attention branch only, never on the FFN branch."""
+    model = tiny_model("2d", ffn_dropout=0.5, resid_dropout=0.5)
+    block = model.blocks[0]
+    h = jax.random.normal(jax.random.PRNGKey(5), (4, 16, model.config.dim))
+    model.eval()
+    ffn_eval = np.asarray(block.ffn(h))
+    model.train()
+    ffn_train = np.asarray(block.ffn(h))
+    dropped = ffn_train == 0.0
+    assert 0.4 < dropped.mean() < 0.6, dropped.mean()
+    np.testing.assert_allclose(ffn_train[~dropped], 2.0 * ffn_eval[~dropped], rtol=1e-5)
+
+    model = tiny_model("2d", ffn_dropout=0.0, resid_dropout=0.5)
+    block = model.blocks[0]
+    model.eval()
+    residual_eval = np.asarray(block._ffn_residual(h))
+    model.train()
+    np.testing.assert_array_equal(np.asarray(block._ffn_residual(h)), residual_eval)
+
+
 @pytest.mark.parametrize("size", list(SIZES))
 def test_every_size_by_shapes_alone(size):
     """Softmax parameter counts within 3% of LlamaGen's; a bf16 2d model's logits by eval_shape only,

@@ -125,6 +125,8 @@ def model_config(size: str, **overrides) -> ModelConfig:
 
 
 class SwiGLU(nnx.Module):
+    """w2(silu(w1 x) * w3 x), then dropout (ffn_dropout) on that output, as LlamaGen's FeedForward."""
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -133,7 +135,7 @@ class SwiGLU(nnx.Module):
         self.dropout = nnx.Dropout(config.ffn_dropout, rngs=rngs)
 
     def __call__(self, x, deterministic: bool | None = None):
-        return self.w2(self.dropout(jax.nn.silu(self.w1(x)) * self.w3(x), deterministic=deterministic))
+        return self.dropout(self.w2(jax.nn.silu(self.w1(x)) * self.w3(x)), deterministic=deterministic)
 
 
 def make_attention(config: ModelConfig, rngs: nnx.Rngs):
@@ -151,7 +153,8 @@ def make_attention(config: ModelConfig, rngs: nnx.Rngs):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
+    """Pre-norm residual block: x + dropout(attention(norm(x))) (resid_dropout), then + SwiGLU(norm(x))
+    (whose output carries ffn_dropout): one dropout per branch, where LlamaGen has them."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         norm = lambda: nnx.RMSNorm(config.dim, epsilon=config.norm_eps, param_dtype=jnp.dtype(config.param_dtype),
@@ -162,7 +165,7 @@ class Block(nnx.Module):
         self.resid_dropout = nnx.Dropout(config.resid_dropout, rngs=rngs)
 
     def _ffn_residual(self, h, deterministic=None):
-        return h + self.resid_dropout(self.ffn(self.ffn_norm(h), deterministic), deterministic=deterministic)
+        return h + self.ffn(self.ffn_norm(h), deterministic)
 
     def __call__(self, x, *, grid, num_prefix):
         h = x + self.resid_dropout(self.attention(self.attention_norm(x), grid=grid, num_prefix=num_prefix))
