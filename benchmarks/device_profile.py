@@ -37,7 +37,7 @@ ATTENTION_NAME = re.compile(r"sdpa|flash|fmha|dot_do_o|lasad_|attention", re.IGN
 GEMM_NAME = re.compile(r"gemm|cublas|cutlass|xmma|nvjet|dot|matmul|wgmma", re.IGNORECASE)
 
 
-def profile_device_ops(run, log_dir: str, *, per: float = 1.0, top: int = 15) -> dict:
+def profile_device_ops(run, log_dir: str, *, per: float = 1.0, top: int | None = 15) -> dict:
     """run() once under the profiler (it must block until its results are ready); its device summary."""
     import jax
 
@@ -83,7 +83,7 @@ def busy_microseconds(events: list[dict]) -> float:
     return total
 
 
-def summarise_trace(trace: dict, *, per: float = 1.0, top: int = 15) -> dict:
+def summarise_trace(trace: dict, *, per: float = 1.0, top: int | None = 15) -> dict:
     """Device time by operation name (ms per `per`), the attention and other gemm totals, and how busy
     the device was."""
     events = device_events(trace)

@@ -143,7 +143,11 @@ def measure(args, spec: dict) -> dict:
             jax.block_until_ready(metrics)
 
         label = f"{spec.get('size')}_{model_config.attention}_{model_config.grid[0]}_b{batch}_{model_config.remat}"
-        profile = profile_device_ops(traced_steps, os.path.join(args.profile, label), per=args.profile_steps, top=25)
+        log_dir = os.path.join(args.profile, label)
+        every_op = profile_device_ops(traced_steps, log_dir, per=args.profile_steps, top=None)
+        with open(os.path.join(log_dir, "device_ops.json"), "w") as f:   # for device_profile.py --ops
+            json.dump(every_op, f)
+        profile = dict(every_op, top=every_op.get("top", [])[:25])
         print(format_summary(profile, f"{label}, per step"), file=sys.stderr, flush=True)
     if not bool(metrics["finite"]):
         raise FloatingPointError(f"{model_config.attention} {model_config.grid}: non-finite loss "
