@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lasadgen_jax.models.dropout import Dropout
 from lasadgen_jax.models.lasad_attention import LASADAttention
 from lasadgen_jax.models.rope import ROPE_LAYOUTS
 from lasadgen_jax.models.softmax_attention import SOFTMAX_IMPLS, SoftmaxAttention
@@ -132,7 +133,7 @@ class SwiGLU(nnx.Module):
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.w1, self.w3 = linear(config.dim, config.ffn_hidden), linear(config.dim, config.ffn_hidden)
         self.w2 = linear(config.ffn_hidden, config.dim)
-        self.dropout = nnx.Dropout(config.ffn_dropout, rngs=rngs)
+        self.dropout = Dropout(config.ffn_dropout, rngs=rngs)
 
     def __call__(self, x, deterministic: bool | None = None):
         return self.dropout(self.w2(jax.nn.silu(self.w1(x)) * self.w3(x)), deterministic=deterministic)
@@ -162,7 +163,7 @@ class Block(nnx.Module):
         self.attention_norm, self.ffn_norm = norm(), norm()
         self.attention = make_attention(config, rngs)
         self.ffn = SwiGLU(config, rngs=rngs)
-        self.resid_dropout = nnx.Dropout(config.resid_dropout, rngs=rngs)
+        self.resid_dropout = Dropout(config.resid_dropout, rngs=rngs)
 
     def _ffn_residual(self, h, deterministic=None):
         return h + self.ffn(self.ffn_norm(h), deterministic)
@@ -218,7 +219,7 @@ class LASADGen(nnx.Module):
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         self.class_embedder = ClassEmbedder(config, rngs=rngs)
         self.token_embedding = nnx.Embed(config.vocab_size, config.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.token_dropout = nnx.Dropout(config.token_dropout, rngs=rngs)
+        self.token_dropout = Dropout(config.token_dropout, rngs=rngs)
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
         self.norm = nnx.RMSNorm(config.dim, epsilon=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.head = nnx.Linear(
