@@ -80,3 +80,24 @@ def test_bad_rates_and_keys_are_refused_in_one_line():
         keep_mask(jax.random.PRNGKey(0), 0.1, (4,))
     with pytest.raises(ValueError, match="at least one axis"):
         keep_mask(jax.random.key(0), 0.1, ())
+
+
+def count_mask_draws(remat: str, depth: int = 2) -> int:
+    """Dropout masks drawn by one gradient of a small model: their optimization barriers in the jaxpr."""
+    from lasadgen_jax.models.lasadgen import LASADGen, ModelConfig
+
+    config = ModelConfig(depth=depth, num_heads=2, dim=32, vocab_size=64, num_classes=4, grid=(3, 5), remat=remat)
+    graphdef, state = nnx.split(LASADGen(config, rngs=nnx.Rngs(0, dropout=1)))
+    tokens, labels = jnp.zeros((2, 15), jnp.int32), jnp.zeros((2,), jnp.int32)
+
+    def gradient(state):
+        return nnx.grad(lambda model: model(tokens, labels).mean())(nnx.merge(graphdef, state))
+
+    return str(jax.make_jaxpr(gradient)(state)).count("optimization_barrier")
+
+
+def test_remat_dots_keeps_the_dropout_masks_for_the_backward():
+    """remat="dots" keeps each mask from the forward (token dropout + two per block); "full" draws
+    masks again when it recomputes the blocks."""
+    assert count_mask_draws("dots") == 1 + 2 * 2
+    assert count_mask_draws("full") > 1 + 2 * 2

@@ -12,6 +12,9 @@ The hash words pass through `jax.lax.optimization_barrier`, so XLA writes them o
 element) instead of fusing the hash into the masking, where each element would recompute the hash
 of its group of four. Keys of another implementation (`rbg`, `unsafe_rbg`) draw the 16-bit uniforms
 with `jax.random.bits`, which is already one generator call per element's worth of bits.
+
+The mask is named KEEP_MASK_NAME for `jax.checkpoint` policies: `remat="dots"` keeps it (1 byte per
+element) rather than drawing it again in the backward.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.extend.random import threefry2x32_p
 
 UNIFORM_BITS = 16
 LANES_PER_HASH = 2 * 32 // UNIFORM_BITS   # a threefry2x32 hash gives two 32-bit words
+KEEP_MASK_NAME = "dropout_keep_mask"       # checkpoint_name of the masks: remat="dots" keeps them (lasadgen.py)
 
 
 def drop_threshold(rate: float) -> int:
@@ -90,6 +95,6 @@ class Dropout(nnx.Dropout):
         deterministic = self.deterministic if deterministic is None else deterministic
         if self.rate == 0.0 or deterministic:
             return inputs
-        keep = keep_mask(self.rngs(), self.rate, inputs.shape)
+        keep = checkpoint_name(keep_mask(self.rngs(), self.rate, inputs.shape), KEEP_MASK_NAME)
         scaled = (inputs.astype(jnp.float32) * (1.0 / (1.0 - self.rate))).astype(inputs.dtype)
         return jnp.where(keep, scaled, jnp.zeros_like(inputs))
