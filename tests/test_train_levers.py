@@ -16,7 +16,8 @@ from helpers import rel_error, teacher_forced_logits, tiny_model, write_syntheti
 from lasadgen_jax import sharding, train, train_state
 from lasadgen_jax.loss import chunked_cross_entropy, head_logits, next_token_loss
 from lasadgen_jax.model_io import model_config_from
-from lasadgen_jax.models.lasadgen import REMAT_POLICIES, ModelConfig
+from lasadgen_jax.models.lasadgen import REMAT_POLICIES, LASADGen, ModelConfig
+from lasadgen_jax.ops import lasad
 
 
 def plain_cross_entropy(features, kernel, targets, compute_dtype=None):
@@ -106,6 +107,35 @@ def test_levers_give_the_plain_loss_and_gradients(baseline, levers):
 
 def test_remat_policies_are_all_tested():
     assert set(REMAT_POLICIES) == {"none", "full", "dots"}, "add the new policy to the levers test above"
+
+
+def forward_kernel_calls(remat: str, monkeypatch) -> int:
+    """Calls of the parallel-form forward kernel in the gradient of a 2-block `2d` model, lowered for
+    CUDA through jax.export on the CPU (the kernels' names survive there; interpret mode has none)."""
+    def gpu_kernel(q, k, v, *, impl, **kwargs):
+        assert impl == "pallas_parallel", impl
+        return lasad.lasad_attention_parallel(q, k, v, backend="gpu", **kwargs)
+
+    monkeypatch.setattr(lasad, "lasad_attention", gpu_kernel)
+    config = ModelConfig(depth=2, num_heads=2, dim=32, vocab_size=64, num_classes=4, grid=(3, 5), attention="2d",
+                         lasad_impl="pallas_parallel", dtype="bfloat16", remat=remat)
+    graphdef, state = nnx.split(LASADGen(config, rngs=nnx.Rngs(0, dropout=1)))
+    tokens, labels = jnp.zeros((2, 15), jnp.int32), jnp.zeros((2,), jnp.int32)
+
+    def gradient(state):
+        return nnx.grad(lambda model: model(tokens, labels).mean())(nnx.merge(graphdef, state))
+
+    triton = "__gpu$xla.gpu.triton"
+    module = jax.export.export(jax.jit(gradient), platforms=["cuda"],
+                               disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(state)
+    return module.mlir_module().count('name = "lasad_parallel_2d"')
+
+
+def test_remat_dots_keeps_the_lasad_output_so_the_backward_does_not_rerun_the_forward_kernel(monkeypatch):
+    """The op's backward reads only its inputs: with its output kept, "dots" runs the forward kernel once
+    per block; "full" runs it again in the backward."""
+    assert forward_kernel_calls("dots", monkeypatch) == 2
+    assert forward_kernel_calls("full", monkeypatch) == 4
 
 
 def test_scanned_softmax_blocks_with_remat_and_chunked_loss_give_the_loop_loss_and_gradients():

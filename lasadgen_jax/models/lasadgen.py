@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lasadgen_jax.models import lasad_attention
 from lasadgen_jax.models.dropout import KEEP_MASK_NAME, Dropout
 from lasadgen_jax.models.lasad_attention import LASADAttention
 from lasadgen_jax.models.rope import ROPE_LAYOUTS
@@ -28,9 +29,9 @@ ATTENTION_TYPES = ("2d", "2d_row", "1d", "none", "softmax")
 REMAT_POLICIES = {
     "none": None,                                                    # keep everything (no remat)
     "full": jax.checkpoint_policies.nothing_saveable,                # keep only block inputs
-    "dots": jax.checkpoint_policies.save_from_both_policies(         # keep matmul outputs and dropout masks
+    "dots": jax.checkpoint_policies.save_from_both_policies(  # keep matmul outputs, dropout masks, LASAD's output
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.save_only_these_names(
-            KEEP_MASK_NAME)),
+            KEEP_MASK_NAME, lasad_attention.OUTPUT_NAME)),
 }
 # LlamaGen's GPT sizes: (depth, heads, dim), and its parameter counts with softmax attention.
 SIZES = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536), "3B": (24, 32, 3200)}
