@@ -1,17 +1,17 @@
 """Dropout with four keep decisions from each threefry hash.
 
 flax's `nnx.Dropout` draws its mask with `jax.random.bernoulli`: one threefry2x32 hash (20 rounds of
-32-bit integer work) per element, the hash's two output words XORed into one. In the L training
-step those hashes are the largest elementwise work, drawn once in the forward and again where the
-backward rematerialises it (RESULTS, "Training step: dropout's random bits"). Here one hash of a
-counter gives two 32-bit words, i.e. four 16-bit uniforms u, each deciding one element: the element
-is kept when u >= round(rate * 2**16). The drop probability is thus `rate` rounded to a multiple of
-2**-16 (0.1 -> 0.100006); kept elements are scaled by 1 / (1 - rate) in float32.
+32-bit integer work) per element, the hash's two output words XORed into one, which makes the masks
+the largest elementwise work of the L training step (RESULTS, "Training step: dropout's random
+bits"). Here one hash of a counter gives two 32-bit words, i.e. four 16-bit uniforms u, each
+deciding one element: the element is kept when u >= round(rate * 2**16). The drop probability is
+thus `rate` rounded to a multiple of 2**-16 (0.1 -> 0.100006); kept elements are scaled by
+1 / (1 - rate) in float32.
 
 The hash words pass through `jax.lax.optimization_barrier`, so XLA writes them once (2 bytes per
 element) instead of fusing the hash into the masking, where each element would recompute the hash
 of its group of four. Keys of another implementation (`rbg`, `unsafe_rbg`) draw the 16-bit uniforms
-with `jax.random.bits`, which is already one generator call per element's worth of bits.
+with `jax.random.bits`.
 
 The mask is named KEEP_MASK_NAME for `jax.checkpoint` policies: `remat="dots"` keeps it (1 byte per
 element) rather than drawing it again in the backward.
