@@ -37,7 +37,8 @@ def test_the_four_lanes_of_a_hash_are_uniform_and_independent():
         assert chi2 < 50, (lane, counts)    # 15 degrees of freedom: p < 1e-5
     dropped = u < drop_threshold(0.25)
     for a, b in [(0, 1), (1, 2), (2, 3), (0, 3), (3, 4)]:    # (3, 4): the last lane and the next hash
-        first, second = dropped[:, a:-4:4], dropped[:, b::4][:, : dropped[:, a:-4:4].shape[1]]
+        first = dropped[:, a:-4:4]
+        second = dropped[:, b::4][:, : first.shape[1]]
         both = (first & second).sum()
         assert binomial_sigmas(both, first.size, 0.25**2) < 5, (a, b, both)
 
