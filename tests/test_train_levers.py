@@ -4,8 +4,12 @@ compiled step and its memory analysis, and the config checks."""
 
 from __future__ import annotations
 
+import collections
+import re
+
 import chex
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -17,6 +21,7 @@ from lasadgen_jax import sharding, train, train_state
 from lasadgen_jax.loss import chunked_cross_entropy, head_logits, next_token_loss
 from lasadgen_jax.model_io import model_config_from
 from lasadgen_jax.models.lasadgen import REMAT_POLICIES, LASADGen, ModelConfig
+from lasadgen_jax.models.remat_names import ATTENTION_INPUT_NAME
 from lasadgen_jax.ops import lasad
 
 
@@ -96,7 +101,8 @@ def baseline():
 
 
 @pytest.mark.parametrize("levers", [dict(scan_layers=True), dict(remat="full"), dict(remat="dots"),
-                                    dict(loss_chunk_tokens=4), dict(scan_layers=True, remat="dots")],
+                                    dict(remat="dots_attention_inputs"), dict(loss_chunk_tokens=4),
+                                    dict(scan_layers=True, remat="dots")],
                          ids=lambda levers: ",".join(f"{k}={v}" for k, v in levers.items()))
 def test_levers_give_the_plain_loss_and_gradients(baseline, levers):
     """Every remat policy of REMAT_POLICIES, scanned blocks (each scanned block uses its own dropout
@@ -106,7 +112,33 @@ def test_levers_give_the_plain_loss_and_gradients(baseline, levers):
 
 
 def test_remat_policies_are_all_tested():
-    assert set(REMAT_POLICIES) == {"none", "full", "dots"}, "add the new policy to the levers test above"
+    assert set(REMAT_POLICIES) == {"none", "full", "dots", "dots_attention_inputs"}, "add the new policy to the tests"
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_attention_inputs"])
+def test_softmax_blocks_under_each_remat_policy_give_the_plain_loss_and_gradients(remat):
+    tokens, labels = tiny_batch(tiny_model("softmax", **OPTIONS))
+    expected = loss_and_grads(tiny_model("softmax", **OPTIONS), tokens, labels)
+    assert_same_loss_and_grads(loss_and_grads(tiny_model("softmax", **OPTIONS, remat=remat), tokens, labels), expected)
+
+
+def saved_names(attention: str, remat: str, capsys) -> collections.Counter:
+    """How many values of each checkpoint_name the gradient of a 2-block model keeps from its forward."""
+    config = ModelConfig(depth=2, num_heads=2, dim=32, vocab_size=64, num_classes=4, grid=(3, 5), attention=attention,
+                         remat=remat)
+    graphdef, state = nnx.split(LASADGen(config, rngs=nnx.Rngs(0, dropout=1)))
+    tokens, labels = jnp.ones((2, 15), jnp.int32), jnp.zeros((2,), jnp.int32)
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(lambda state: nnx.merge(graphdef, state)(tokens, labels).mean(), state)
+    return collections.Counter(re.findall(r"named '(\w+)'", capsys.readouterr().out))
+
+
+@pytest.mark.parametrize("attention, inputs_per_block", [("2d", 3), ("softmax", 2)])
+def test_remat_dots_attention_inputs_keeps_the_rotated_inputs(attention, inputs_per_block, capsys):
+    """q and k after RoPE (and the LASAD kernel's padded k and v) are kept per block, so the backward
+    does not rotate (or pad) them again; "dots" keeps none of them."""
+    assert saved_names(attention, "dots_attention_inputs", capsys)[ATTENTION_INPUT_NAME] == 2 * inputs_per_block
+    assert saved_names(attention, "dots", capsys)[ATTENTION_INPUT_NAME] == 0
 
 
 def forward_kernel_calls(remat: str, monkeypatch) -> int:
@@ -136,6 +168,37 @@ def test_remat_dots_keeps_the_lasad_output_so_the_backward_does_not_rerun_the_fo
     per block; "full" runs it again in the backward."""
     assert forward_kernel_calls("dots", monkeypatch) == 2
     assert forward_kernel_calls("full", monkeypatch) == 4
+
+
+def cudnn_forward_calls(remat: str, monkeypatch) -> int:
+    """Calls of cuDNN's attention forward in the gradient of a 2-block softmax model, lowered for CUDA through
+    jax.export on the CPU (jax checks for cuDNN and the GPU's compute capability when it traces; both are
+    set to a Hopper GPU's here)."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
+    config = ModelConfig(depth=2, num_heads=2, dim=128, vocab_size=64, num_classes=4, grid=(4, 4),
+                         attention="softmax", softmax_impl="cudnn", dtype="bfloat16", remat=remat)
+    graphdef, state = nnx.split(LASADGen(config, rngs=nnx.Rngs(0, dropout=1)))
+    tokens, labels = jnp.zeros((2, 16), jnp.int32), jnp.zeros((2,), jnp.int32)
+
+    def gradient(state):
+        return nnx.grad(lambda model: model(tokens, labels).mean())(nnx.merge(graphdef, state))
+
+    forward, backward = "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"
+    checks = [jax.export.DisabledSafetyCheck.custom_call(target) for target in (forward, backward)]
+    module = jax.export.export(jax.jit(gradient), platforms=["cuda"], disabled_checks=checks)(state)
+    text = module.mlir_module()
+    assert text.count(f"custom_call @{backward}(") == 2
+    return text.count(f"custom_call @{forward}(")
+
+
+def test_remat_dots_keeps_cudnn_attention_outputs_so_the_backward_does_not_rerun_its_forward(monkeypatch):
+    """cuDNN's backward reads the forward's output and softmax statistics: "dots" keeps them (matched by
+    the forward's primitive) and runs the forward once per block; "full" runs it again in the backward."""
+    assert cudnn_forward_calls("dots", monkeypatch) == 2
+    assert cudnn_forward_calls("full", monkeypatch) == 4
 
 
 def test_scanned_softmax_blocks_with_remat_and_chunked_loss_give_the_loop_loss_and_gradients():

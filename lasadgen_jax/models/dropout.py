@@ -28,9 +28,10 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.extend.random import threefry2x32_p
 
+from lasadgen_jax.models.remat_names import KEEP_MASK_NAME
+
 UNIFORM_BITS = 16
 LANES_PER_HASH = 2 * 32 // UNIFORM_BITS   # a threefry2x32 hash gives two 32-bit words
-KEEP_MASK_NAME = "dropout_keep_mask"       # checkpoint_name of the masks: remat="dots" keeps them (lasadgen.py)
 
 
 def drop_threshold(rate: float) -> int:

@@ -20,11 +20,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lasadgen_jax import sharding
 from lasadgen_jax.models import alignment, rope
+from lasadgen_jax.models.remat_names import ATTENTION_INPUT_NAME, LASAD_OUTPUT_NAME
 from lasadgen_jax.ops import lasad
-
-# checkpoint_name of the LASAD op's output: remat="dots" keeps it (lasadgen.py), since the op's
-# backward reads only its inputs, so the backward need not run the forward kernel again.
-OUTPUT_NAME = "lasad_output"
 
 
 def initial_decays(num_heads: int, decay_range: tuple[float, float]) -> np.ndarray:
@@ -146,11 +143,13 @@ class LASADAttention(nnx.Module):
         prefix_k, prefix_v = k[:, :num_prefix], v[:, :num_prefix]
         # cell N-1's key is never read
         pad_last_cell = lambda t: jnp.pad(t[:, num_prefix:], ((0, 0), (0, 1), (0, 0), (0, 0)))
+        cell_q, cell_k, cell_v = (checkpoint_name(t, ATTENTION_INPUT_NAME)
+                                  for t in (q[:, num_prefix - 1:], pad_last_cell(k), pad_last_cell(v)))
         log_decay_row, log_decay_col = self.log_decays()
         cell_out = checkpoint_name(self._lasad((h, w))(
-            q[:, num_prefix - 1:], pad_last_cell(k), pad_last_cell(v), log_decay_row=log_decay_row,
-            log_decay_col=log_decay_col, prefix_k=prefix_k, prefix_v=prefix_v,
-        ), OUTPUT_NAME)
+            cell_q, cell_k, cell_v, log_decay_row=log_decay_row, log_decay_col=log_decay_col,
+            prefix_k=prefix_k, prefix_v=prefix_v,
+        ), LASAD_OUTPUT_NAME)
         before_last = slice(None, num_prefix - 1)
         prefix_out = self._prefix_causal(q[:, before_last], prefix_k[:, before_last], prefix_v[:, before_last])
         attended = jnp.concatenate([prefix_out, cell_out.astype(jnp.float32)], axis=1)

@@ -17,21 +17,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lasadgen_jax.models import lasad_attention
-from lasadgen_jax.models.dropout import KEEP_MASK_NAME, Dropout
+from lasadgen_jax.models.dropout import Dropout
 from lasadgen_jax.models.lasad_attention import LASADAttention
+from lasadgen_jax.models.remat_names import (
+    ATTENTION_INPUT_NAME,
+    CUDNN_ATTENTION_FORWARD,
+    KEEP_MASK_NAME,
+    LASAD_OUTPUT_NAME,
+)
 from lasadgen_jax.models.rope import ROPE_LAYOUTS
 from lasadgen_jax.models.softmax_attention import SOFTMAX_IMPLS, SoftmaxAttention
 from lasadgen_jax.ops.lasad import common
 
 ATTENTION_TYPES = ("2d", "2d_row", "1d", "none", "softmax")
-# Rematerialisation of each block in training: what the backward pass may keep from the forward.
+# Rematerialisation of each block in training: what the backward pass may keep from the forward
+# (remat_names.py). "dots" keeps matmul outputs, dropout masks and the attention op's output (LASAD's, or
+# cuDNN's with its softmax statistics), so no forward kernel runs twice; "dots_attention_inputs" also
+# keeps q and k after RoPE (and the LASAD kernel's padded k and v), so the backward does not rotate them
+# again, for two to three more [batch, N, heads, head_dim] arrays per block.
+_dots = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(KEEP_MASK_NAME, LASAD_OUTPUT_NAME),
+        lambda primitive, *_, **__: primitive.name == CUDNN_ATTENTION_FORWARD))
 REMAT_POLICIES = {
     "none": None,                                                    # keep everything (no remat)
     "full": jax.checkpoint_policies.nothing_saveable,                # keep only block inputs
-    "dots": jax.checkpoint_policies.save_from_both_policies(  # keep matmul outputs, dropout masks, LASAD's output
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.save_only_these_names(
-            KEEP_MASK_NAME, lasad_attention.OUTPUT_NAME)),
+    "dots": _dots,
+    "dots_attention_inputs": jax.checkpoint_policies.save_from_both_policies(
+        _dots, jax.checkpoint_policies.save_only_these_names(ATTENTION_INPUT_NAME)),
 }
 # LlamaGen's GPT sizes: (depth, heads, dim), and its parameter counts with softmax attention.
 SIZES = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536), "3B": (24, 32, 3200)}

@@ -12,8 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lasadgen_jax.models import alignment, rope
+from lasadgen_jax.models.remat_names import ATTENTION_INPUT_NAME
 from lasadgen_jax.ops.lasad import common
 
 SOFTMAX_IMPLS = ("auto", "xla", "cudnn")
@@ -99,6 +101,7 @@ class SoftmaxAttention(nnx.Module):
         k = self._rotate(self._heads(self.k_proj(x)), key_rows, key_cols)
         if self.rope_layout == "llamagen":
             q, k = self._zero_prefix(q, num_prefix), self._zero_prefix(k, num_prefix)
+        q, k = checkpoint_name(q, ATTENTION_INPUT_NAME), checkpoint_name(k, ATTENTION_INPUT_NAME)
         v = self._heads(self.v_proj(x))
         return self._merge_heads(self._attend(q, k, v))
 

@@ -1,0 +1,12 @@
+"""What the training remat policies (lasadgen.REMAT_POLICIES) may keep beyond matmul outputs.
+
+Values are marked with `jax.ad_checkpoint.checkpoint_name`; cuDNN's attention forward is matched by
+its primitive, since its softmax statistics never leave jax's own function.
+"""
+
+KEEP_MASK_NAME = "dropout_keep_mask"    # dropout's keep masks, 1 byte per element (dropout.py)
+LASAD_OUTPUT_NAME = "lasad_output"      # the LASAD op's output: its backward reads only the op's inputs
+ATTENTION_INPUT_NAME = "attention_input"  # q and k after RoPE, and the LASAD kernel's padded k and v
+# The primitive that runs cuDNN's forward kernel inside jax.nn.dot_product_attention(implementation=
+# "cudnn"); its outputs are the attention output and the softmax statistics the backward reads.
+CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
