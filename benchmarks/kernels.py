@@ -267,6 +267,9 @@ EXTRAS = [  # (variant, label, impl, configuration): other tilings after the tab
     ("2d", "parallel, 128-token tiles, 8 warps", "pallas_parallel", ParallelBlocks(block=128, num_warps=8)),
     ("2d", "parallel, 64-token tiles, 3 stages", "pallas_parallel", ParallelBlocks(num_stages=3)),
     ("2d", "parallel, 64-token tiles, 8 warps", "pallas_parallel", ParallelBlocks(num_warps=8)),
+    ("2d", "parallel, 64-token tiles, 1 stage", "pallas_parallel", ParallelBlocks(num_stages=1)),
+    ("2d", "parallel, 32-token tiles, 2 warps", "pallas_parallel", ParallelBlocks(block=32, num_warps=2)),
+    ("2d", "parallel, 128-token tiles, 4 warps", "pallas_parallel", ParallelBlocks(block=128, num_warps=4)),
     ("none", "parallel, 128-token tiles, 8 warps", "pallas_parallel", ParallelBlocks(block=128, num_warps=8)),
 ]
 
