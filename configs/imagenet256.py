@@ -29,11 +29,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     knobs = parse_arg(arg)
     config = ml_collections.ConfigDict()
     # The training-step levers that let LlamaGen's batch of 256 fit one 80 GB GPU: block remat keeping the
-    # matmul outputs and the chunked loss; the layers stay a Python loop, since the scan made the step
-    # 1.14-1.36x slower (benchmarks/RESULTS.md, "Training step: the L model on one GPU, profiled").
+    # matmul outputs and the attention's inputs and outputs (the fastest policy that fits: "Training step:
+    # what remat keeps of the attention") and the chunked loss; the layers stay a Python loop, since the
+    # scan made the step 1.14-1.36x slower ("Training step: the L model on one GPU, profiled"); both
+    # sections in benchmarks/RESULTS.md.
     model = model_config(knobs["size"], attention=knobs["attention"], grid=(16, 16), vocab_size=16384,
                          num_classes=1000, dtype="bfloat16", param_dtype="float32",
-                         remat="dots", loss_chunk_tokens=64, scan_layers=False)
+                         remat="dots_attention_inputs", loss_chunk_tokens=64, scan_layers=False)
     config.model = ml_collections.ConfigDict({field: getattr(model, field) for field in model.__dataclass_fields__})
 
     config.workdir = placeholder(str)         # or --workdir

@@ -32,14 +32,18 @@ from lasadgen_jax.ops.lasad import common
 ATTENTION_TYPES = ("2d", "2d_row", "1d", "none", "softmax")
 # Rematerialisation of each block in training: what the backward pass may keep from the forward
 # (remat_names.py). "dots" keeps matmul outputs, dropout masks and the attention op's output (LASAD's, or
-# cuDNN's with its softmax statistics), so no forward kernel runs twice; "dots_attention_inputs" also
-# keeps q and k after RoPE (and the LASAD kernel's padded k and v), so the backward does not rotate them
-# again, for two to three more [batch, N, heads, head_dim] arrays per block.
+# cuDNN's with its softmax statistics), so no attention forward kernel runs twice; "dots_attention_inputs"
+# also keeps q and k after RoPE (and the LASAD kernel's padded k and v), so the backward does not rotate
+# them again. Their costs are in benchmarks/RESULTS.md, "Training step: what remat keeps of the attention".
+def _keeps_cudnn_attention_forward(primitive, *_, **__) -> bool:
+    return primitive.name == CUDNN_ATTENTION_FORWARD
+
+
 _dots = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names(KEEP_MASK_NAME, LASAD_OUTPUT_NAME),
-        lambda primitive, *_, **__: primitive.name == CUDNN_ATTENTION_FORWARD))
+        _keeps_cudnn_attention_forward))
 REMAT_POLICIES = {
     "none": None,                                                    # keep everything (no remat)
     "full": jax.checkpoint_policies.nothing_saveable,                # keep only block inputs
