@@ -30,12 +30,10 @@ from lasadgen_jax.models.softmax_attention import SOFTMAX_IMPLS, SoftmaxAttentio
 from lasadgen_jax.ops.lasad import common
 
 ATTENTION_TYPES = ("2d", "2d_row", "1d", "none", "softmax")
-# Rematerialisation of each block in training: what the backward pass may keep from the forward
-# (remat_names.py). "dots" keeps matmul outputs, dropout masks and the attention op's output (LASAD's, or
-# cuDNN's with its softmax statistics), so no attention forward kernel runs twice; "dots_attention_inputs"
-# also keeps q and k after RoPE (and the LASAD kernel's padded k and v), so the backward does not rotate
-# them again. Their costs are in benchmarks/RESULTS.md, "Training step: what remat keeps of the attention".
+
+
 def _keeps_cudnn_attention_forward(primitive, *_, **__) -> bool:
+    """A remat policy: keep the outputs of cuDNN's attention forward (remat_names.CUDNN_ATTENTION_FORWARD)."""
     return primitive.name == CUDNN_ATTENTION_FORWARD
 
 
@@ -44,6 +42,11 @@ _dots = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names(KEEP_MASK_NAME, LASAD_OUTPUT_NAME),
         _keeps_cudnn_attention_forward))
+# Rematerialisation of each block in training: what the backward pass may keep from the forward
+# (remat_names.py). "dots" keeps matmul outputs, dropout masks and the attention op's output (LASAD's, or
+# cuDNN's with its softmax statistics), so no attention forward kernel runs twice; "dots_attention_inputs"
+# also keeps q and k after RoPE (and the LASAD kernel's padded k and v), so the backward does not rotate
+# them again. Their costs are in benchmarks/RESULTS.md, "Training step: what remat keeps of the attention".
 REMAT_POLICIES = {
     "none": None,                                                    # keep everything (no remat)
     "full": jax.checkpoint_policies.nothing_saveable,                # keep only block inputs
