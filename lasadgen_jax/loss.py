@@ -5,9 +5,12 @@ never exist at once.
 Chunked: the sequence axis is cut into chunks of `chunk_tokens` positions (the last one padded with
 masked positions); each chunk's logits come from the final hidden states and the head weight exactly
 as the head computes them (inputs in the head's dtype, bf16 in training, then float32), and the
-logsumexp is float32. A custom VJP keeps only the per-token logsumexp from the forward and, in the
-backward, recomputes each chunk's logits and applies softmax minus one-hot directly: the chunk's
-input gradient goes out at once, the head weight's gradient is accumulated in float32 over chunks.
+logsumexp is float32. The loss is the step's last operation, so a custom VJP computes its gradients
+in the same pass over the chunks as the loss: each chunk's logits give its logsumexp and then
+softmax minus one-hot at once, the chunk's input gradient goes out, and the head weight's gradient is
+accumulated in float32 over chunks; the backward only scales them by the loss's cotangent. No chunk's
+logits are computed twice (benchmarks/RESULTS.md, "Training step: the loss's gradient in its forward
+pass"). Without differentiation only the loss is computed.
 """
 
 from __future__ import annotations
@@ -78,57 +81,70 @@ def _chunk_masks(n: int, chunk_tokens: int):
     return (jnp.arange(num_chunks * chunk_tokens) < n).astype(jnp.float32).reshape(num_chunks, 1, chunk_tokens)
 
 
-def _logsumexp_and_target_logit(logits, targets):
-    """float32 logsumexp over the vocabulary and the target's logit (a one-hot select: vocab may be sharded)."""
+def _logits_and_target_mask(features, kernel, targets, compute_dtype):
+    """A chunk's float32 logits, and the one-hot of its targets (a select, not a gather: vocab may be sharded)."""
+    logits = head_logits(features, kernel, compute_dtype)
+    return logits, jnp.arange(logits.shape[-1]) == targets[..., None]
+
+
+def _logsumexp(logits):
+    """float32 logsumexp over the vocabulary."""
     top = jnp.max(logits, axis=-1, keepdims=True)
-    lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]
-    one_hot = jnp.arange(logits.shape[-1]) == targets[..., None]
-    return lse, jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1)
+    return jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]
+
+
+def _chunks(features, targets, chunk_tokens):
+    n = features.shape[1]
+    return _to_chunks(features, chunk_tokens), _to_chunks(targets, chunk_tokens), _chunk_masks(n, chunk_tokens)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _chunked_cross_entropy(features, kernel, targets, chunk_tokens, compute_dtype):
-    return _forward(features, kernel, targets, chunk_tokens, compute_dtype)[0]
-
-
-def _forward(features, kernel, targets, chunk_tokens, compute_dtype):
-    n = features.shape[1]
+    """The loss alone (no gradients wanted)."""
 
     def one_chunk(loss_sum, chunk):
         x, t, mask = chunk
-        lse, target_logit = _logsumexp_and_target_logit(head_logits(x, kernel, compute_dtype), t)
-        return loss_sum + jnp.sum((lse - target_logit) * mask), lse
+        logits, is_target = _logits_and_target_mask(x, kernel, t, compute_dtype)
+        target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+        return loss_sum + jnp.sum((_logsumexp(logits) - target_logit) * mask), None
 
-    chunks = (_to_chunks(features, chunk_tokens), _to_chunks(targets, chunk_tokens), _chunk_masks(n, chunk_tokens))
-    loss_sum, lse = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), chunks)
-    return loss_sum / (features.shape[0] * n), lse
-
-
-def _forward_with_residuals(features, kernel, targets, chunk_tokens, compute_dtype):
-    loss, lse = _forward(features, kernel, targets, chunk_tokens, compute_dtype)
-    return loss, (features, kernel, targets, lse)
+    loss_sum, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), _chunks(features, targets, chunk_tokens))
+    return loss_sum / (features.shape[0] * features.shape[1])
 
 
-def _backward(chunk_tokens, compute_dtype, residuals, loss_cotangent):
-    features, kernel, targets, lse = residuals
+def _loss_and_gradients(features, kernel, targets, chunk_tokens, compute_dtype):
+    """The loss and, in the same pass over the chunks, its float32 gradients in features and kernel for a
+    cotangent of 1."""
     n = features.shape[1]
     dtype = features.dtype if compute_dtype is None else compute_dtype
-    scale = loss_cotangent / (features.shape[0] * n)
+    scale = 1.0 / (features.shape[0] * n)
 
-    def one_chunk(kernel_grad, chunk):
-        x, t, mask, chunk_lse = chunk
-        logits = head_logits(x, kernel, compute_dtype)
-        one_hot = jnp.arange(logits.shape[-1]) == t[..., None]
-        logits_grad = (jnp.exp(logits - chunk_lse[..., None]) - one_hot) * (mask * scale)[..., None]
+    def one_chunk(carry, chunk):
+        loss_sum, kernel_grad = carry
+        x, t, mask = chunk
+        logits, is_target = _logits_and_target_mask(x, kernel, t, compute_dtype)
+        lse = _logsumexp(logits)
+        target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+        logits_grad = (jnp.exp(logits - lse[..., None]) - is_target) * (mask * scale)[..., None]
         logits_grad, x = logits_grad.astype(dtype), x.astype(dtype)
         x_grad = jnp.einsum("bcv,dv->bcd", logits_grad, kernel.astype(dtype), preferred_element_type=jnp.float32)
         kernel_grad = kernel_grad + jnp.einsum("bcd,bcv->dv", x, logits_grad, preferred_element_type=jnp.float32)
-        return kernel_grad, x_grad.astype(features.dtype)
+        return (loss_sum + jnp.sum((lse - target_logit) * mask), kernel_grad), x_grad
 
-    chunks = (_to_chunks(features, chunk_tokens), _to_chunks(targets, chunk_tokens), _chunk_masks(n, chunk_tokens),
-              lse)
-    kernel_grad, x_grads = jax.lax.scan(one_chunk, jnp.zeros(kernel.shape, jnp.float32), chunks)
-    return _from_chunks(x_grads, n), kernel_grad.astype(kernel.dtype), None
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+    (loss_sum, kernel_grad), x_grads = jax.lax.scan(one_chunk, zeros, _chunks(features, targets, chunk_tokens))
+    return loss_sum * scale, (_from_chunks(x_grads, n), kernel_grad)
+
+
+def _forward_with_residuals(features, kernel, targets, chunk_tokens, compute_dtype):
+    loss, (features_grad, kernel_grad) = _loss_and_gradients(features, kernel, targets, chunk_tokens, compute_dtype)
+    return loss, (features_grad.astype(features.dtype), kernel_grad.astype(kernel.dtype))
+
+
+def _backward(chunk_tokens, compute_dtype, gradients, loss_cotangent):
+    features_grad, kernel_grad = gradients
+    return (features_grad * loss_cotangent).astype(features_grad.dtype), (kernel_grad * loss_cotangent).astype(
+        kernel_grad.dtype), None
 
 
 _chunked_cross_entropy.defvjp(_forward_with_residuals, _backward)

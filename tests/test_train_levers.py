@@ -21,7 +21,7 @@ from lasadgen_jax import sharding, train, train_state
 from lasadgen_jax.loss import chunked_cross_entropy, head_logits, next_token_loss
 from lasadgen_jax.model_io import model_config_from
 from lasadgen_jax.models.lasadgen import REMAT_POLICIES, LASADGen, ModelConfig
-from lasadgen_jax.models.remat_names import ATTENTION_INPUT_NAME
+from lasadgen_jax.models.remat_names import ATTENTION_INPUT_NAME, GATED_PRODUCT_NAME, NORM_OUTPUT_NAME
 from lasadgen_jax.ops import lasad
 
 
@@ -58,6 +58,25 @@ def test_chunked_cross_entropy_in_bfloat16_follows_the_bfloat16_head():
     (plain_loss, plain_grads), (loss, grads) = jax.jit(plain)(features, kernel), jax.jit(chunked)(features, kernel)
     np.testing.assert_allclose(loss, plain_loss, rtol=1e-5, atol=0)
     assert all(rel_error(g, p) < 2e-2 for g, p in zip(grads, plain_grads))
+
+
+def test_chunked_cross_entropy_computes_its_gradients_in_one_pass_and_scales_them_by_the_cotangent():
+    """The gradient's program has one scan over the chunks (the forward's: no chunk's logits are computed
+    again), the loss alone has no gradient matmuls, and a cotangent other than 1 scales both gradients."""
+    keys = jax.random.split(jax.random.PRNGKey(11), 3)
+    features = jax.random.normal(keys[0], (1, 9, 16))
+    kernel = 0.5 * jax.random.normal(keys[1], (16, 40))
+    targets = jax.random.randint(keys[2], (1, 9), 0, 40)
+    scaled = lambda loss_fn: lambda f, k: 2.5 * loss_fn(f, k) ** 2
+    chunked = lambda f, k: chunked_cross_entropy(f, k, targets, 4)
+    grads = jax.jit(jax.grad(scaled(chunked), argnums=(0, 1)))(features, kernel)
+    plain_grads = jax.jit(jax.grad(scaled(lambda f, k: plain_cross_entropy(f, k, targets)), argnums=(0, 1)))(
+        features, kernel)
+    assert all(rel_error(g, p) < 1e-5 for g, p in zip(grads, plain_grads))
+    grad_program = str(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(features, kernel))
+    loss_program = str(jax.make_jaxpr(chunked)(features, kernel))
+    assert grad_program.count("scan[") == 1 and grad_program.count("dot_general") == 3, grad_program
+    assert loss_program.count("scan[") == 1 and loss_program.count("dot_general") == 1, loss_program
 
 
 def loss_and_grads(model, tokens, labels):
@@ -101,7 +120,8 @@ def baseline():
 
 
 @pytest.mark.parametrize("levers", [dict(scan_layers=True), dict(remat="full"), dict(remat="dots"),
-                                    dict(remat="dots_attention_inputs"), dict(loss_chunk_tokens=4),
+                                    dict(remat="dots_attention_inputs"), dict(remat="dots_matmul_inputs"),
+                                    dict(loss_chunk_tokens=4),
                                     dict(scan_layers=True, remat="dots")],
                          ids=lambda levers: ",".join(f"{k}={v}" for k, v in levers.items()))
 def test_levers_give_the_plain_loss_and_gradients(baseline, levers):
@@ -112,15 +132,16 @@ def test_levers_give_the_plain_loss_and_gradients(baseline, levers):
 
 
 def test_remat_policies_are_all_tested():
-    assert set(REMAT_POLICIES) == {"none", "full", "dots", "dots_attention_inputs"}, "add the new policy to the tests"
+    assert set(REMAT_POLICIES) == {"none", "full", "dots", "dots_attention_inputs",
+                                   "dots_matmul_inputs"}, "add the new policy to the tests"
 
 
-def test_softmax_blocks_keeping_the_rotated_inputs_give_the_plain_loss_and_gradients():
-    """The softmax block names its rotated q and k for remat="dots_attention_inputs" (the 2d block in the
-    levers test above)."""
+def test_softmax_blocks_keeping_the_matmul_inputs_give_the_plain_loss_and_gradients():
+    """The softmax block names its rotated q and k, its norms' outputs and its SwiGLU product for
+    remat="dots_matmul_inputs" (the 2d block in the levers test above)."""
     tokens, labels = tiny_batch(tiny_model("softmax", **OPTIONS))
     expected = loss_and_grads(tiny_model("softmax", **OPTIONS), tokens, labels)
-    levers = tiny_model("softmax", **OPTIONS, remat="dots_attention_inputs")
+    levers = tiny_model("softmax", **OPTIONS, remat="dots_matmul_inputs")
     assert_same_loss_and_grads(loss_and_grads(levers, tokens, labels), expected)
 
 
@@ -141,6 +162,19 @@ def test_remat_dots_attention_inputs_keeps_the_rotated_inputs(attention, inputs_
     does not rotate (or pad) them again; "dots" keeps none of them."""
     assert saved_names(attention, "dots_attention_inputs", capsys)[ATTENTION_INPUT_NAME] == 2 * inputs_per_block
     assert saved_names(attention, "dots", capsys)[ATTENTION_INPUT_NAME] == 0
+
+
+@pytest.mark.parametrize("attention, inputs_per_block, products_per_block", [("2d", 3, 2), ("softmax", 2, 1)])
+def test_remat_dots_matmul_inputs_keeps_every_projection_input(attention, inputs_per_block, products_per_block,
+                                                               capsys):
+    """Beyond the attention inputs, each block's two norm outputs and its gated products (the SwiGLU's, and
+    the LASAD block's before its output projection); the policy that keeps only the attention inputs keeps
+    none of them."""
+    names = saved_names(attention, "dots_matmul_inputs", capsys)
+    assert (names[ATTENTION_INPUT_NAME], names[NORM_OUTPUT_NAME], names[GATED_PRODUCT_NAME]) == (
+        2 * inputs_per_block, 2 * 2, 2 * products_per_block), names
+    names = saved_names(attention, "dots_attention_inputs", capsys)
+    assert names[NORM_OUTPUT_NAME] == names[GATED_PRODUCT_NAME] == 0, names
 
 
 def forward_kernel_calls(remat: str, monkeypatch) -> int:

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lasadgen_jax import sharding
 from lasadgen_jax.models import alignment, rope
-from lasadgen_jax.models.remat_names import ATTENTION_INPUT_NAME, LASAD_OUTPUT_NAME
+from lasadgen_jax.models.remat_names import ATTENTION_INPUT_NAME, GATED_PRODUCT_NAME, LASAD_OUTPUT_NAME
 from lasadgen_jax.ops import lasad
 
 
@@ -105,7 +105,7 @@ class LASADAttention(nnx.Module):
         normed = attended * jax.lax.rsqrt(jnp.mean(attended**2, axis=-1, keepdims=True) + self.norm_eps)
         normed = normed * self.out_norm_scale[...].astype(jnp.float32)
         gated = normed.reshape(*normed.shape[:-2], self.dim) * jax.nn.silu(gate.astype(jnp.float32))
-        return self.out_proj(gated.astype(self.dtype))
+        return self.out_proj(checkpoint_name(gated.astype(self.dtype), GATED_PRODUCT_NAME))
 
     @staticmethod
     def _prefix_causal(q, k, v):

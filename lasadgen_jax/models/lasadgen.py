@@ -16,14 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lasadgen_jax.models.dropout import Dropout
 from lasadgen_jax.models.lasad_attention import LASADAttention
 from lasadgen_jax.models.remat_names import (
     ATTENTION_INPUT_NAME,
     CUDNN_ATTENTION_FORWARD,
+    GATED_PRODUCT_NAME,
     KEEP_MASK_NAME,
     LASAD_OUTPUT_NAME,
+    NORM_OUTPUT_NAME,
 )
 from lasadgen_jax.models.rope import ROPE_LAYOUTS
 from lasadgen_jax.models.softmax_attention import SOFTMAX_IMPLS, SoftmaxAttention
@@ -46,13 +49,20 @@ _dots = jax.checkpoint_policies.save_from_both_policies(
 # (remat_names.py). "dots" keeps matmul outputs, dropout masks and the attention op's output (LASAD's, or
 # cuDNN's with its softmax statistics), so no attention forward kernel runs twice; "dots_attention_inputs"
 # also keeps q and k after RoPE (and the LASAD kernel's padded k and v), so the backward does not rotate
-# them again. Their costs are in benchmarks/RESULTS.md, "Training step: what remat keeps of the attention".
+# them again; "dots_matmul_inputs" also keeps the other projections' inputs (each block norm's output, and the
+# gated products before the SwiGLU's and the LASAD block's output projections), so the backward recomputes
+# no elementwise work that feeds a matmul. Their costs are in
+# benchmarks/RESULTS.md, "Training step: what remat keeps of the attention" and "Training step: the loss's
+# gradient in its forward pass".
+_dots_attention_inputs = jax.checkpoint_policies.save_from_both_policies(
+    _dots, jax.checkpoint_policies.save_only_these_names(ATTENTION_INPUT_NAME))
 REMAT_POLICIES = {
     "none": None,                                                    # keep everything (no remat)
     "full": jax.checkpoint_policies.nothing_saveable,                # keep only block inputs
     "dots": _dots,
-    "dots_attention_inputs": jax.checkpoint_policies.save_from_both_policies(
-        _dots, jax.checkpoint_policies.save_only_these_names(ATTENTION_INPUT_NAME)),
+    "dots_attention_inputs": _dots_attention_inputs,
+    "dots_matmul_inputs": jax.checkpoint_policies.save_from_both_policies(
+        _dots_attention_inputs, jax.checkpoint_policies.save_only_these_names(NORM_OUTPUT_NAME, GATED_PRODUCT_NAME)),
 }
 # LlamaGen's GPT sizes: (depth, heads, dim), and its parameter counts with softmax attention.
 SIZES = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536), "3B": (24, 32, 3200)}
@@ -160,7 +170,8 @@ class SwiGLU(nnx.Module):
         self.dropout = Dropout(config.ffn_dropout, rngs=rngs)
 
     def __call__(self, x, deterministic: bool | None = None):
-        return self.dropout(self.w2(jax.nn.silu(self.w1(x)) * self.w3(x)), deterministic=deterministic)
+        product = checkpoint_name(jax.nn.silu(self.w1(x)) * self.w3(x), GATED_PRODUCT_NAME)
+        return self.dropout(self.w2(product), deterministic=deterministic)
 
 
 def make_attention(config: ModelConfig, rngs: nnx.Rngs):
@@ -188,20 +199,25 @@ class Block(nnx.Module):
         self.attention = make_attention(config, rngs)
         self.ffn = SwiGLU(config, rngs=rngs)
         self.resid_dropout = Dropout(config.resid_dropout, rngs=rngs)
+        self.dtype = jnp.dtype(config.dtype)
+
+    def _normed(self, norm, x):
+        """norm(x) in the compute dtype (the projections' input, as they would cast it), named for remat."""
+        return checkpoint_name(norm(x).astype(self.dtype), NORM_OUTPUT_NAME)
 
     def _ffn_residual(self, h, deterministic=None):
-        return h + self.ffn(self.ffn_norm(h), deterministic)
+        return h + self.ffn(self._normed(self.ffn_norm, h), deterministic)
 
     def __call__(self, x, *, grid, num_prefix):
-        h = x + self.resid_dropout(self.attention(self.attention_norm(x), grid=grid, num_prefix=num_prefix))
-        return self._ffn_residual(h)
+        attended = self.attention(self._normed(self.attention_norm, x), grid=grid, num_prefix=num_prefix)
+        return self._ffn_residual(x + self.resid_dropout(attended))
 
     def prefill(self, x, state, *, grid):
-        attended, state = self.attention.prefill(self.attention_norm(x), state, grid=grid)
+        attended, state = self.attention.prefill(self._normed(self.attention_norm, x), state, grid=grid)
         return self._ffn_residual(x + attended, deterministic=True), state
 
     def decode_step(self, x, state, cell, *, grid, row_start=None):
-        attended, state = self.attention.decode_step(self.attention_norm(x), state, cell, grid=grid,
+        attended, state = self.attention.decode_step(self._normed(self.attention_norm, x), state, cell, grid=grid,
                                                      row_start=row_start)
         return self._ffn_residual(x + attended, deterministic=True), state
 
