@@ -298,3 +298,25 @@ def test_compiled_step_with_levers_matches_the_plain_step(tmp_path):
     np.testing.assert_allclose(levered["loss"], plain["loss"], rtol=1e-5)
     np.testing.assert_allclose(levered["grad_norm"], plain["grad_norm"], rtol=1e-4)
     chex.assert_trees_all_close(levered_mu, plain_mu, rtol=1e-3, atol=1e-7)
+
+
+def test_remat_memory_counts_what_dots_matmul_inputs_keeps_beyond_the_attention_inputs():
+    """benchmarks/remat_memory.py (abstract trace of the B model's loss gradient): the two policies differ by
+    exactly each block's two bf16 norm outputs, its SwiGLU product and the LASAD block's gated product."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import remat_memory
+
+    kept = {remat: remat_memory.policy_bytes("B", "2d", 4, 3, remat, 4, "auto")
+            for remat in ("dots_attention_inputs", "dots_matmul_inputs")}
+    config = remat_memory.model_config("B")
+    positions, bf16 = config.num_prefix + 4 * 4 - 1, 2
+    per_block = 3 * positions * bf16
+    assert kept["dots_matmul_inputs"][NORM_OUTPUT_NAME] == config.depth * 2 * per_block * config.dim
+    assert kept["dots_matmul_inputs"][GATED_PRODUCT_NAME] == config.depth * per_block * (config.ffn_hidden + config.dim)
+    assert kept["dots_attention_inputs"][NORM_OUTPUT_NAME] == kept["dots_attention_inputs"][GATED_PRODUCT_NAME] == 0
+    assert sum(kept["dots_matmul_inputs"].values()) - sum(kept["dots_attention_inputs"].values()) == (
+        kept["dots_matmul_inputs"][NORM_OUTPUT_NAME] + kept["dots_matmul_inputs"][GATED_PRODUCT_NAME])
+    with pytest.raises(ValueError, match="unknown dtype 'c64'"):
+        remat_memory.residual_bytes("c64[2,3] output of mul from x.py:1")
