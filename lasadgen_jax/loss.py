@@ -113,8 +113,8 @@ def _chunked_cross_entropy(features, kernel, targets, chunk_tokens, compute_dtyp
 
 
 def _loss_and_gradients(features, kernel, targets, chunk_tokens, compute_dtype):
-    """The loss and, in the same pass over the chunks, its float32 gradients in features and kernel for a
-    cotangent of 1."""
+    """The loss and, in the same pass over the chunks, its gradients for a cotangent of 1: in features
+    (in their dtype) and in kernel (float32)."""
     n = features.shape[1]
     dtype = features.dtype if compute_dtype is None else compute_dtype
     scale = 1.0 / (features.shape[0] * n)
@@ -129,7 +129,7 @@ def _loss_and_gradients(features, kernel, targets, chunk_tokens, compute_dtype):
         logits_grad, x = logits_grad.astype(dtype), x.astype(dtype)
         x_grad = jnp.einsum("bcv,dv->bcd", logits_grad, kernel.astype(dtype), preferred_element_type=jnp.float32)
         kernel_grad = kernel_grad + jnp.einsum("bcd,bcv->dv", x, logits_grad, preferred_element_type=jnp.float32)
-        return (loss_sum + jnp.sum((lse - target_logit) * mask), kernel_grad), x_grad
+        return (loss_sum + jnp.sum((lse - target_logit) * mask), kernel_grad), x_grad.astype(features.dtype)
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
     (loss_sum, kernel_grad), x_grads = jax.lax.scan(one_chunk, zeros, _chunks(features, targets, chunk_tokens))
@@ -138,7 +138,7 @@ def _loss_and_gradients(features, kernel, targets, chunk_tokens, compute_dtype):
 
 def _forward_with_residuals(features, kernel, targets, chunk_tokens, compute_dtype):
     loss, (features_grad, kernel_grad) = _loss_and_gradients(features, kernel, targets, chunk_tokens, compute_dtype)
-    return loss, (features_grad.astype(features.dtype), kernel_grad.astype(kernel.dtype))
+    return loss, (features_grad, kernel_grad.astype(kernel.dtype))
 
 
 def _backward(chunk_tokens, compute_dtype, gradients, loss_cotangent):
