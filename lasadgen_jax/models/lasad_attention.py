@@ -89,10 +89,17 @@ class LASADAttention(nnx.Module):
     def _heads(self, x):
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
+    def _query(self, x):
+        """q, scaled by head_dim^-1/2, as [batch, seq, heads, head_dim]."""
+        return self._heads(self.q_proj(x)) * jnp.asarray(self.head_dim**-0.5, self.dtype)
+
+    def _keys_values(self, x):
+        """k and v as [batch, seq, heads, head_dim]."""
+        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
     def _project(self, x):
         """q (scaled by head_dim^-1/2), k, v as [batch, seq, heads, head_dim], and the gate."""
-        q = self._heads(self.q_proj(x)) * jnp.asarray(self.head_dim**-0.5, self.dtype)
-        return q, self._heads(self.k_proj(x)), self._heads(self.v_proj(x)), self.gate_proj(x)
+        return self._query(x), *self._keys_values(x), self.gate_proj(x)
 
     def _rotate(self, x, rows, cols):
         if not self.use_rope:
@@ -136,15 +143,17 @@ class LASADAttention(nnx.Module):
     def __call__(self, x, *, grid, num_prefix: int):
         """x: [batch, num_prefix + h*w - 1, dim] -> [batch, same, dim]."""
         h, w = alignment.check_sequence(x, self.dim, grid, num_prefix)
-        q, k, v, gate = self._project(x)
-        query_rows, query_cols, key_rows, key_cols = alignment.sequence_cells((h, w), num_prefix)
-        q, k = self._rotate(q, query_rows, query_cols), self._rotate(k, key_rows, key_cols)
-
-        prefix_k, prefix_v = k[:, :num_prefix], v[:, :num_prefix]
-        # cell N-1's key is never read
-        pad_last_cell = lambda t: jnp.pad(t[:, num_prefix:], ((0, 0), (0, 1), (0, 0), (0, 0)))
+        query_rows, query_cols, _, _ = alignment.sequence_cells((h, w), num_prefix)
+        q = self._rotate(self._query(x), query_rows, query_cols)
+        prefix_k, prefix_v = self._keys_values(x[:, :num_prefix])
+        # The cells' keys and values are projected from the cells' tokens with a zero row in the place
+        # of cell N-1's (whose key is never read), so that the LASAD op reads the N cells as the
+        # matmuls write them rather than padded copies (benchmarks/RESULTS.md, "the cells' keys").
+        cell_k, cell_v = self._keys_values(jnp.pad(x[:, num_prefix:], ((0, 0), (0, 1), (0, 0))))
+        cells = jnp.arange(h * w)
+        cell_k = self._rotate(cell_k, cells // w, cells % w)
         cell_q, cell_k, cell_v = (checkpoint_name(t, ATTENTION_INPUT_NAME)
-                                  for t in (q[:, num_prefix - 1:], pad_last_cell(k), pad_last_cell(v)))
+                                  for t in (q[:, num_prefix - 1:], cell_k, cell_v))
         log_decay_row, log_decay_col = self.log_decays()
         cell_out = checkpoint_name(self._lasad((h, w))(
             cell_q, cell_k, cell_v, log_decay_row=log_decay_row, log_decay_col=log_decay_col,
@@ -153,7 +162,7 @@ class LASADAttention(nnx.Module):
         before_last = slice(None, num_prefix - 1)
         prefix_out = self._prefix_causal(q[:, before_last], prefix_k[:, before_last], prefix_v[:, before_last])
         attended = jnp.concatenate([prefix_out, cell_out.astype(jnp.float32)], axis=1)
-        return self._output(attended, gate)
+        return self._output(attended, self.gate_proj(x))
 
     # ------------------------------------------------------------------ decoding
 
