@@ -48,7 +48,7 @@ _dots = jax.checkpoint_policies.save_from_both_policies(
 # Rematerialisation of each block in training: what the backward pass may keep from the forward
 # (remat_names.py). "dots" keeps matmul outputs, dropout masks and the attention op's output (LASAD's, or
 # cuDNN's with its softmax statistics), so no attention forward kernel runs twice; "dots_attention_inputs"
-# also keeps q and k after RoPE (and the LASAD kernel's padded k and v), so the backward does not rotate
+# also keeps q and k after RoPE (and the LASAD op's cell values), so the backward does not rotate
 # them again; "dots_matmul_inputs" also keeps the other projections' inputs (each block norm's output, and the
 # gated products before the SwiGLU's and the LASAD block's output projections), so the backward recomputes
 # no elementwise work that feeds a matmul. Their costs are in benchmarks/RESULTS.md, "Training step: what remat

@@ -6,7 +6,7 @@ its primitive, since its softmax statistics never leave jax's own function.
 
 KEEP_MASK_NAME = "dropout_keep_mask"    # dropout's keep masks, 1 byte per element (dropout.py)
 LASAD_OUTPUT_NAME = "lasad_output"      # the LASAD op's output: its backward reads only the op's inputs
-ATTENTION_INPUT_NAME = "attention_input"  # q and k after RoPE, and the LASAD kernel's padded k and v
+ATTENTION_INPUT_NAME = "attention_input"  # q and k after RoPE, and the LASAD op's cell values
 NORM_OUTPUT_NAME = "block_norm_output"  # a block's two RMSNorm outputs in the compute dtype: the projections' input
 GATED_PRODUCT_NAME = "gated_product"    # an output projection's gated input: silu(w1 x) * w3 x in the SwiGLU,
                                         # the normed LASAD output times silu(gate) in the LASAD block
