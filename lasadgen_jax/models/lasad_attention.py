@@ -147,8 +147,9 @@ class LASADAttention(nnx.Module):
         q = self._rotate(self._query(x), query_rows, query_cols)
         prefix_k, prefix_v = self._keys_values(x[:, :num_prefix])
         # The cells' keys and values are projected from the cells' tokens with a zero row in the place
-        # of cell N-1's (whose key is never read), so that the LASAD op reads the N cells as the
-        # matmuls write them rather than padded copies (benchmarks/RESULTS.md, "the cells' keys").
+        # of cell N-1's (whose key is never read), so that the LASAD op reads the N cells as the matmuls
+        # write them rather than padded copies (benchmarks/RESULTS.md, "Training step: the loss's gradient
+        # in its forward pass, the cells' keys and values, ...").
         cell_k, cell_v = self._keys_values(jnp.pad(x[:, num_prefix:], ((0, 0), (0, 1), (0, 0))))
         cells = jnp.arange(h * w)
         cell_k = self._rotate(cell_k, cells // w, cells % w)

@@ -52,8 +52,8 @@ _dots = jax.checkpoint_policies.save_from_both_policies(
 # them again; "dots_matmul_inputs" also keeps the other projections' inputs (each block norm's output, and the
 # gated products before the SwiGLU's and the LASAD block's output projections), so the backward recomputes
 # no elementwise work that feeds a matmul. Their costs are in benchmarks/RESULTS.md, "Training step: what remat
-# keeps of the attention" and "Training step: the loss's gradient in its forward pass, and what
-# `dots_matmul_inputs` keeps".
+# keeps of the attention" and "Training step: the loss's gradient in its forward pass, the cells' keys and
+# values, and what `dots_matmul_inputs` keeps".
 _dots_attention_inputs = jax.checkpoint_policies.save_from_both_policies(
     _dots, jax.checkpoint_policies.save_only_these_names(ATTENTION_INPUT_NAME))
 REMAT_POLICIES = {
