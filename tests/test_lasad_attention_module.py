@@ -54,6 +54,29 @@ def test_every_impl_gives_the_reference_block_output(variant, impl):
     assert rel_error(block(variant, impl)(x, grid=grid, num_prefix=num_prefix), expected) < 1e-5
 
 
+def test_the_op_reads_the_cell_values_as_the_projection_writes_them():
+    """The LASAD op's value input is the v projection's matmul output (reshaped to heads), and its key
+    and value inputs are not padded or sliced copies; odd grid, prefix of 2."""
+    grid, num_prefix = (3, 5), 2
+    graph, state = nnx.split(block("2d", "chunked"))
+    x = jnp.ones((1, num_prefix + 15 - 1, DIM))
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graph, s)(x, grid=grid, num_prefix=num_prefix))(state, x).jaxpr
+    producer = {out: eqn for eqn in jaxpr.eqns for out in eqn.outvars}
+
+    def source(var):
+        """The equation that computes var, looking through remat names."""
+        eqn = producer[var]
+        return source(eqn.invars[0]) if eqn.primitive.name == "name" else eqn
+
+    (op,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "custom_vjp_call"]
+    cell_inputs = [var for var in op.invars if getattr(var, "aval", None) is not None
+                   and var.aval.shape == (1, 15, HEADS, DIM // HEADS)]
+    assert len(cell_inputs) == 3   # q, k, v
+    k_source, v_source = (source(var) for var in cell_inputs[1:])
+    assert not [eqn for eqn in (k_source, v_source) if eqn.primitive.name in ("pad", "jit", "slice", "dynamic_slice")]
+    assert v_source.primitive.name == "reshape" and producer[v_source.invars[0]].primitive.name == "dot_general"
+
+
 def test_output_depends_only_on_earlier_positions():
     """Changing the input at position j leaves every output before j unchanged (causality)."""
     grid, num_prefix = (3, 4), 2
