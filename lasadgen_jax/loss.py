@@ -81,16 +81,19 @@ def _chunk_masks(n: int, chunk_tokens: int):
     return (jnp.arange(num_chunks * chunk_tokens) < n).astype(jnp.float32).reshape(num_chunks, 1, chunk_tokens)
 
 
-def _logits_and_target_mask(features, kernel, targets, compute_dtype):
-    """A chunk's float32 logits, and the one-hot of its targets (a select, not a gather: vocab may be sharded)."""
-    logits = head_logits(features, kernel, compute_dtype)
-    return logits, jnp.arange(logits.shape[-1]) == targets[..., None]
-
-
 def _logsumexp(logits):
     """float32 logsumexp over the vocabulary."""
     top = jnp.max(logits, axis=-1, keepdims=True)
     return jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]
+
+
+def _chunk_cross_entropy(features, kernel, targets, compute_dtype):
+    """A chunk's float32 logits, the one-hot of its targets (a select, not a gather: vocab may be
+    sharded), the logsumexp, and each token's cross-entropy (logsumexp minus the target's logit)."""
+    logits = head_logits(features, kernel, compute_dtype)
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    lse = _logsumexp(logits)
+    return logits, is_target, lse, lse - jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
 
 
 def _chunks(features, targets, chunk_tokens):
@@ -104,9 +107,8 @@ def _chunked_cross_entropy(features, kernel, targets, chunk_tokens, compute_dtyp
 
     def one_chunk(loss_sum, chunk):
         x, t, mask = chunk
-        logits, is_target = _logits_and_target_mask(x, kernel, t, compute_dtype)
-        target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-        return loss_sum + jnp.sum((_logsumexp(logits) - target_logit) * mask), None
+        token_loss = _chunk_cross_entropy(x, kernel, t, compute_dtype)[3]
+        return loss_sum + jnp.sum(token_loss * mask), None
 
     loss_sum, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), _chunks(features, targets, chunk_tokens))
     return loss_sum / (features.shape[0] * features.shape[1])
@@ -122,14 +124,12 @@ def _loss_and_gradients(features, kernel, targets, chunk_tokens, compute_dtype):
     def one_chunk(carry, chunk):
         loss_sum, kernel_grad = carry
         x, t, mask = chunk
-        logits, is_target = _logits_and_target_mask(x, kernel, t, compute_dtype)
-        lse = _logsumexp(logits)
-        target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+        logits, is_target, lse, token_loss = _chunk_cross_entropy(x, kernel, t, compute_dtype)
         logits_grad = (jnp.exp(logits - lse[..., None]) - is_target) * (mask * scale)[..., None]
         logits_grad, x = logits_grad.astype(dtype), x.astype(dtype)
         x_grad = jnp.einsum("bcv,dv->bcd", logits_grad, kernel.astype(dtype), preferred_element_type=jnp.float32)
         kernel_grad = kernel_grad + jnp.einsum("bcd,bcv->dv", x, logits_grad, preferred_element_type=jnp.float32)
-        return (loss_sum + jnp.sum((lse - target_logit) * mask), kernel_grad), x_grad.astype(features.dtype)
+        return (loss_sum + jnp.sum(token_loss * mask), kernel_grad), x_grad.astype(features.dtype)
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
     (loss_sum, kernel_grad), x_grads = jax.lax.scan(one_chunk, zeros, _chunks(features, targets, chunk_tokens))
@@ -142,9 +142,10 @@ def _forward_with_residuals(features, kernel, targets, chunk_tokens, compute_dty
 
 
 def _backward(chunk_tokens, compute_dtype, gradients, loss_cotangent):
+    """The forward's gradients scaled by the loss's cotangent; targets get none."""
+    scaled = lambda grad: (grad * loss_cotangent).astype(grad.dtype)
     features_grad, kernel_grad = gradients
-    return (features_grad * loss_cotangent).astype(features_grad.dtype), (kernel_grad * loss_cotangent).astype(
-        kernel_grad.dtype), None
+    return scaled(features_grad), scaled(kernel_grad), None
 
 
 _chunked_cross_entropy.defvjp(_forward_with_residuals, _backward)
