@@ -68,7 +68,8 @@ def header(args) -> dict:
     device = jax.devices()[0]
     ceiling = matmul_ceiling() if device.platform != "cpu" else float("nan")
     result = {"date": datetime.date.today().isoformat(), "device": device.device_kind, "devices": jax.device_count(),
-              "jax": jax.__version__, "lasad_impl": args.lasad_impl, "matmul_tflops_measured": ceiling,
+              "jax": jax.__version__, "lasad_impl": args.lasad_impl,
+              "gated_norm_impl": args.gated_norm_impl, "matmul_tflops_measured": ceiling,
               "peak_tflops": args.peak_tflops}
     if args.config:
         result["config"] = args.config
@@ -100,7 +101,8 @@ def build(args, spec: dict):
     if spec["batch"] is not None:
         config.batch_size = spec["batch"]
     config.model.update(remat=spec["remat"], loss_chunk_tokens=spec["loss_chunk_tokens"],
-                        scan_layers=spec["scan_layers"], lasad_impl=args.lasad_impl)
+                        scan_layers=spec["scan_layers"], lasad_impl=args.lasad_impl,
+                        gated_norm_impl=args.gated_norm_impl)
     if args.dropout is not None:   # class dropout (what guidance learns from) stays as configured
         config.model.update(token_dropout=args.dropout, resid_dropout=args.dropout, ffn_dropout=args.dropout)
     config.num_steps = 1000
@@ -287,6 +289,8 @@ def main():
     parser.add_argument("--loss_chunk_tokens", default="0", help="chunked-loss chunk lengths (0: plain), e.g. 0,64")
     parser.add_argument("--scan_layers", default="false", help="e.g. false,true")
     parser.add_argument("--lasad_impl", default="auto")
+    parser.add_argument("--gated_norm_impl", default="auto", help="the LASAD block's output norm and gate: "
+                        "auto, xla or pallas (ops/gated_norm)")
     parser.add_argument("--dropout", type=float, default=None, help="token, residual and FFN dropout (default: the "
                         "config's, 0.1); e.g. 0 to see what the dropout masks cost")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="per-device dense bf16 peak (H200: 989)")

@@ -144,6 +144,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 # ----------------------------------------------------------------------------- ops XLA cannot partition
 
 
+def _row_and_head_specs(mesh, batch: int, heads: int, what: str):
+    """PartitionSpecs of [batch, seq, heads, e] arrays (batch over data x fsdp, heads over tensor when
+    tensor divides them) and of [heads, ...] arrays, for running a Pallas kernel per device."""
+    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
+    shards = math.prod(mesh.shape[axis] for axis in batch_axes)
+    if batch % shards:
+        raise ValueError(f"{what} on mesh {dict(mesh.shape)}: batch {batch} is not divisible by the "
+                         f"mesh's data x fsdp ({shards})")
+    tensor = mesh.shape.get("tensor", 1)
+    head_axis = "tensor" if tensor > 1 and heads % tensor == 0 else None
+    return PartitionSpec(batch_axes or None, None, head_axis, None), PartitionSpec(head_axis)
+
+
 def per_device_heads(fn, mesh, batch: int, heads: int):
     """`fn(q, k, v, log_decay_row, log_decay_col, prefix_k, prefix_v)` run on each device's part under
     jax.shard_map: batch split over data x fsdp, heads over tensor (when tensor divides them).
@@ -152,15 +165,7 @@ def per_device_heads(fn, mesh, batch: int, heads: int):
     gather the whole batch and compute all of it. q/k/v/prefix are [batch, seq, heads, d], the log
     decays [heads] (or None); the output is [batch, seq, heads, dv] with the layout of q.
     """
-    batch_axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names and mesh.shape[axis] > 1)
-    shards = math.prod(mesh.shape[axis] for axis in batch_axes)
-    if batch % shards:
-        raise ValueError(f"the LASAD kernel on mesh {dict(mesh.shape)}: batch {batch} is not divisible by the "
-                         f"mesh's data x fsdp ({shards})")
-    tensor = mesh.shape.get("tensor", 1)
-    head_axis = "tensor" if tensor > 1 and heads % tensor == 0 else None
-    rows = PartitionSpec(batch_axes or None, None, head_axis, None)
-    per_head = PartitionSpec(head_axis)
+    rows, per_head = _row_and_head_specs(mesh, batch, heads, "the LASAD kernel")
 
     def call(q, k, v, log_decay_row=None, log_decay_col=None, prefix_k=None, prefix_v=None):
         arrays = {"q": q, "k": k, "v": v, "log_decay_row": log_decay_row, "log_decay_col": log_decay_col,
@@ -173,3 +178,11 @@ def per_device_heads(fn, mesh, batch: int, heads: int):
         return local(given)
 
     return call
+
+
+def per_device_head_norm(fn, mesh, batch: int, heads: int):
+    """`fn(x, gate, scale)` (the gated head norm's kernels) run on each device's part under jax.shard_map,
+    as per_device_heads: x and gate [batch, seq, heads, e], scale [heads, e]; output as x."""
+    rows, per_head = _row_and_head_specs(mesh, batch, heads, "the gated head norm kernel")
+    scale_spec = PartitionSpec(*per_head, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, scale_spec), out_specs=rows, check_vma=False)

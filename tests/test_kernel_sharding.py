@@ -1,7 +1,8 @@
 """The Pallas kernels under a mesh of several devices: run per device under shard_map, same numbers.
 
 XLA cannot partition a Pallas custom call, so on a multi-device mesh the trainer's step sets the
-mesh (jax.set_mesh) and LASADAttention runs the kernel per device (sharding.per_device_heads):
+mesh (jax.set_mesh) and LASADAttention runs the kernel per device (sharding.per_device_heads, and its gated
+norm's kernels through sharding.per_device_head_norm):
 batch over data x fsdp, heads over tensor. These checks run in a subprocess with 8 fake CPU devices,
 the kernels in Pallas interpret mode (the GPU/Triton body), against the unsharded computation.
 """
@@ -83,21 +84,34 @@ else:  # the model: LASADAttention(impl=kernel_impl) under the trainer's mesh vs
 
     lasad.lasad_attention = with_interpret
     lasad.resolve_impl = lambda impl, variant=None, backend=None, tokens=None: impl
+    from lasadgen_jax.ops import gated_norm
+    original_norm = gated_norm.gated_head_norm
+
+    def norm_with_interpret(x, gate, scale, *, impl, **kwargs):   # the gated norm's kernels, interpreted
+        if impl == "pallas":
+            return gated_norm.gated_head_norm_pallas(x, gate, scale, interpret=True,
+                                                     blocks=gated_norm.GatedNormBlocks(16), **kwargs)
+        return original_norm(x, gate, scale, impl=impl, **kwargs)
+
+    gated_norm.gated_head_norm = norm_with_interpret
     from lasadgen_jax.models.lasad_attention import LASADAttention
 
-    make = lambda impl: LASADAttention(32, 4, variant=variant, impl=impl, rngs=nnx.Rngs(0))
+    # dim 64 and 4 heads: head dim 16, which the gated norm's kernels tile; the kernel model runs them
+    make = lambda impl, norm: LASADAttention(64, 4, variant=variant, impl=impl, gated_norm_impl=norm,
+                                             rngs=nnx.Rngs(0))
     # pallas_row_blocks: 17 rows, two blocks of 16, so that its column sweeps run too
     grid = (17, 2) if kernel_impl == "pallas_row_blocks" else (3, 5)
-    x = jax.random.normal(jax.random.PRNGKey(1), (4, grid[0] * grid[1], 32))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, grid[0] * grid[1], 64))
     def loss(model, x):
         return jnp.sum(model(x, grid=grid, num_prefix=1) ** 2)
-    expected_loss, expected = nnx.value_and_grad(loss)(make("chunked"), x)
-    model = make(kernel_impl)
+    expected_loss, expected = nnx.value_and_grad(loss)(make("chunked", "xla"), x)
+    model = make(kernel_impl, "pallas")
     step = nnx.jit(nnx.value_and_grad(loss))
     with jax.set_mesh(mesh):
         jaxpr = str(jax.make_jaxpr(lambda m, x: loss(m, x))(model, x))
         got_loss, got = step(model, jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")))))
-    assert "shard_map" in jaxpr, "the model did not shard_map its kernel"
+    assert jaxpr.count("shard_map") >= 2, "the model did not shard_map its kernels"
+    assert "gated_head_norm_forward" in jaxpr, "the gated norm's kernels did not run"
     flat_got, flat_expected = nnx.to_flat_state(got), dict(nnx.to_flat_state(expected))
     print("loss", rel(got_loss, expected_loss))
     print("grads", max(rel(value[...], flat_expected[path][...]) for path, value in flat_got))

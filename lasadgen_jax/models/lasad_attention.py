@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lasadgen_jax import sharding
 from lasadgen_jax.models import alignment, rope
 from lasadgen_jax.models.remat_names import ATTENTION_INPUT_NAME, GATED_PRODUCT_NAME, LASAD_OUTPUT_NAME
-from lasadgen_jax.ops import lasad
+from lasadgen_jax.ops import gated_norm, lasad
 
 
 def initial_decays(num_heads: int, decay_range: tuple[float, float]) -> np.ndarray:
@@ -50,6 +50,7 @@ class LASADAttention(nnx.Module):
         decay_range: tuple[float, float] = (0.5, 0.985),
         impl: str = "auto",
         decode_impl: str = "auto",
+        gated_norm_impl: str = "auto",
         state_dtype: str = "float32",
         norm_eps: float = 1e-6,
         dtype=jnp.float32,
@@ -69,6 +70,8 @@ class LASADAttention(nnx.Module):
         self.variant, self.use_rope, self.rope_base = variant, use_rope, rope_base
         self.impl, self.norm_eps, self.dtype = impl, norm_eps, dtype
         self.decode_impl, self.state_dtype = decode_impl, state_dtype
+        gated_norm.resolve_impl(gated_norm_impl, head_dim=self.head_dim)
+        self.gated_norm_impl = gated_norm_impl
 
         linear = lambda: nnx.Linear(dim, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.out_proj = (linear() for _ in range(5))
@@ -106,13 +109,24 @@ class LASADAttention(nnx.Module):
             return x
         return rope.apply_rope(x, rope.rope_2d_angles(rows, cols, self.head_dim, self.rope_base))
 
-    def _output(self, attended, gate):
-        """Per-head RMSNorm (float32), SiLU gate, output projection. attended: [..., heads, head_dim]."""
-        attended = attended.astype(jnp.float32)
-        normed = attended * jax.lax.rsqrt(jnp.mean(attended**2, axis=-1, keepdims=True) + self.norm_eps)
-        normed = normed * self.out_norm_scale[...].astype(jnp.float32)
-        gated = normed.reshape(*normed.shape[:-2], self.dim) * jax.nn.silu(gate.astype(jnp.float32))
-        return self.out_proj(checkpoint_name(gated.astype(self.dtype), GATED_PRODUCT_NAME))
+    def _output(self, attended, gate, gated_norm_impl: str = "xla"):
+        """Per-head RMSNorm and SiLU gate (float32 arithmetic, ops/gated_norm), then the output projection.
+        attended: [..., heads, head_dim]; gate: [..., dim]. The teacher-forced forward passes the layer's
+        gated_norm_impl; prefill and decoding, a few tokens a call, keep the XLA form."""
+        gated = self._gated_norm(gated_norm_impl, attended.shape[0])(
+            attended, gate.reshape(attended.shape), self.out_norm_scale[...])
+        gated = gated.reshape(*gated.shape[:-2], self.dim)
+        return self.out_proj(checkpoint_name(gated, GATED_PRODUCT_NAME))
+
+    def _gated_norm(self, impl: str, batch: int):
+        """gated_head_norm with `impl`; as `_lasad`, its kernels run per device under shard_map inside a
+        mesh of several devices."""
+        impl = gated_norm.resolve_impl(impl, head_dim=self.head_dim)
+        norm = functools.partial(gated_norm.gated_head_norm, eps=self.norm_eps, out_dtype=self.dtype, impl=impl)
+        mesh = jax.sharding.get_abstract_mesh()
+        if impl == "xla" or mesh.empty or mesh.size == 1:
+            return norm
+        return sharding.per_device_head_norm(norm, mesh, batch, self.num_heads)
 
     @staticmethod
     def _prefix_causal(q, k, v):
@@ -162,8 +176,8 @@ class LASADAttention(nnx.Module):
         ), LASAD_OUTPUT_NAME)
         before_last = slice(None, num_prefix - 1)
         prefix_out = self._prefix_causal(q[:, before_last], prefix_k[:, before_last], prefix_v[:, before_last])
-        attended = jnp.concatenate([prefix_out, cell_out.astype(jnp.float32)], axis=1)
-        return self._output(attended, self.gate_proj(x))
+        attended = jnp.concatenate([prefix_out.astype(cell_out.dtype), cell_out], axis=1)
+        return self._output(attended, self.gate_proj(x), self.gated_norm_impl)
 
     # ------------------------------------------------------------------ decoding
 

@@ -91,6 +91,7 @@ class ModelConfig:
     lasad_impl: str = "auto"
     softmax_impl: str = "auto"  # softmax only: 'auto', 'xla' or 'cudnn' (softmax_attention.resolve_softmax_impl)
     decode_impl: str = "auto"  # LASAD decode step: 'auto', 'xla' or 'pallas' (lasad.resolve_decode_impl)
+    gated_norm_impl: str = "auto"  # LASAD block's output norm and gate: 'auto', 'xla' or 'pallas' (ops/gated_norm)
     decode_state_dtype: str = "float32"  # LASAD decode state storage: 'float32' or 'bfloat16'
     decay_range: tuple[float, float] = (0.5, 0.985)
     norm_eps: float = 1e-5
@@ -184,6 +185,7 @@ def make_attention(config: ModelConfig, rngs: nnx.Rngs):
     return LASADAttention(
         config.dim, config.num_heads, variant=config.attention, use_rope=config.use_rope,
         decay_range=config.decay_range, impl=config.lasad_impl, decode_impl=config.decode_impl,
+        gated_norm_impl=config.gated_norm_impl,
         state_dtype=config.decode_state_dtype, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
     )
 

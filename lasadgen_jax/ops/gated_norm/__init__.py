@@ -1,0 +1,71 @@
+"""The gated head norm that ends a LASAD block (docs/lasad.md, "The block"):
+
+    y = RMSNorm(x per head) * scale * SiLU(gate),   float32 arithmetic, y in the compute dtype
+
+Algorithms (`impl`): 'xla' (reference.py, plain jnp, any backend) and 'pallas' (kernel_gpu.py: one
+forward and one backward kernel, GPU). 'auto' is 'pallas' on a GPU where the head dim is a power of
+two >= 16 (the kernels' tiles), 'xla' otherwise (CPU and TPU, whose compiler keeps the per-head
+reduction and its consumers in one pass) — RESULTS.md, "Training step: the gated head norm".
+"""
+
+from __future__ import annotations
+
+import jax
+
+from lasadgen_jax.ops.gated_norm.kernel_gpu import GatedNormBlocks, gated_head_norm_kernels
+from lasadgen_jax.ops.gated_norm.reference import gated_head_norm_reference
+
+__all__ = ["IMPLS", "GatedNormBlocks", "gated_head_norm", "gated_head_norm_pallas", "gated_head_norm_reference",
+           "resolve_impl"]
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def _tiles_head_dim(head_dim: int) -> bool:
+    return head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
+def resolve_impl(impl: str, head_dim: int | None = None, backend: str | None = None) -> str:
+    """'xla' or 'pallas' for `impl`; 'auto' needs head_dim. backend defaults to jax's default backend."""
+    if impl not in IMPLS:
+        raise ValueError(f"gated norm impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if head_dim is None:
+        raise ValueError("resolve_impl('auto') needs head_dim")
+    backend = jax.default_backend() if backend is None else backend
+    return "pallas" if backend in ("gpu", "cuda", "rocm") and _tiles_head_dim(head_dim) else "xla"
+
+
+def _check(x, gate, scale):
+    if x.ndim < 2 or scale.shape != x.shape[-2:]:
+        raise ValueError(f"gated head norm: x [..., heads, e] and scale [heads, e] disagree: x {x.shape}, "
+                         f"scale {scale.shape}")
+    if gate.shape != x.shape:
+        raise ValueError(f"gated head norm: gate must have x's shape [..., heads, e] {x.shape}, got {gate.shape}")
+
+
+def gated_head_norm(x, gate, scale, *, eps: float, out_dtype=None, impl: str = "auto"):
+    """x [..., heads, e] (the attention's output), gate [..., heads, e], scale [heads, e] -> [..., heads, e]
+    in out_dtype (default: the gate's dtype). impl: 'auto', 'xla' or 'pallas' (GPU)."""
+    _check(x, gate, scale)
+    out_dtype = gate.dtype if out_dtype is None else out_dtype
+    impl = resolve_impl(impl, head_dim=x.shape[-1])
+    if impl == "xla":
+        return gated_head_norm_reference(x, gate, scale, eps=eps, out_dtype=out_dtype)
+    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+        raise ValueError(f"gated norm impl='pallas' runs on a GPU only (default backend {jax.default_backend()!r}); "
+                         "gated_head_norm_pallas(..., interpret=True) runs the kernels on the CPU")
+    return gated_head_norm_pallas(x, gate, scale, eps=eps, out_dtype=out_dtype)
+
+
+def gated_head_norm_pallas(x, gate, scale, *, eps: float, out_dtype=None, interpret: bool = False,
+                           blocks: GatedNormBlocks = GatedNormBlocks()):
+    """The kernels of kernel_gpu.py, optionally in interpret mode (how the tests run them on CPU)."""
+    _check(x, gate, scale)
+    e = x.shape[-1]
+    if not _tiles_head_dim(e):
+        raise ValueError(f"gated norm impl='pallas' needs a head dim that is a power of two >= 16, got {e}")
+    out_dtype = gate.dtype if out_dtype is None else out_dtype
+    kernels = gated_head_norm_kernels(float(eps), jax.numpy.dtype(out_dtype).name, bool(interpret), blocks)
+    return kernels(x, gate, scale)
