@@ -185,4 +185,5 @@ def per_device_head_norm(fn, mesh, batch: int, heads: int):
     as per_device_heads: x and gate [batch, seq, heads, e], scale [heads, e]; output as x."""
     rows, per_head = _row_and_head_specs(mesh, batch, heads, "the gated head norm kernel")
     scale_spec = PartitionSpec(*per_head, None)
+    # check_vma=False as in per_device_heads; scale's gradient is summed over the batch shards by shard_map.
     return jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, scale_spec), out_specs=rows, check_vma=False)
