@@ -121,7 +121,7 @@ class LASADAttention(nnx.Module):
     def _gated_norm(self, impl: str, batch: int):
         """gated_head_norm with `impl`; as `_lasad`, its kernels run per device under shard_map inside a
         mesh of several devices."""
-        impl = gated_norm.resolve_impl(impl, head_dim=self.head_dim)
+        impl = gated_norm.resolve_impl(impl)
         norm = functools.partial(gated_norm.gated_head_norm, eps=self.norm_eps, out_dtype=self.dtype, impl=impl)
         mesh = jax.sharding.get_abstract_mesh()
         if impl == "xla" or mesh.empty or mesh.size == 1:

@@ -30,6 +30,7 @@ from lasadgen_jax.models.remat_names import (
 )
 from lasadgen_jax.models.rope import ROPE_LAYOUTS
 from lasadgen_jax.models.softmax_attention import SOFTMAX_IMPLS, SoftmaxAttention
+from lasadgen_jax.ops import gated_norm
 from lasadgen_jax.ops.lasad import common
 
 ATTENTION_TYPES = ("2d", "2d_row", "1d", "none", "softmax")
@@ -113,6 +114,7 @@ class ModelConfig:
                              f"{self.use_rope}")
         if self.softmax_impl not in SOFTMAX_IMPLS:
             raise ValueError(f"softmax_impl must be one of {SOFTMAX_IMPLS}, got {self.softmax_impl!r}")
+        gated_norm.resolve_impl(self.gated_norm_impl)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         chunk = self.loss_chunk_tokens

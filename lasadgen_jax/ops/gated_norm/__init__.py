@@ -3,9 +3,10 @@
     y = RMSNorm(x per head) * scale * SiLU(gate),   float32 arithmetic, y in the compute dtype
 
 Algorithms (`impl`): 'xla' (reference.py, plain jnp, any backend) and 'pallas' (kernel_gpu.py: one
-forward and one backward kernel, GPU). 'auto' is 'pallas' on a GPU where the head dim is a power of
-two >= 16 (the kernels' tiles), 'xla' otherwise (CPU and TPU, whose compiler keeps the per-head
-reduction and its consumers in one pass) — RESULTS.md, "Training step: the gated head norm".
+forward and one backward kernel, GPU, head dims that are powers of two >= 16). 'auto' is 'xla' on
+every backend: the kernels have not been timed on a GPU yet (`benchmarks/gated_norm.py` times them
+against the XLA form, `benchmarks/train_step.py --gated_norm_impl pallas,xla` in the step), so
+they are chosen by name only.
 """
 
 from __future__ import annotations
@@ -25,16 +26,14 @@ def _tiles_head_dim(head_dim: int) -> bool:
     return head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
-def resolve_impl(impl: str, head_dim: int | None = None, backend: str | None = None) -> str:
-    """'xla' or 'pallas' for `impl`; 'auto' needs head_dim. backend defaults to jax's default backend."""
+def resolve_impl(impl: str, head_dim: int | None = None) -> str:
+    """'xla' or 'pallas' for `impl` ('auto': 'xla', module docstring). With head_dim, 'pallas' for a head
+    dim the kernels do not tile is refused here (before a model is built) rather than at its first call."""
     if impl not in IMPLS:
         raise ValueError(f"gated norm impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    if head_dim is None:
-        raise ValueError("resolve_impl('auto') needs head_dim")
-    backend = jax.default_backend() if backend is None else backend
-    return "pallas" if backend in ("gpu", "cuda", "rocm") and _tiles_head_dim(head_dim) else "xla"
+    if impl == "pallas" and head_dim is not None and not _tiles_head_dim(head_dim):
+        raise ValueError(f"gated norm impl='pallas' needs a head dim that is a power of two >= 16, got {head_dim}")
+    return "xla" if impl == "auto" else impl
 
 
 def _check(x, gate, scale):
@@ -47,10 +46,10 @@ def _check(x, gate, scale):
 
 def gated_head_norm(x, gate, scale, *, eps: float, out_dtype=None, impl: str = "auto"):
     """x [..., heads, e] (the attention's output), gate [..., heads, e], scale [heads, e] -> [..., heads, e]
-    in out_dtype (default: the gate's dtype). impl: 'auto', 'xla' or 'pallas' (GPU)."""
+    in out_dtype (default: the gate's dtype). impl: 'auto' (= 'xla'), 'xla' or 'pallas' (GPU)."""
     _check(x, gate, scale)
     out_dtype = gate.dtype if out_dtype is None else out_dtype
-    impl = resolve_impl(impl, head_dim=x.shape[-1])
+    impl = resolve_impl(impl)
     if impl == "xla":
         return gated_head_norm_reference(x, gate, scale, eps=eps, out_dtype=out_dtype)
     if jax.default_backend() not in ("gpu", "cuda", "rocm"):
@@ -63,9 +62,7 @@ def gated_head_norm_pallas(x, gate, scale, *, eps: float, out_dtype=None, interp
                            blocks: GatedNormBlocks = GatedNormBlocks()):
     """The kernels of kernel_gpu.py, optionally in interpret mode (how the tests run them on CPU)."""
     _check(x, gate, scale)
-    e = x.shape[-1]
-    if not _tiles_head_dim(e):
-        raise ValueError(f"gated norm impl='pallas' needs a head dim that is a power of two >= 16, got {e}")
+    resolve_impl("pallas", head_dim=x.shape[-1])
     out_dtype = gate.dtype if out_dtype is None else out_dtype
     kernels = gated_head_norm_kernels(float(eps), jax.numpy.dtype(out_dtype).name, bool(interpret), blocks)
     return kernels(x, gate, scale)
