@@ -15,8 +15,8 @@ halved on out-of-memory. Each measurement runs in a fresh process (so that the d
 peak_bytes_in_use is that measurement's; --in_process runs all in this one, peaks then cumulative).
 MFU = model FLOPs (lasadgen_jax.flops.train_flops_per_token) per second over the device's peak; a
 measured bf16 matmul ceiling is printed beside it. One JSON line per measurement, then a markdown
-table. With --config, that config file's model, grid and batch are measured (only --lasad_impl, the
-levers and --batches, one value, apply).
+table. With --config, that config file's model, grid and batch are measured (only --lasad_impl,
+--gated_norm_impl, the levers and --batches, one value, apply).
 """
 
 from __future__ import annotations

@@ -125,6 +125,37 @@ def test_the_model_refuses_a_bad_gated_norm_setting_when_built():
         LASADAttention(80, 4, gated_norm_impl="pallas", rngs=nnx.Rngs(0))
 
 
+def test_the_block_with_the_kernels_has_the_xla_forms_loss_and_gradients(monkeypatch):
+    """LASADAttention(gated_norm_impl="pallas") (kernels interpreted) against gated_norm_impl="xla": the
+    block's output and every parameter's gradient, float32, grid 3x5 with a prefix of 2."""
+    from flax import nnx
+
+    from lasadgen_jax.models.lasad_attention import LASADAttention
+
+    original, kernel_calls = gated_norm.gated_head_norm, []
+
+    def interpreted(x, gate, scale, *, impl, **kwargs):
+        if impl == "pallas":
+            kernel_calls.append(x.shape)
+            return gated_head_norm_pallas(x, gate, scale, interpret=True, blocks=GatedNormBlocks(16), **kwargs)
+        return original(x, gate, scale, impl=impl, **kwargs)
+
+    monkeypatch.setattr(gated_norm, "gated_head_norm", interpreted)
+    x = jax.random.normal(jax.random.key(2), (2, 2 + 15 - 1, 64))
+
+    def loss(model):
+        return jnp.sum(model(x, grid=(3, 5), num_prefix=2) ** 2)
+
+    make = lambda impl: LASADAttention(64, 4, impl="chunked", gated_norm_impl=impl, rngs=nnx.Rngs(0))
+    want_loss, want = nnx.value_and_grad(loss)(make("xla"))
+    got_loss, got = nnx.value_and_grad(loss)(make("pallas"))
+    assert kernel_calls == [(2, 16, 4, 16)], kernel_calls
+    assert abs(got_loss - want_loss) <= 1e-5 * abs(want_loss)
+    want = dict(nnx.to_flat_state(want))
+    for path, value in nnx.to_flat_state(got):
+        assert rel(value[...], want[path][...]) < 1e-5, path
+
+
 def test_xla_form_on_cpu_is_the_reference():
     x, gate, scale, _ = make_inputs((2, 5, 3, 8), jnp.float32, seed=1)
     chex.assert_trees_all_equal(gated_norm.gated_head_norm(x, gate, scale, eps=EPS),
