@@ -1,11 +1,11 @@
-"""The gated head norm that ends a LASAD block (docs/lasad.md, "The block"):
+"""The gated head norm that ends a LASAD block (docs/model.md, "The attention block"):
 
     y = RMSNorm(x per head) * scale * SiLU(gate),   float32 arithmetic, y in the compute dtype
 
 Algorithms (`impl`): 'xla' (reference.py, plain jnp, any backend) and 'pallas' (kernel_gpu.py: one
 forward and one backward kernel, GPU, head dims that are powers of two >= 16). 'auto' is 'xla' on
 every backend: the kernels have not been timed on a GPU yet (`benchmarks/gated_norm.py` times them
-against the XLA form, `benchmarks/train_step.py --gated_norm_impl pallas,xla` in the step), so
+against the XLA form, `benchmarks/train_step.py --gated_norm_impl pallas` and `xla` the step), so
 they are chosen by name only.
 """
 

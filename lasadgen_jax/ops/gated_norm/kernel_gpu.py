@@ -134,4 +134,3 @@ def gated_head_norm_kernels(eps: float, out_dtype: str, interpret: bool, blocks:
 
     gated_norm.defvjp(gated_norm_forward, gated_norm_backward)
     return gated_norm
-
