@@ -109,10 +109,10 @@ class LASADAttention(nnx.Module):
             return x
         return rope.apply_rope(x, rope.rope_2d_angles(rows, cols, self.head_dim, self.rope_base))
 
-    def _output(self, attended, gate, gated_norm_impl: str = "xla"):
+    def _output(self, attended, gate, gated_norm_impl: str):
         """Per-head RMSNorm and SiLU gate (float32 arithmetic, ops/gated_norm), then the output projection.
         attended: [..., heads, head_dim]; gate: [..., dim]. The teacher-forced forward passes the layer's
-        gated_norm_impl; prefill and decoding, a few tokens a call, keep the XLA form."""
+        gated_norm_impl; prefill and decoding, a few tokens a call, pass "xla"."""
         gated = self._gated_norm(gated_norm_impl, attended.shape[0])(
             attended, gate.reshape(attended.shape), self.out_norm_scale[...])
         gated = gated.reshape(*gated.shape[:-2], self.dim)
@@ -197,7 +197,7 @@ class LASADAttention(nnx.Module):
             raise ValueError(f"x_prefix must be [batch, P, dim={self.dim}], got shape {x_prefix.shape}")
         q, k, v, gate = self._project(x_prefix)  # prefix positions and cell (0, 0) rotate by angle 0
         state = lasad.fold_prefix(state, k, v)
-        return self._output(self._prefix_causal(q, k, v), gate), state
+        return self._output(self._prefix_causal(q, k, v), gate, "xla"), state
 
     def decode_step(self, x, state: dict, cell, *, grid, row_start: bool | None = None):
         """x: [batch, dim], the token of cell-1 (position P-1+cell); cell >= 1, may be traced.
@@ -216,4 +216,4 @@ class LASADAttention(nnx.Module):
             state, q[:, 0], k[:, 0], v[:, 0], cell, grid=grid, variant=self.variant,
             log_decay_row=log_decay_row, log_decay_col=log_decay_col, row_start=row_start, impl=self.decode_impl,
         )
-        return self._output(out, gate[:, 0]), state
+        return self._output(out, gate[:, 0], "xla"), state
